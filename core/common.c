@@ -1,0 +1,71 @@
+/*
+ * Shared helpers: error text and aborting allocation.
+ */
+#include "common.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <uv.h>
+
+const char *mg_strerror(int err)
+{
+    switch (err) {
+    case MG_OK: return "ok";
+    case MG_AGAIN: return "would block";
+    case MG_DECLINED: return "declined";
+    case MG_EBADPATH: return "invalid path";
+    case MG_ECONFIG: return "invalid configuration";
+    case MG_ETOOLARGE: return "limit exceeded";
+    case MG_EPROTO: return "protocol error";
+    case MG_ETIMEOUT: return "timeout";
+    default: return err < 0 ? uv_strerror(err) : "unknown";
+    }
+}
+
+static void *check(void *p, size_t size)
+{
+    if (!p && size) {
+        fprintf(stderr, "moongate: out of memory (%zu bytes)\n", size);
+        abort();
+    }
+    return p;
+}
+
+void *mg_malloc(size_t size)
+{
+    return check(malloc(size), size);
+}
+
+void *mg_calloc(size_t n, size_t size)
+{
+    return check(calloc(n, size), n * size);
+}
+
+void *mg_realloc(void *p, size_t size)
+{
+    return check(realloc(p, size), size);
+}
+
+char *mg_strndup(const char *s, size_t len)
+{
+    char *d = mg_malloc(len + 1);
+    memcpy(d, s, len);
+    d[len] = '\0';
+    return d;
+}
+
+int mg_str_caseeq(mg_str_t a, mg_str_t b)
+{
+    if (a.len != b.len)
+        return 0;
+    for (size_t i = 0; i < a.len; i++) {
+        unsigned char x = (unsigned char)a.p[i], y = (unsigned char)b.p[i];
+        if (x >= 'A' && x <= 'Z')
+            x += 32;
+        if (y >= 'A' && y <= 'Z')
+            y += 32;
+        if (x != y)
+            return 0;
+    }
+    return 1;
+}

@@ -1,0 +1,124 @@
+/*
+ * The configuration: a Lua file returning a table, loaded with LuaJIT into
+ * plain C structures and validated in full. Every error names the file, the
+ * place in the table (route index and pattern, upstream name) and the field.
+ * This module knows nothing of sockets or requests; the worker compiles a
+ * loaded config into a generation (routes, upstream runtime state).
+ */
+#ifndef MG_CONFIG_H
+#define MG_CONFIG_H
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include "common.h"
+
+typedef struct mg_config_s mg_config_t;
+
+/* A listen address: "0.0.0.0:8080", "127.0.0.1:0", "[::1]:8080", ":8080". */
+typedef struct {
+    char *text;                   /* as written in the config */
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+} mg_listen_conf_t;
+
+/* An IPv4 or IPv6 CIDR block; an IPv4 block also matches v4-mapped v6. */
+typedef struct {
+    int family;           /* AF_INET or AF_INET6 */
+    uint8_t addr[16];     /* network byte order, host bits cleared */
+    unsigned prefix;      /* bits */
+} mg_cidr_t;
+
+/* All durations are milliseconds, all sizes bytes. */
+typedef struct {
+    uint64_t connect_ms, send_ms, read_ms;
+} mg_timeouts_t;
+
+typedef struct {
+    char *text;                   /* "127.0.0.1:9001" as written */
+    struct sockaddr_storage addr; /* resolved at load time */
+    socklen_t addrlen;
+    unsigned weight;              /* default 1 */
+} mg_target_conf_t;
+
+typedef struct {
+    char *name;
+    mg_target_conf_t *targets;
+    size_t ntargets;
+    char *balance;                /* "round_robin" (only one for now) */
+    mg_timeouts_t timeouts;       /* defaults 5 s connect, 60 s send/read */
+    unsigned keepalive_max_idle;  /* idle conns kept per target, default 64 */
+    uint64_t keepalive_idle_ms;   /* default 60 s */
+    unsigned max_pending;         /* requests waiting for a conn, default
+                                     1024; beyond: 503 */
+} mg_upstream_conf_t;
+
+typedef struct {
+    char *name;               /* `name` field, or the path pattern */
+    char *path;               /* pattern, see router.h */
+    uint64_t methods;         /* bit (1 << llhttp method); 0 = any */
+    char **hosts;
+    size_t nhosts;
+    int upstream;             /* index into config->upstreams */
+    char *strip_prefix;       /* NULL = none; literal prefix removed from the
+                                 proxied path when it starts with it. `true`
+                                 in the config means the pattern's literal
+                                 part before a trailing '*'. */
+    char *rewrite;            /* NULL = none; template, "{name}" replaced by
+                                 a path parameter, "{*}" by the wildcard */
+    mg_timeouts_t timeouts;   /* the upstream's, overridden per field */
+    uint64_t max_body;        /* the global limit unless set per route */
+} mg_route_conf_t;
+
+typedef struct {
+    uint64_t max_uri;            /* 8 KiB -> 414 */
+    uint64_t max_header_bytes;   /* 32 KiB -> 431 */
+    unsigned max_header_fields;  /* 100 -> 431 */
+    uint64_t max_body;           /* 1 MiB -> 413, default for routes */
+    uint64_t header_timeout_ms;  /* 10 s -> 408 and close */
+    uint64_t body_timeout_ms;    /* 10 s between body reads -> 408 */
+    uint64_t keepalive_timeout_ms; /* 60 s idle keep-alive */
+    unsigned max_connections;    /* per worker, default 10000 */
+    uint64_t drain_timeout_ms;   /* graceful stop / worker replacement, 30 s */
+} mg_limits_t;
+
+struct mg_config_s {
+    char *file;                  /* path it was loaded from */
+    mg_listen_conf_t *listen;
+    size_t nlisten;
+    unsigned workers;            /* "auto" resolves to the number of cores */
+    char *pid_file;              /* default "moongate.pid" beside the config */
+    char *error_log;             /* path, or "stderr" (default) */
+    int log_level;               /* MG_LOG_* from log.h, default info */
+    mg_cidr_t *trusted_proxies;
+    size_t ntrusted_proxies;
+    char **identity_headers;     /* stripped from every client request:
+                                    the built-in list plus configured ones */
+    size_t nidentity_headers;
+    mg_limits_t limits;
+    mg_upstream_conf_t *upstreams;
+    size_t nupstreams;
+    mg_route_conf_t *routes;
+    size_t nroutes;
+};
+
+/*
+ * Loads and validates the config file at `path`. The Lua chunk runs with a
+ * global `env(name[, default])` returning the environment variable. On
+ * success *out owns a new config (free with mg_config_free) and 0 is
+ * returned. On failure returns MG_ECONFIG and writes every error found, one
+ * per line ("FILE: routes[2] \"/users/*\": upstream: no upstream named
+ * \"user\""), into err (truncated to errlen, always NUL-terminated).
+ * May block (file read, name resolution): master or start-up only, or a
+ * worker's reload, never inside a request.
+ */
+int mg_config_load(const char *path, mg_config_t **out, char *err,
+                   size_t errlen);
+
+void mg_config_free(mg_config_t *cfg);
+
+/* True when `addr` (AF_INET or AF_INET6) falls in one of the blocks. */
+int mg_cidr_match(const mg_cidr_t *blocks, size_t n,
+                  const struct sockaddr *addr);
+
+#endif
