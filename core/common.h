@@ -56,6 +56,8 @@ static inline mg_str_t mg_str_from_cstr(const char *s)
     return (mg_str_t){ s, s ? strlen(s) : 0 };
 }
 
+#define MG_VERSION "0.1.0"
+
 #define MG_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
 #endif

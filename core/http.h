@@ -1,0 +1,137 @@
+/*
+ * The request as the HTTP/1 server hands it to the proxy pipeline, and the
+ * few calls the pipeline uses to answer on the client connection. The
+ * protocol side (http1.c) owns parsing, framing, limits and keep-alive; the
+ * pipeline side (proxy.c) owns routing and the upstream exchange. Neither
+ * knows the other's internals beyond this header.
+ *
+ * Flow control on the request body: body bytes handed to mg_proxy_on_body
+ * point into the connection's read buffer and stay valid only while the
+ * connection holds (mg_conn_hold / mg_conn_release). The connection reads
+ * and parses no further while any hold is taken, so a slow upstream stops
+ * the client (bounded buffering, no copies).
+ */
+#ifndef MG_HTTP_H
+#define MG_HTTP_H
+
+#include <uv.h>
+
+#include "arena.h"
+#include "common.h"
+#include "config.h"
+
+typedef struct mg_conn_s mg_conn_t;
+typedef struct mg_req_s mg_req_t;
+typedef struct mg_gen_s mg_gen_t;
+typedef struct mg_worker_s mg_worker_t;
+typedef struct mg_proxy_s mg_proxy_t;
+
+typedef struct {
+    mg_str_t name, value;
+} mg_header_t;
+
+struct mg_req_s {
+    mg_conn_t *conn;
+    mg_arena_t *arena;        /* request-scoped memory, freed at request end */
+    mg_gen_t *gen;            /* config generation, referenced for the
+                                 request's whole life */
+    unsigned method;          /* llhttp method */
+    uint8_t http_minor;       /* HTTP/1.x */
+    mg_str_t method_name;
+    mg_str_t target;          /* raw request target as received */
+    mg_str_t host;            /* Host header (may be empty on HTTP/1.0) */
+    mg_str_t path;            /* normalized path (arena), set by the pipeline */
+    mg_str_t request_id;      /* X-Request-Id sent upstream and returned */
+    const mg_route_conf_t *route; /* matched route, NULL before routing */
+    mg_header_t *headers;     /* client headers after identity/underscore
+                                 removal; names and values borrow the arena */
+    size_t nheaders;
+    int64_t content_length;   /* -1: none */
+    unsigned chunked : 1;     /* Transfer-Encoding: chunked */
+    unsigned expect_continue : 1;
+    unsigned client_keepalive : 1; /* client allows keep-alive */
+    unsigned body_complete : 1;    /* the whole body has been parsed */
+    unsigned response_started : 1; /* status line queued to the client */
+    uint64_t body_received;
+    uint64_t max_body;        /* the route's limit, set by the pipeline */
+    char client_ip[46];       /* textual TCP peer address */
+    uint64_t start_ns;        /* uv_hrtime() when the headers were complete */
+    mg_proxy_t *proxy;        /* the pipeline's per-request state */
+};
+
+typedef void (*mg_write_cb)(void *arg, int status);
+
+/* --- called by the pipeline ------------------------------------------- */
+
+/*
+ * Queues bytes to the client. The buffers are borrowed until `cb` runs (it
+ * always runs exactly once, also when the connection fails; status < 0
+ * then). `cb` may be NULL. Loop thread only.
+ */
+void mg_conn_write(mg_conn_t *c, const uv_buf_t *bufs, unsigned n,
+                   mg_write_cb cb, void *arg);
+
+/* Bytes queued to the client and not yet written (backpressure). */
+size_t mg_conn_write_queue_size(const mg_conn_t *c);
+
+/*
+ * Opens the request-body gate: the connection starts (or goes on) parsing
+ * the body and passing it to mg_proxy_on_body. Sends "100 Continue" first
+ * when the client asked for it. Until the gate opens nothing of the body is
+ * read.
+ */
+void mg_conn_body_open(mg_req_t *r);
+
+/* Pause/resume body parsing while written-out body bytes are in flight. */
+void mg_conn_hold(mg_conn_t *c);
+void mg_conn_release(mg_conn_t *c);
+
+/* True when this connection must close after the current response (client
+ * asked, HTTP/1.0 without keep-alive, draining worker, unread body). */
+int mg_conn_should_close(const mg_req_t *r);
+
+/*
+ * The response has been fully queued: once the writes finish, the request
+ * ends (its arena and generation reference are released) and the
+ * connection serves the next request or closes.
+ */
+void mg_conn_response_done(mg_req_t *r);
+
+/*
+ * Answers with a gateway-generated JSON error ({"error":"<reason>"}) and
+ * ends the request. When the response has already started, the connection
+ * is closed instead (the client sees a truncated response, never a wrong
+ * one). `close` forces Connection: close.
+ */
+void mg_conn_respond_error(mg_req_t *r, int status, const char *reason,
+                           int close);
+
+/* The connection closes after the current response. */
+void mg_conn_set_close(mg_conn_t *c);
+
+/* Closes the client connection at once (fatal error mid-response). */
+void mg_conn_abort(mg_conn_t *c);
+
+/* Monotonic request counter for the worker, used in ids and logs. */
+mg_worker_t *mg_conn_worker(const mg_conn_t *c);
+
+/* --- implemented by the pipeline (proxy.c) ----------------------------- */
+
+/* Headers are complete and valid: route and proxy the request. */
+void mg_proxy_start(mg_req_t *r);
+
+/* A piece of the request body (de-chunked). Borrowed: take a hold on the
+ * connection to keep it past this call. */
+void mg_proxy_on_body(mg_req_t *r, const char *p, size_t n);
+
+/* The request body is complete (also called for requests without body). */
+void mg_proxy_on_body_end(mg_req_t *r);
+
+/* The client connection is going away: drop everything for this request.
+ * After this call the pipeline must not touch `r` or the connection. */
+void mg_proxy_abort(mg_req_t *r);
+
+/* Standard reason phrase, "Unknown" when none. */
+const char *mg_http_reason(int status);
+
+#endif

@@ -1,0 +1,936 @@
+/*
+ * The HTTP/1.x server side of a client connection: reading, strict parsing
+ * with llhttp, the limits and timeouts of SECURITY.md, keep-alive and
+ * pipelining, and writing what the pipeline produces. It knows nothing of
+ * routes or upstreams: a request whose head is valid goes to mg_proxy_start
+ * and its body, de-chunked, to mg_proxy_on_body.
+ *
+ * Buffering. Each connection has one read buffer. While a request head is
+ * being read the buffer only grows (up to the head limits), so llhttp's
+ * spans can be kept as offsets and stay contiguous across reads. Once the
+ * head is complete, header strings are copied into the request arena and
+ * body bytes are passed on in place; the pipeline takes a hold while it
+ * writes them upstream, and no further bytes are read or parsed until every
+ * hold is released. Pipelined requests wait in the buffer until the current
+ * response has been written.
+ *
+ * This file is longer than most: it is one state machine, kept in one place
+ * so the order of events is readable top to bottom.
+ */
+#include <llhttp.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "generation.h"
+#include "http.h"
+#include "log.h"
+#include "worker.h"
+
+#define READ_CHUNK 16384
+#define SEND_TIMEOUT_MS 60000  /* a client that reads nothing for a minute */
+#define LINGER_MS 2000         /* read-and-discard before closing */
+
+enum conn_state {
+    C_IDLE,      /* between requests */
+    C_HEAD,      /* reading a request head */
+    C_GATED,     /* head done, body not yet wanted by the pipeline */
+    C_BODY,      /* passing the body on */
+    C_DONE,      /* request fully read, response in progress */
+    C_LINGER,    /* final response sent, discarding input before close */
+};
+
+typedef struct {
+    uint32_t off, len;
+} span_t;
+
+typedef struct {
+    span_t name, value;
+} hspan_t;
+
+typedef struct {
+    uv_write_t req;
+    mg_conn_t *conn;
+    mg_write_cb cb;
+    void *arg;
+    uint64_t serial;   /* request the write belongs to */
+} wreq_t;
+
+struct mg_conn_s {
+    uv_tcp_t tcp;               /* tcp.data == this */
+    uv_timer_t timer;
+    uv_shutdown_t shutdown_req;
+    mg_worker_t *w;
+    mg_conn_t *prev, *next;     /* worker's connection list */
+    llhttp_t parser;
+    char *buf;
+    size_t cap, len, pos;       /* allocated, filled, parsed */
+    enum conn_state state;
+    unsigned holds;
+    unsigned writes;            /* writes queued, not completed */
+    size_t write_bytes;
+    uint64_t serial;            /* increments per request */
+    unsigned active : 1;        /* a request is in progress */
+    unsigned resp_done : 1;     /* pipeline queued its last write */
+    unsigned close_after : 1;   /* close once the response is written */
+    unsigned closing : 1;
+    unsigned reading : 1;
+    unsigned parsing : 1;
+    unsigned stop_parse : 1;    /* a callback ended the request */
+    unsigned saw_http : 1;      /* request line had " HTTP/1.x" */
+    unsigned in_field : 1;      /* header-span state */
+    unsigned error_status;      /* set by callbacks for limit errors */
+    const char *error_reason;
+    hspan_t *hspans;
+    unsigned nhspans, max_hspans;
+    span_t url;
+    mg_arena_t arena;
+    mg_req_t req;
+    char peer[46];
+};
+
+static llhttp_settings_t settings;
+
+static void advance(mg_conn_t *c);
+static void conn_close(mg_conn_t *c);
+static void finish_request(mg_conn_t *c);
+
+/*
+ * A request object for an error found before a request head was complete
+ * (malformed head, head timeout), so the answer goes through the one
+ * error path.
+ */
+static mg_req_t *bare_request(mg_conn_t *c)
+{
+    c->serial++;
+    memset(&c->req, 0, sizeof(c->req));
+    c->req.conn = c;
+    c->req.arena = &c->arena;
+    c->req.http_minor = 1;
+    c->active = 1;
+    c->resp_done = 0;
+    return &c->req;
+}
+
+static const mg_limits_t *limits(mg_conn_t *c)
+{
+    return &mg_worker_gen(c->w)->cfg->limits;
+}
+
+/* ------------------------------------------------------------------ */
+/* Timers                                                             */
+
+static void on_timeout(uv_timer_t *t)
+{
+    mg_conn_t *c = t->data;
+    switch (c->state) {
+    case C_IDLE:
+        conn_close(c);
+        break;
+    case C_HEAD:
+    case C_BODY:
+    case C_GATED:
+        if (c->writes == 0 && !(c->active && c->req.response_started)) {
+            mg_req_t *r = c->active ? &c->req : bare_request(c);
+            mg_conn_respond_error(r, 408, "request timeout", 1);
+            c->state = C_DONE;
+            advance(c);
+        } else {
+            conn_close(c);
+        }
+        break;
+    case C_DONE:
+        conn_close(c); /* the client stopped reading the response */
+        break;
+    case C_LINGER:
+        conn_close(c);
+        break;
+    }
+}
+
+static void arm_timer(mg_conn_t *c, uint64_t ms)
+{
+    uv_timer_start(&c->timer, on_timeout, ms, 0);
+}
+
+/* ------------------------------------------------------------------ */
+/* Writing                                                            */
+
+static void on_write(uv_write_t *wr, int status)
+{
+    wreq_t *q = (wreq_t *)wr;
+    mg_conn_t *c = q->conn;
+    c->writes--;
+    int current = c->active && q->serial == c->serial;
+    if (q->cb && current)
+        q->cb(q->arg, status);
+    free(q);
+    if (status < 0) {
+        if (!c->closing)
+            conn_close(c);
+        return;
+    }
+    if (c->closing)
+        return;
+    if (c->writes == 0) {
+        c->write_bytes = 0;
+        if (c->state == C_DONE || c->state == C_BODY || c->state == C_GATED)
+            uv_timer_stop(&c->timer);
+        if (c->active && c->resp_done)
+            finish_request(c);
+    } else {
+        arm_timer(c, SEND_TIMEOUT_MS);
+    }
+}
+
+void mg_conn_write(mg_conn_t *c, const uv_buf_t *bufs, unsigned n,
+                   mg_write_cb cb, void *arg)
+{
+    if (c->closing) {
+        /* Keep the promise of exactly one callback. */
+        if (cb)
+            cb(arg, UV_ECANCELED);
+        return;
+    }
+    wreq_t *q = mg_malloc(sizeof(*q));
+    q->conn = c;
+    q->cb = cb;
+    q->arg = arg;
+    q->serial = c->serial;
+    for (unsigned i = 0; i < n; i++)
+        c->write_bytes += bufs[i].len;
+    c->writes++;
+    int rc = uv_write(&q->req, (uv_stream_t *)&c->tcp, bufs, n, on_write);
+    if (rc < 0) {
+        c->writes--;
+        free(q);
+        if (cb)
+            cb(arg, rc);
+        conn_close(c);
+        return;
+    }
+    if (c->state != C_BODY)
+        arm_timer(c, SEND_TIMEOUT_MS);
+}
+
+size_t mg_conn_write_queue_size(const mg_conn_t *c)
+{
+    return c->tcp.write_queue_size;
+}
+
+/* ------------------------------------------------------------------ */
+/* Errors generated by the gateway itself                             */
+
+const char *mg_http_reason(int status)
+{
+    switch (status) {
+    case 100: return "Continue";
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 204: return "No Content";
+    case 206: return "Partial Content";
+    case 301: return "Moved Permanently";
+    case 302: return "Found";
+    case 304: return "Not Modified";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 413: return "Content Too Large";
+    case 414: return "URI Too Long";
+    case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    default: return "Unknown";
+    }
+}
+
+void mg_conn_respond_error(mg_req_t *r, int status, const char *reason,
+                           int close)
+{
+    mg_conn_t *c = r->conn;
+    if (c->closing || !c->active)
+        return;
+    if (r->response_started || c->resp_done) {
+        conn_close(c);
+        return;
+    }
+    if (close || !r->body_complete)
+        c->close_after = 1;
+    int keep = !mg_conn_should_close(r);
+    char *out = mg_arena_alloc(r->arena, 512);
+    int body_len = snprintf(NULL, 0, "{\"error\":\"%s\"}\n", reason);
+    int n = snprintf(out, 512,
+                     "HTTP/1.%d %d %s\r\n"
+                     "Content-Type: application/json\r\n"
+                     "Content-Length: %d\r\n"
+                     "%s"
+                     "\r\n"
+                     "{\"error\":\"%s\"}\n",
+                     r->http_minor == 0 ? 0 : 1, status,
+                     mg_http_reason(status), body_len,
+                     keep ? (r->http_minor == 0 ? "Connection: keep-alive\r\n"
+                                                : "")
+                          : "Connection: close\r\n",
+                     reason);
+    if (n >= 512)
+        n = 511;
+    r->response_started = 1;
+    uv_buf_t b = uv_buf_init(out, (unsigned)n);
+    mg_conn_write(c, &b, 1, NULL, NULL);
+    if (r->proxy) {
+        mg_proxy_abort(r);
+        r->proxy = NULL;
+    }
+    mg_conn_response_done(r);
+}
+
+/* ------------------------------------------------------------------ */
+/* Parser callbacks                                                   */
+
+static mg_conn_t *conn_of(llhttp_t *p)
+{
+    return p->data;
+}
+
+static int fail(mg_conn_t *c, unsigned status, const char *reason)
+{
+    c->error_status = status;
+    c->error_reason = reason;
+    return HPE_USER;
+}
+
+static void extend(mg_conn_t *c, span_t *s, const char *at, size_t n)
+{
+    if (s->len == 0)
+        s->off = (uint32_t)(at - c->buf);
+    s->len += (uint32_t)n;
+}
+
+static int on_message_begin(llhttp_t *p)
+{
+    mg_conn_t *c = conn_of(p);
+    c->state = C_HEAD;
+    c->url = (span_t){ 0, 0 };
+    c->nhspans = 0;
+    c->in_field = 0;
+    c->saw_http = 0;
+    c->max_hspans = limits(c)->max_header_fields;
+    c->hspans = mg_arena_alloc(&c->arena,
+                               sizeof(hspan_t) * (c->max_hspans + 1));
+    arm_timer(c, limits(c)->header_timeout_ms);
+    return 0;
+}
+
+static int on_url(llhttp_t *p, const char *at, size_t n)
+{
+    mg_conn_t *c = conn_of(p);
+    extend(c, &c->url, at, n);
+    if (c->url.len > limits(c)->max_uri)
+        return fail(c, 414, "uri too long");
+    return 0;
+}
+
+static int on_version(llhttp_t *p, const char *at, size_t n)
+{
+    mg_conn_t *c = conn_of(p);
+    /* llhttp also accepts RTSP/ and ICE/ here: only HTTP/ will do. */
+    if (at - c->buf >= 5 && memcmp(at - 5, "HTTP/", 5) == 0)
+        c->saw_http = 1;
+    return 0;
+}
+
+static int on_header_field(llhttp_t *p, const char *at, size_t n)
+{
+    mg_conn_t *c = conn_of(p);
+    if (!c->in_field) {
+        if (c->nhspans == c->max_hspans)
+            return fail(c, 431, "request header fields too large");
+        c->hspans[c->nhspans++] = (hspan_t){ { 0, 0 }, { 0, 0 } };
+        c->in_field = 1;
+    }
+    extend(c, &c->hspans[c->nhspans - 1].name, at, n);
+    return 0;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t n)
+{
+    mg_conn_t *c = conn_of(p);
+    c->in_field = 0;
+    extend(c, &c->hspans[c->nhspans - 1].value, at, n);
+    return 0;
+}
+
+static int on_header_value_complete(llhttp_t *p)
+{
+    conn_of(p)->in_field = 0;
+    return 0;
+}
+
+static mg_str_t span_str(mg_conn_t *c, span_t s)
+{
+    return (mg_str_t){ c->buf + s.off, s.len };
+}
+
+static mg_str_t trim_ows(mg_str_t s)
+{
+    while (s.len && (s.p[0] == ' ' || s.p[0] == '\t')) {
+        s.p++;
+        s.len--;
+    }
+    while (s.len && (s.p[s.len - 1] == ' ' || s.p[s.len - 1] == '\t'))
+        s.len--;
+    return s;
+}
+
+static int is_identity_header(const mg_config_t *cfg, mg_str_t name)
+{
+    for (size_t i = 0; i < cfg->nidentity_headers; i++)
+        if (mg_str_caseeq(name, mg_str_from_cstr(cfg->identity_headers[i])))
+            return 1;
+    return 0;
+}
+
+static int method_allowed(unsigned m)
+{
+    switch (m) {
+    case HTTP_GET: case HTTP_HEAD: case HTTP_POST: case HTTP_PUT:
+    case HTTP_DELETE: case HTTP_OPTIONS: case HTTP_PATCH: case HTTP_TRACE:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+/*
+ * Checks the framing and the headers the gateway must understand, and
+ * copies the rest into the request. Returns 0 or an HTTP status to refuse
+ * the request with (reason in *why).
+ */
+static int build_request(mg_conn_t *c, mg_req_t *r, const char **why)
+{
+    const mg_config_t *cfg = mg_worker_gen(c->w)->cfg;
+    unsigned hosts = 0, lengths = 0, encodings = 0;
+    *why = "bad request";
+    if (!c->saw_http || c->parser.http_major != 1 || c->parser.http_minor > 1)
+        return 400;
+    if (!method_allowed(c->parser.method)) {
+        *why = "method not implemented";
+        return 501;
+    }
+    r->method = c->parser.method;
+    r->http_minor = c->parser.http_minor;
+    r->method_name = mg_str_from_cstr(llhttp_method_name(r->method));
+    r->target = mg_arena_strdup(r->arena, span_str(c, c->url));
+    if (r->target.len == 0 || r->target.p[0] != '/') {
+        *why = "invalid request target";
+        return 400;
+    }
+    r->headers = mg_arena_alloc(r->arena, sizeof(mg_header_t) * c->nhspans);
+    r->nheaders = 0;
+    r->content_length = -1;
+    for (unsigned i = 0; i < c->nhspans; i++) {
+        mg_str_t name = span_str(c, c->hspans[i].name);
+        mg_str_t value = trim_ows(span_str(c, c->hspans[i].value));
+        if (mg_str_caseeq(name, MG_STR("host"))) {
+            if (++hosts > 1 || value.len == 0)
+                return 400;
+        } else if (mg_str_caseeq(name, MG_STR("content-length"))) {
+            /* Digits only: no sign, no inner spaces, no list. */
+            if (++lengths > 1 || value.len == 0 || value.len > 18)
+                return 400;
+            int64_t v = 0;
+            for (size_t k = 0; k < value.len; k++) {
+                if (value.p[k] < '0' || value.p[k] > '9')
+                    return 400;
+                v = v * 10 + (value.p[k] - '0');
+            }
+            r->content_length = v;
+            continue;
+        } else if (mg_str_caseeq(name, MG_STR("transfer-encoding"))) {
+            if (++encodings > 1 || !mg_str_caseeq(value, MG_STR("chunked")))
+                return 400;
+            r->chunked = 1;
+            continue;
+        } else if (mg_str_caseeq(name, MG_STR("expect"))) {
+            if (mg_str_caseeq(value, MG_STR("100-continue")))
+                r->expect_continue = 1;
+            continue;
+        }
+        /* Identity headers belong to the gateway; '_' aliases '-'. */
+        if (memchr(name.p, '_', name.len) || is_identity_header(cfg, name))
+            continue;
+        mg_header_t *h = &r->headers[r->nheaders++];
+        h->name = mg_arena_strdup(r->arena, name);
+        h->value = mg_arena_strdup(r->arena, value);
+        if (mg_str_caseeq(name, MG_STR("host")))
+            r->host = h->value;
+    }
+    if (lengths && encodings)
+        return 400;
+    if (hosts == 0 && r->http_minor == 1)
+        return 400;
+    r->client_keepalive = llhttp_should_keep_alive(&c->parser) ? 1 : 0;
+    return 0;
+}
+
+static int on_headers_complete(llhttp_t *p)
+{
+    mg_conn_t *c = conn_of(p);
+    mg_req_t *r = &c->req;
+    c->serial++;
+    memset(r, 0, sizeof(*r));
+    r->conn = c;
+    r->arena = &c->arena;
+    r->gen = mg_worker_gen(c->w);
+    mg_gen_ref(r->gen);
+    r->start_ns = uv_hrtime();
+    memcpy(r->client_ip, c->peer, sizeof(r->client_ip));
+    c->active = 1;
+    c->resp_done = 0;
+    uv_timer_stop(&c->timer);
+
+    const char *why;
+    int status = build_request(c, r, &why);
+    int has_body = r->chunked || r->content_length > 0;
+    if (status) {
+        mg_conn_respond_error(r, status, why, 1);
+        c->stop_parse = 1;
+        return -1;
+    }
+    if (!has_body)
+        r->body_complete = 1;
+    c->state = has_body ? C_GATED : C_BODY;
+    mg_proxy_start(r);
+    if (c->stop_parse)
+        return -1;
+    /* Stop here until the pipeline wants the body (mg_conn_body_open). */
+    if (has_body && c->state == C_GATED)
+        return HPE_PAUSED;
+    return 0;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t n)
+{
+    mg_conn_t *c = conn_of(p);
+    mg_req_t *r = &c->req;
+    r->body_received += n;
+    if (r->body_received > r->max_body) {
+        mg_conn_respond_error(r, 413, "request body too large", 1);
+        c->stop_parse = 1;
+        return HPE_USER;
+    }
+    if (r->proxy)
+        mg_proxy_on_body(r, at, n);
+    return c->stop_parse ? HPE_USER : 0;
+}
+
+static int on_message_complete(llhttp_t *p)
+{
+    mg_conn_t *c = conn_of(p);
+    mg_req_t *r = &c->req;
+    r->body_complete = 1;
+    c->state = C_DONE;
+    uv_timer_stop(&c->timer);
+    if (r->proxy)
+        mg_proxy_on_body_end(r);
+    /* One request at a time: pipelined ones wait in the buffer. */
+    return HPE_PAUSED;
+}
+
+/* ------------------------------------------------------------------ */
+/* Reading and the main loop                                          */
+
+static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
+{
+    mg_conn_t *c = h->data;
+    if (c->cap - c->len < 1024 && c->state <= C_HEAD) {
+        /* Grow while reading a head, up to the head limits. */
+        const mg_limits_t *l = limits(c);
+        size_t max = l->max_uri + l->max_header_bytes + 1024;
+        size_t cap = c->cap * 2 > max ? max : c->cap * 2;
+        if (cap > c->cap) {
+            c->buf = mg_realloc(c->buf, cap);
+            c->cap = cap;
+        }
+    }
+    *b = uv_buf_init(c->buf + c->len, (unsigned)(c->cap - c->len));
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
+{
+    mg_conn_t *c = s->data;
+    if (nread == 0)
+        return;
+    if (c->state == C_LINGER) {
+        if (nread < 0)
+            conn_close(c);
+        return; /* discard */
+    }
+    if (nread < 0) {
+        conn_close(c);
+        return;
+    }
+    c->len += (size_t)nread;
+    if (c->state == C_BODY)
+        arm_timer(c, limits(c)->body_timeout_ms);
+    advance(c);
+}
+
+static void read_start(mg_conn_t *c)
+{
+    if (!c->reading && !c->closing) {
+        c->reading = 1;
+        uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+    }
+}
+
+static void read_stop(mg_conn_t *c)
+{
+    if (c->reading) {
+        c->reading = 0;
+        uv_read_stop((uv_stream_t *)&c->tcp);
+    }
+}
+
+/* Runs llhttp over the unparsed bytes. */
+static void parse(mg_conn_t *c)
+{
+    c->parsing = 1;
+    c->stop_parse = 0;
+    llhttp_errno_t err = llhttp_execute(&c->parser, c->buf + c->pos,
+                                        c->len - c->pos);
+    c->parsing = 0;
+    if (c->closing)
+        return;
+    if (err == HPE_OK) {
+        c->pos = c->len;
+        return;
+    }
+    if (err == HPE_PAUSED) {
+        c->pos = (size_t)(llhttp_get_error_pos(&c->parser) - c->buf);
+        llhttp_resume(&c->parser);
+        return;
+    }
+    c->state = C_DONE;
+    if (c->stop_parse)
+        return; /* a callback already answered */
+    unsigned status = c->error_status ? c->error_status : 400;
+    const char *why = c->error_reason ? c->error_reason : "bad request";
+    mg_log_debug("client %s: %s (%s)", c->peer, why,
+                 llhttp_get_error_reason(&c->parser));
+    mg_conn_respond_error(c->active ? &c->req : bare_request(c),
+                          (int)status, why, 1);
+}
+
+/* A head that cannot grow further is an error of its own. */
+static int head_overflow(mg_conn_t *c)
+{
+    const mg_limits_t *l = limits(c);
+    if (c->len < l->max_uri + l->max_header_bytes)
+        return 0;
+    if (c->url.len == 0 || c->nhspans == 0)
+        c->error_status = 414, c->error_reason = "uri too long";
+    else
+        c->error_status = 431,
+        c->error_reason = "request header fields too large";
+    return 1;
+}
+
+static void advance(mg_conn_t *c)
+{
+    while (!c->closing && !c->parsing) {
+        switch (c->state) {
+        case C_IDLE:
+        case C_HEAD:
+            if (c->pos < c->len) {
+                parse(c);
+                continue;
+            }
+            if (c->state == C_HEAD && head_overflow(c)) {
+                mg_conn_respond_error(bare_request(c), (int)c->error_status,
+                                      c->error_reason, 1);
+                c->state = C_DONE;
+                continue;
+            }
+            read_start(c);
+            return;
+        case C_GATED:
+            read_stop(c);
+            return;
+        case C_BODY:
+            if (c->holds) {
+                read_stop(c);
+                return;
+            }
+            if (c->pos < c->len) {
+                parse(c);
+                continue;
+            }
+            /* Everything parsed and written on: the head was copied out
+             * at headers-complete, so the whole buffer is free again. */
+            c->len = c->pos = 0;
+            read_start(c);
+            return;
+        case C_DONE:
+            read_stop(c);
+            if (c->active && c->resp_done && c->writes == 0)
+                finish_request(c);
+            return;
+        case C_LINGER:
+            return;
+        }
+    }
+}
+
+void mg_conn_hold(mg_conn_t *c)
+{
+    c->holds++;
+}
+
+void mg_conn_release(mg_conn_t *c)
+{
+    if (--c->holds == 0 && !c->closing && c->state == C_BODY)
+        advance(c);
+}
+
+void mg_conn_body_open(mg_req_t *r)
+{
+    mg_conn_t *c = r->conn;
+    if (c->state != C_GATED || c->closing)
+        return;
+    if (r->content_length >= 0 && (uint64_t)r->content_length > r->max_body) {
+        /* Refused before reading a byte of it, and without 100 Continue. */
+        mg_conn_respond_error(r, 413, "request body too large", 1);
+        return;
+    }
+    if (r->expect_continue && r->http_minor == 1 && r->body_received == 0) {
+        static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+        uv_buf_t b = uv_buf_init((char *)cont, sizeof(cont) - 1);
+        mg_conn_write(c, &b, 1, NULL, NULL);
+    }
+    c->state = C_BODY;
+    arm_timer(c, limits(c)->body_timeout_ms);
+    advance(c);
+}
+
+int mg_conn_should_close(const mg_req_t *r)
+{
+    mg_conn_t *c = r->conn;
+    return c->close_after || !r->client_keepalive || !r->body_complete
+           || mg_worker_draining(c->w);
+}
+
+mg_worker_t *mg_conn_worker(const mg_conn_t *c)
+{
+    return c->w;
+}
+
+/* ------------------------------------------------------------------ */
+/* Request end, close                                                 */
+
+static void on_shutdown(uv_shutdown_t *req, int status)
+{
+    mg_conn_t *c = req->data;
+    if (status < 0 || c->closing) {
+        conn_close(c);
+        return;
+    }
+    /* Drain what the client still sends so our response is not lost to a
+     * reset caused by unread data (lingering close). */
+    c->state = C_LINGER;
+    c->len = c->pos = 0;
+    arm_timer(c, LINGER_MS);
+    read_start(c);
+}
+
+static void linger_close(mg_conn_t *c)
+{
+    read_stop(c);
+    c->shutdown_req.data = c;
+    if (uv_shutdown(&c->shutdown_req, (uv_stream_t *)&c->tcp, on_shutdown))
+        conn_close(c);
+    else
+        c->state = C_LINGER;
+}
+
+void mg_conn_response_done(mg_req_t *r)
+{
+    mg_conn_t *c = r->conn;
+    c->resp_done = 1;
+    if (!c->parsing && c->writes == 0 && !c->closing)
+        finish_request(c);
+}
+
+static void finish_request(mg_conn_t *c)
+{
+    mg_req_t *r = &c->req;
+    int close = mg_conn_should_close(r);
+    if (r->proxy) {
+        mg_proxy_abort(r); /* the pipeline should have let go already */
+        r->proxy = NULL;
+    }
+    c->active = 0;
+    c->holds = 0; /* holds belong to the request's body writes */
+    c->resp_done = 0;
+    if (r->gen)
+        mg_gen_unref(r->gen);
+    r->gen = NULL;
+    mg_arena_reset(&c->arena);
+    c->hspans = NULL;
+    if (close) {
+        linger_close(c);
+        return;
+    }
+    /* Keep pipelined bytes, drop the finished request's. */
+    if (c->pos < c->len)
+        memmove(c->buf, c->buf + c->pos, c->len - c->pos);
+    c->len -= c->pos;
+    c->pos = 0;
+    c->state = C_IDLE;
+    arm_timer(c, limits(c)->keepalive_timeout_ms);
+    advance(c);
+}
+
+static void on_timer_closed(uv_handle_t *h)
+{
+    mg_conn_t *c = h->data;
+    mg_worker_t *w = c->w;
+    free(c->buf);
+    mg_arena_free(&c->arena);
+    free(c);
+    mg_worker_conn_closed(w);
+}
+
+static void on_tcp_closed(uv_handle_t *h)
+{
+    mg_conn_t *c = h->data;
+    uv_close((uv_handle_t *)&c->timer, on_timer_closed);
+}
+
+static void conn_close(mg_conn_t *c)
+{
+    if (c->closing)
+        return;
+    c->closing = 1;
+    if (c->active) {
+        if (c->req.proxy)
+            mg_proxy_abort(&c->req);
+        c->req.proxy = NULL;
+        if (c->req.gen)
+            mg_gen_unref(c->req.gen);
+        c->req.gen = NULL;
+        c->active = 0;
+    }
+    mg_conn_list_t *list = mg_worker_conns(c->w);
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        list->head = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    uv_timer_stop(&c->timer);
+    uv_close((uv_handle_t *)&c->tcp, on_tcp_closed);
+}
+
+void mg_conn_set_close(mg_conn_t *c)
+{
+    c->close_after = 1;
+}
+
+void mg_conn_abort(mg_conn_t *c)
+{
+    conn_close(c);
+}
+
+/* ------------------------------------------------------------------ */
+/* Accept, drain                                                      */
+
+static void init_settings(void)
+{
+    if (settings.on_message_begin)
+        return;
+    llhttp_settings_init(&settings);
+    settings.on_message_begin = on_message_begin;
+    settings.on_url = on_url;
+    settings.on_version = on_version;
+    settings.on_header_field = on_header_field;
+    settings.on_header_value = on_header_value;
+    settings.on_header_value_complete = on_header_value_complete;
+    settings.on_headers_complete = on_headers_complete;
+    settings.on_body = on_body;
+    settings.on_message_complete = on_message_complete;
+}
+
+static void peer_name(mg_conn_t *c)
+{
+    struct sockaddr_storage ss;
+    int len = sizeof(ss);
+    c->peer[0] = '\0';
+    if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &len))
+        return;
+    if (ss.ss_family == AF_INET6) {
+        struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&ss;
+        uv_ip6_name(a6, c->peer, sizeof(c->peer));
+        /* ::ffff:1.2.3.4 is an IPv4 client. */
+        if (strncmp(c->peer, "::ffff:", 7) == 0 && strchr(c->peer, '.'))
+            memmove(c->peer, c->peer + 7, strlen(c->peer + 7) + 1);
+    } else {
+        uv_ip4_name((struct sockaddr_in *)&ss, c->peer, sizeof(c->peer));
+    }
+}
+
+void mg_http1_accept(mg_worker_t *w, uv_stream_t *server)
+{
+    init_settings();
+    mg_conn_list_t *list = mg_worker_conns(w);
+    mg_conn_t *c = mg_calloc(1, sizeof(*c));
+    c->w = w;
+    uv_tcp_init(mg_worker_loop(w), &c->tcp);
+    uv_timer_init(mg_worker_loop(w), &c->timer);
+    c->tcp.data = c->timer.data = c;
+    mg_arena_init(&c->arena);
+    c->next = list->head;
+    if (list->head)
+        list->head->prev = c;
+    list->head = c;
+    list->count++;
+    if (uv_accept(server, (uv_stream_t *)&c->tcp) < 0) {
+        conn_close(c);
+        return;
+    }
+    if (list->count > limits(c)->max_connections) {
+        mg_log_warn("max_connections (%u) reached, closing a new connection",
+                    limits(c)->max_connections);
+        conn_close(c);
+        return;
+    }
+    uv_tcp_nodelay(&c->tcp, 1);
+    peer_name(c);
+    llhttp_init(&c->parser, HTTP_REQUEST, &settings);
+    c->parser.data = c;
+    c->cap = READ_CHUNK;
+    c->buf = mg_malloc(c->cap);
+    c->state = C_IDLE;
+    arm_timer(c, limits(c)->header_timeout_ms);
+    read_start(c);
+}
+
+void mg_http1_drain_all(mg_worker_t *w)
+{
+    mg_conn_t *c = mg_worker_conns(w)->head;
+    while (c) {
+        mg_conn_t *next = c->next;
+        if (!c->closing && c->state == C_IDLE && c->pos == c->len)
+            conn_close(c);
+        else
+            c->close_after = 1;
+        c = next;
+    }
+}

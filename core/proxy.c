@@ -1,0 +1,877 @@
+/*
+ * The request pipeline: normalize the path, route, rebuild the request for
+ * the upstream (canonical framing, hop-by-hop and identity headers removed,
+ * X-Forwarded-* set), exchange it over a pooled upstream connection and
+ * stream the response back. Plugin phases will be walked from here too;
+ * nothing else decides the order of a request's steps.
+ *
+ * Lifetime. The per-request state (mg_proxy_t) is malloc'd, not taken from
+ * the request arena, because upstream write callbacks can outlive the client
+ * connection: when the client goes away (mg_proxy_abort) the state is marked
+ * dead and freed only after its upstream connection has finished closing,
+ * when no callback can reach it any more.
+ *
+ * Backpressure. Request body bytes are written upstream straight from the
+ * client's read buffer while the client connection is held; response body
+ * bytes go to the client straight from the upstream connection's buffer and
+ * no more is read upstream until those writes complete. Nothing is copied
+ * and buffering is bounded by the two read buffers.
+ */
+#include <llhttp.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "generation.h"
+#include "http.h"
+#include "log.h"
+#include "path.h"
+#include "upstream.h"
+#include "worker.h"
+
+#define UP_READ_CHUNK 16384
+#define UP_MAX_HEAD 65536      /* upstream response head limit -> 502 */
+#define UP_MAX_FIELDS 128
+
+typedef struct {
+    uint32_t off, len;
+} span_t;
+
+struct mg_proxy_s {
+    mg_req_t *r;               /* NULL once the client side is gone */
+    const mg_route_conf_t *route;
+    mg_upstream_t *upstream;
+    mg_target_t *target;
+    mg_upconn_t *uc;
+    llhttp_t parser;
+    uv_buf_t head;             /* request head for the upstream (arena) */
+    size_t len, pos;           /* upstream read buffer fill / parsed */
+    unsigned up_writes;        /* writes queued on the upstream conn */
+    unsigned client_writes;    /* writes to the client borrowing uc->rbuf */
+    unsigned nfields;
+    span_t fields[UP_MAX_FIELDS][2];
+    span_t reason;
+    int status;
+    unsigned dead : 1;         /* client side gone; free when uc closed */
+    unsigned connected : 1;
+    unsigned head_sent : 1;
+    unsigned body_end : 1;     /* client body complete (mg_proxy_on_body_end) */
+    unsigned resp_bytes : 1;   /* any response byte received */
+    unsigned resp_complete : 1;
+    unsigned chunk_client : 1; /* re-chunk the response to the client */
+    unsigned up_keepalive : 1;
+    unsigned retried : 1;
+    unsigned reading : 1;
+    unsigned in_field : 1;
+    unsigned interim : 1;      /* current upstream message is a 1xx */
+    unsigned counted : 1;      /* counted in upstream->inflight */
+};
+
+static llhttp_settings_t up_settings;
+
+static void send_head(mg_proxy_t *p);
+static void up_read_start(mg_proxy_t *p);
+static void finish(mg_proxy_t *p);
+
+/* ------------------------------------------------------------------ */
+/* Small helpers                                                      */
+
+static void append(char **w, const char *s, size_t n)
+{
+    memcpy(*w, s, n);
+    *w += n;
+}
+
+#define APPEND_LIT(w, lit) append((w), (lit), sizeof(lit) - 1)
+
+static void append_str(char **w, mg_str_t s)
+{
+    append(w, s.p, s.len);
+}
+
+static int is_hop_by_hop(mg_str_t name)
+{
+    static const mg_str_t hop[] = {
+        { "connection", 10 },      { "keep-alive", 10 },
+        { "te", 2 },               { "trailer", 7 },
+        { "transfer-encoding", 17 }, { "upgrade", 7 },
+        { "proxy-connection", 16 }, { "proxy-authenticate", 18 },
+        { "proxy-authorization", 19 }, { "content-length", 14 },
+    };
+    for (size_t i = 0; i < MG_ARRAY_SIZE(hop); i++)
+        if (mg_str_caseeq(name, hop[i]))
+            return 1;
+    return 0;
+}
+
+/* True when `name` is one of the comma-separated tokens in `list`. */
+static int token_listed(mg_str_t list, mg_str_t name)
+{
+    const char *p = list.p, *end = list.p + list.len;
+    while (p < end) {
+        while (p < end && (*p == ' ' || *p == '\t' || *p == ','))
+            p++;
+        const char *start = p;
+        while (p < end && *p != ',' && *p != ' ' && *p != '\t')
+            p++;
+        if (p > start && mg_str_caseeq((mg_str_t){ start, (size_t)(p - start) },
+                                       name))
+            return 1;
+    }
+    return 0;
+}
+
+static int listed_in_connection(const mg_header_t *hs, size_t n,
+                                mg_str_t name)
+{
+    for (size_t i = 0; i < n; i++)
+        if (mg_str_caseeq(hs[i].name, MG_STR("connection"))
+            && token_listed(hs[i].value, name))
+            return 1;
+    return 0;
+}
+
+static int peer_trusted(const mg_req_t *r)
+{
+    const mg_config_t *cfg = r->gen->cfg;
+    if (cfg->ntrusted_proxies == 0)
+        return 0;
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof(ss));
+    if (uv_ip4_addr(r->client_ip, 0, (struct sockaddr_in *)&ss)
+        && uv_ip6_addr(r->client_ip, 0, (struct sockaddr_in6 *)&ss))
+        return 0;
+    return mg_cidr_match(cfg->trusted_proxies, cfg->ntrusted_proxies,
+                         (const struct sockaddr *)&ss);
+}
+
+static int idempotent(unsigned method)
+{
+    return method == HTTP_GET || method == HTTP_HEAD || method == HTTP_PUT
+           || method == HTTP_DELETE || method == HTTP_OPTIONS
+           || method == HTTP_TRACE;
+}
+
+/* ------------------------------------------------------------------ */
+/* Failing                                                            */
+
+/*
+ * Gives the client a gateway error (or cuts the connection when the
+ * response has started) and drops the upstream connection.
+ */
+static void fail(mg_proxy_t *p, int status, const char *reason)
+{
+    mg_req_t *r = p->r;
+    if (status >= 500)
+        mg_log_error("%.*s %.*s: upstream %s: %s", (int)r->method_name.len,
+                     r->method_name.p, (int)r->target.len, r->target.p,
+                     p->target ? mg_target_name(p->target) : "-", reason);
+    /* Detach first: respond_error would otherwise call mg_proxy_abort. */
+    r->proxy = NULL;
+    p->r = NULL;
+    p->dead = 1;
+    if (p->counted) {
+        p->upstream->inflight--;
+        p->counted = 0;
+    }
+    if (p->uc)
+        mg_upconn_close(p->uc);
+    else
+        free(p);
+    if (r->response_started)
+        mg_conn_abort(r->conn);
+    else
+        mg_conn_respond_error(r, status,
+                              status == 504 ? "gateway timeout"
+                              : status == 503 ? "service unavailable"
+                                              : "bad gateway",
+                              0);
+}
+
+void mg_proxy_abort(mg_req_t *r)
+{
+    mg_proxy_t *p = r->proxy;
+    r->proxy = NULL;
+    if (!p)
+        return;
+    p->r = NULL;
+    p->dead = 1;
+    if (p->counted) {
+        p->upstream->inflight--;
+        p->counted = 0;
+    }
+    if (p->uc)
+        mg_upconn_close(p->uc); /* frees p from its close callback */
+    else
+        free(p);
+}
+
+static void on_uc_closed(mg_upconn_t *uc)
+{
+    mg_proxy_t *p = uc->owner;
+    if (p && p->dead)
+        free(p);
+}
+
+/* ------------------------------------------------------------------ */
+/* Building the upstream request                                      */
+
+/* Applies strip_prefix / rewrite to the normalized path. */
+static mg_str_t upstream_path(mg_req_t *r, const mg_route_conf_t *rt,
+                              const mg_route_match_t *m, mg_str_t path)
+{
+    if (rt->rewrite) {
+        size_t cap = strlen(rt->rewrite) + path.len + 1;
+        for (size_t i = 0; i < m->nparams; i++)
+            cap += m->param_values[i].len;
+        char *out = mg_arena_alloc(r->arena, cap), *w = out;
+        for (const char *t = rt->rewrite; *t;) {
+            const char *close = *t == '{' ? strchr(t, '}') : NULL;
+            if (!close) {
+                *w++ = *t++;
+                continue;
+            }
+            mg_str_t name = { t + 1, (size_t)(close - t - 1) };
+            if (mg_str_eq(name, MG_STR("*")))
+                append_str(&w, m->wildcard);
+            for (size_t i = 0; i < m->nparams; i++)
+                if (mg_str_eq(name, m->param_names[i]))
+                    append_str(&w, m->param_values[i]);
+            t = close + 1;
+        }
+        return (mg_str_t){ out, (size_t)(w - out) };
+    }
+    if (rt->strip_prefix) {
+        mg_str_t pre = mg_str_from_cstr(rt->strip_prefix);
+        if (path.len >= pre.len && memcmp(path.p, pre.p, pre.len) == 0
+            && (path.len == pre.len || path.p[pre.len] == '/'))
+            path = path.len == pre.len ? MG_STR("/")
+                                       : (mg_str_t){ path.p + pre.len,
+                                                     path.len - pre.len };
+    }
+    return path;
+}
+
+static void build_head(mg_proxy_t *p, mg_str_t path, mg_str_t query)
+{
+    mg_req_t *r = p->r;
+    int trusted = peer_trusted(r);
+    mg_str_t xff = MG_NULL_STR, rid = MG_NULL_STR;
+    size_t cap = 256 + r->method_name.len + path.len + query.len
+                 + r->host.len * 2 + 2 * sizeof(r->client_ip);
+    for (size_t i = 0; i < r->nheaders; i++)
+        cap += r->headers[i].name.len + r->headers[i].value.len + 4;
+    char *out = mg_arena_alloc(r->arena, cap), *w = out;
+
+    append_str(&w, r->method_name);
+    APPEND_LIT(&w, " ");
+    append_str(&w, path);
+    if (query.len) {
+        APPEND_LIT(&w, "?");
+        append_str(&w, query);
+    }
+    APPEND_LIT(&w, " HTTP/1.1\r\n");
+    for (size_t i = 0; i < r->nheaders; i++) {
+        const mg_header_t *h = &r->headers[i];
+        if (is_hop_by_hop(h->name)
+            || listed_in_connection(r->headers, r->nheaders, h->name))
+            continue;
+        if (mg_str_caseeq(h->name, MG_STR("x-forwarded-for"))) {
+            if (trusted && !xff.p)
+                xff = h->value; /* several XFF lines: the first one wins */
+            continue;
+        }
+        if (mg_str_caseeq(h->name, MG_STR("x-request-id"))) {
+            if (trusted)
+                rid = h->value;
+            continue;
+        }
+        if (mg_str_caseeq(h->name, MG_STR("x-forwarded-proto"))
+            || mg_str_caseeq(h->name, MG_STR("x-forwarded-host")))
+            continue;
+        append_str(&w, h->name);
+        APPEND_LIT(&w, ": ");
+        append_str(&w, h->value);
+        APPEND_LIT(&w, "\r\n");
+    }
+    if (!r->host.len) {
+        /* HTTP/1.0 without Host: name the target. */
+        APPEND_LIT(&w, "Host: ");
+        append(&w, mg_target_name(p->target), strlen(mg_target_name(p->target)));
+        APPEND_LIT(&w, "\r\n");
+    }
+    APPEND_LIT(&w, "X-Forwarded-For: ");
+    if (xff.len) {
+        append_str(&w, xff);
+        APPEND_LIT(&w, ", ");
+    }
+    append(&w, r->client_ip, strlen(r->client_ip));
+    APPEND_LIT(&w, "\r\nX-Forwarded-Proto: http\r\n");
+    if (r->host.len) {
+        APPEND_LIT(&w, "X-Forwarded-Host: ");
+        append_str(&w, r->host);
+        APPEND_LIT(&w, "\r\n");
+    }
+    APPEND_LIT(&w, "X-Request-Id: ");
+    if (rid.len && rid.len <= 200) {
+        r->request_id = mg_arena_strdup(r->arena, rid);
+    } else {
+        char *id = mg_arena_alloc(r->arena, 33);
+        mg_worker_request_id(mg_conn_worker(r->conn), id);
+        r->request_id = (mg_str_t){ id, 32 };
+    }
+    append_str(&w, r->request_id);
+    APPEND_LIT(&w, "\r\n");
+    if (r->chunked) {
+        APPEND_LIT(&w, "Transfer-Encoding: chunked\r\n");
+    } else if (r->content_length >= 0 && (r->content_length > 0
+               || r->method == HTTP_POST || r->method == HTTP_PUT
+               || r->method == HTTP_PATCH)) {
+        w += sprintf(w, "Content-Length: %lld\r\n",
+                     (long long)r->content_length);
+    }
+    APPEND_LIT(&w, "\r\n");
+    p->head = uv_buf_init(out, (unsigned)(w - out));
+}
+
+/* ------------------------------------------------------------------ */
+/* Start                                                              */
+
+/* Splits the raw target into path and query (fragment dropped). */
+static void split_target(mg_str_t target, mg_str_t *path, mg_str_t *query)
+{
+    const char *q = memchr(target.p, '?', target.len);
+    const char *f = memchr(target.p, '#', target.len);
+    const char *end = target.p + target.len;
+    if (f)
+        end = f;
+    if (q && q < end) {
+        *path = (mg_str_t){ target.p, (size_t)(q - target.p) };
+        *query = (mg_str_t){ q + 1, (size_t)(end - q - 1) };
+    } else {
+        *path = (mg_str_t){ target.p, (size_t)(end - target.p) };
+        *query = MG_NULL_STR;
+    }
+}
+
+static void on_connect(mg_upconn_t *uc, int status);
+
+void mg_proxy_start(mg_req_t *r)
+{
+    mg_str_t raw_path, query;
+    split_target(r->target, &raw_path, &query);
+    char *norm = mg_arena_alloc(r->arena, raw_path.len + 1);
+    size_t norm_len;
+    if (mg_path_normalize(raw_path.p, raw_path.len, norm, &norm_len)) {
+        mg_conn_respond_error(r, 400, "invalid path", 1);
+        return;
+    }
+    r->path = (mg_str_t){ norm, norm_len };
+
+    mg_route_match_t m;
+    if (mg_router_match(r->gen->router, r->method, r->host, r->path, &m)) {
+        mg_conn_respond_error(r, 404, "no route", 0);
+        return;
+    }
+    const mg_route_conf_t *rt = m.data;
+    r->route = rt;
+    r->max_body = rt->max_body;
+    mg_upstream_t *u = &r->gen->upstreams[rt->upstream];
+    if (u->inflight >= u->conf->max_pending) {
+        mg_conn_respond_error(r, 503, "service unavailable", 0);
+        return;
+    }
+
+    mg_proxy_t *p = mg_calloc(1, sizeof(*p));
+    p->r = r;
+    p->route = rt;
+    p->upstream = u;
+    u->inflight++;
+    p->counted = 1;
+    r->proxy = p;
+    p->target = mg_upstream_pick(u);
+    build_head(p, upstream_path(r, rt, &m, r->path), query);
+
+    int rc = mg_upconn_get(p->target, p, rt->timeouts.connect_ms, on_connect,
+                           &p->uc);
+    if (rc == 0) {
+        p->uc->on_close = on_uc_closed;
+        on_connect(p->uc, 0);
+    } else if (rc == MG_AGAIN) {
+        p->uc->on_close = on_uc_closed;
+    } else {
+        p->uc = NULL;
+        fail(p, 502, mg_strerror(rc));
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Request: head and body to the upstream                             */
+
+static void up_timer(mg_proxy_t *p, uint64_t ms);
+
+/* A write to the upstream; body writes hold the client's read buffer. */
+typedef struct {
+    uv_write_t req;
+    int body;
+} up_write_t;
+
+static void on_up_write(uv_write_t *wr, int status)
+{
+    mg_proxy_t *p = wr->data;
+    int body = ((up_write_t *)wr)->body;
+    free(wr);
+    p->up_writes--;
+    if (p->dead)
+        return;
+    if (body && p->r)
+        mg_conn_release(p->r->conn);
+    if (p->dead || !p->r)
+        return;
+    if (status < 0) {
+        /* The response may still come (an early error from upstream);
+         * reading goes on, and a failed read will end the request. */
+        mg_log_debug("upstream write failed: %s", uv_strerror(status));
+        return;
+    }
+    if (p->up_writes == 0 && !p->resp_complete)
+        up_timer(p, p->route->timeouts.read_ms);
+}
+
+static void up_write(mg_proxy_t *p, const uv_buf_t *bufs, unsigned n,
+                     int body)
+{
+    up_write_t *wr = mg_malloc(sizeof(*wr));
+    wr->req.data = p;
+    wr->body = body;
+    if (body)
+        mg_conn_hold(p->r->conn);
+    p->up_writes++;
+    int rc = uv_write(&wr->req, (uv_stream_t *)&p->uc->tcp, bufs, n,
+                      on_up_write);
+    if (rc < 0) {
+        on_up_write(&wr->req, rc);
+        return;
+    }
+    up_timer(p, p->route->timeouts.send_ms);
+}
+
+static void send_head(mg_proxy_t *p)
+{
+    p->head_sent = 1;
+    up_write(p, &p->head, 1, 0);
+    up_read_start(p);
+    if (!p->r->body_complete)
+        mg_conn_body_open(p->r);
+}
+
+static void on_connect(mg_upconn_t *uc, int status)
+{
+    mg_proxy_t *p = uc->owner;
+    if (p->dead)
+        return;
+    if (status < 0) {
+        p->uc = NULL; /* upstream.c is closing it */
+        uc->owner = NULL;
+        fail(p, status == MG_ETIMEOUT ? 504 : 502,
+             status == MG_ETIMEOUT ? "connect timeout" : mg_strerror(status));
+        return;
+    }
+    p->connected = 1;
+    send_head(p);
+}
+
+void mg_proxy_on_body(mg_req_t *r, const char *data, size_t n)
+{
+    mg_proxy_t *p = r->proxy;
+    if (!p || p->resp_complete || n == 0)
+        return;
+    if (r->chunked) {
+        char *size = mg_arena_alloc(r->arena, 24);
+        int len = snprintf(size, 24, "%zx\r\n", n);
+        uv_buf_t b[3] = { uv_buf_init(size, (unsigned)len),
+                          uv_buf_init((char *)data, (unsigned)n),
+                          uv_buf_init("\r\n", 2) };
+        up_write(p, b, 3, 1);
+    } else {
+        uv_buf_t b = uv_buf_init((char *)data, (unsigned)n);
+        up_write(p, &b, 1, 1);
+    }
+}
+
+void mg_proxy_on_body_end(mg_req_t *r)
+{
+    mg_proxy_t *p = r->proxy;
+    if (!p)
+        return;
+    p->body_end = 1;
+    if (r->chunked && p->head_sent && !p->resp_complete) {
+        uv_buf_t b = uv_buf_init("0\r\n\r\n", 5);
+        up_write(p, &b, 1, 0);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Response: parse the upstream, stream to the client                 */
+
+static void on_up_timeout(uv_timer_t *t)
+{
+    mg_upconn_t *uc = t->data;
+    mg_proxy_t *p = uc->owner;
+    if (!p || p->dead || !p->r)
+        return;
+    fail(p, 504, "read timeout");
+}
+
+static void up_timer(mg_proxy_t *p, uint64_t ms)
+{
+    uv_timer_start(&p->uc->timer, on_up_timeout, ms, 0);
+}
+
+static void on_client_write(void *arg, int status)
+{
+    mg_proxy_t *p = arg;
+    p->client_writes--;
+    if (p->dead || !p->r || status < 0)
+        return;
+    if (p->client_writes == 0) {
+        if (p->resp_complete)
+            finish(p);
+        else
+            up_read_start(p);
+    }
+}
+
+static void client_write(mg_proxy_t *p, const uv_buf_t *b, unsigned n)
+{
+    p->client_writes++;
+    mg_conn_write(p->r->conn, b, n, on_client_write, p);
+}
+
+static mg_proxy_t *proxy_of(llhttp_t *parser)
+{
+    return parser->data;
+}
+
+static void extend(mg_proxy_t *p, span_t *s, const char *at, size_t n)
+{
+    if (s->len == 0)
+        s->off = (uint32_t)(at - p->uc->rbuf);
+    s->len += (uint32_t)n;
+}
+
+static int up_on_message_begin(llhttp_t *parser)
+{
+    mg_proxy_t *p = proxy_of(parser);
+    p->nfields = 0;
+    p->in_field = 0;
+    p->reason = (span_t){ 0, 0 };
+    return 0;
+}
+
+static int up_on_status(llhttp_t *parser, const char *at, size_t n)
+{
+    mg_proxy_t *p = proxy_of(parser);
+    extend(p, &p->reason, at, n);
+    return 0;
+}
+
+static int up_on_header_field(llhttp_t *parser, const char *at, size_t n)
+{
+    mg_proxy_t *p = proxy_of(parser);
+    if (!p->in_field) {
+        if (p->nfields == UP_MAX_FIELDS)
+            return HPE_USER;
+        memset(p->fields[p->nfields++], 0, sizeof(p->fields[0]));
+        p->in_field = 1;
+    }
+    extend(p, &p->fields[p->nfields - 1][0], at, n);
+    return 0;
+}
+
+static int up_on_header_value(llhttp_t *parser, const char *at, size_t n)
+{
+    mg_proxy_t *p = proxy_of(parser);
+    p->in_field = 0;
+    extend(p, &p->fields[p->nfields - 1][1], at, n);
+    return 0;
+}
+
+static int up_on_header_value_complete(llhttp_t *parser)
+{
+    proxy_of(parser)->in_field = 0;
+    return 0;
+}
+
+static mg_str_t field(mg_proxy_t *p, unsigned i, int v)
+{
+    span_t s = p->fields[i][v];
+    mg_str_t out = { p->uc->rbuf + s.off, s.len };
+    while (out.len && (out.p[out.len - 1] == ' ' || out.p[out.len - 1] == '\t'))
+        out.len--;
+    return out;
+}
+
+static int field_listed_in_connection(mg_proxy_t *p, mg_str_t name)
+{
+    for (unsigned i = 0; i < p->nfields; i++)
+        if (mg_str_caseeq(field(p, i, 0), MG_STR("connection"))
+            && token_listed(field(p, i, 1), name))
+            return 1;
+    return 0;
+}
+
+/* Writes the client's response head. Returns llhttp's "skip body" hint. */
+static int up_on_headers_complete(llhttp_t *parser)
+{
+    mg_proxy_t *p = proxy_of(parser);
+    mg_req_t *r = p->r;
+    int status = parser->status_code;
+    if (status >= 100 && status < 200) {
+        if (status == 101)
+            return -1; /* upgrades are not supported yet: 502 */
+        p->interim = 1; /* 100/103: dropped, the final response follows */
+        return 0;
+    }
+    p->interim = 0;
+    p->status = status;
+    int head = r->method == HTTP_HEAD;
+    int no_body = head || status == 204 || status == 304;
+    mg_str_t length = MG_NULL_STR;
+    size_t cap = 256 + r->request_id.len + p->reason.len;
+    for (unsigned i = 0; i < p->nfields; i++)
+        cap += p->fields[i][0].len + p->fields[i][1].len + 4;
+    char *out = mg_arena_alloc(r->arena, cap), *w = out;
+    mg_str_t reason = { p->uc->rbuf + p->reason.off, p->reason.len };
+    w += sprintf(w, "HTTP/1.%d %d ", r->http_minor ? 1 : 0, status);
+    append_str(&w, reason.len ? reason
+                              : mg_str_from_cstr(mg_http_reason(status)));
+    APPEND_LIT(&w, "\r\n");
+    for (unsigned i = 0; i < p->nfields; i++) {
+        mg_str_t name = field(p, i, 0), value = field(p, i, 1);
+        if (mg_str_caseeq(name, MG_STR("content-length")))
+            length = value;
+        if (is_hop_by_hop(name) || field_listed_in_connection(p, name)
+            || mg_str_caseeq(name, MG_STR("x-request-id")))
+            continue;
+        append_str(&w, name);
+        APPEND_LIT(&w, ": ");
+        append_str(&w, value);
+        APPEND_LIT(&w, "\r\n");
+    }
+    APPEND_LIT(&w, "X-Request-Id: ");
+    append_str(&w, r->request_id);
+    APPEND_LIT(&w, "\r\n");
+    int has_length = (parser->flags & F_CONTENT_LENGTH) != 0;
+    if (length.len && (has_length || head)) {
+        APPEND_LIT(&w, "Content-Length: ");
+        append_str(&w, length);
+        APPEND_LIT(&w, "\r\n");
+    } else if (!no_body) {
+        if (r->http_minor == 1) {
+            p->chunk_client = 1;
+            APPEND_LIT(&w, "Transfer-Encoding: chunked\r\n");
+        } else {
+            mg_conn_set_close(r->conn); /* HTTP/1.0: the end is the close */
+        }
+    }
+    if (mg_conn_should_close(r))
+        APPEND_LIT(&w, "Connection: close\r\n");
+    else if (r->http_minor == 0)
+        APPEND_LIT(&w, "Connection: keep-alive\r\n");
+    APPEND_LIT(&w, "\r\n");
+    r->response_started = 1;
+    uv_buf_t b = uv_buf_init(out, (unsigned)(w - out));
+    client_write(p, &b, 1);
+    return head ? 1 : 0;
+}
+
+static int up_on_body(llhttp_t *parser, const char *at, size_t n)
+{
+    mg_proxy_t *p = proxy_of(parser);
+    if (p->chunk_client) {
+        char *size = mg_arena_alloc(p->r->arena, 24);
+        int len = snprintf(size, 24, "%zx\r\n", n);
+        uv_buf_t b[3] = { uv_buf_init(size, (unsigned)len),
+                          uv_buf_init((char *)at, (unsigned)n),
+                          uv_buf_init("\r\n", 2) };
+        client_write(p, b, 3);
+    } else {
+        uv_buf_t b = uv_buf_init((char *)at, (unsigned)n);
+        client_write(p, &b, 1);
+    }
+    return 0;
+}
+
+static int up_on_message_complete(llhttp_t *parser)
+{
+    mg_proxy_t *p = proxy_of(parser);
+    if (p->interim)
+        return 0;
+    p->resp_complete = 1;
+    p->up_keepalive = llhttp_should_keep_alive(parser) ? 1 : 0;
+    if (p->chunk_client) {
+        uv_buf_t b = uv_buf_init("0\r\n\r\n", 5);
+        client_write(p, &b, 1);
+    }
+    return HPE_PAUSED;
+}
+
+/*
+ * The response is complete and every write borrowing the upstream buffer
+ * is done: the upstream connection goes back to the pool when it is clean,
+ * and the client connection is told the response is over.
+ */
+static void finish(mg_proxy_t *p)
+{
+    mg_req_t *r = p->r;
+    mg_upconn_t *uc = p->uc;
+    int reusable = p->up_keepalive && p->body_end && p->up_writes == 0
+                   && p->pos == p->len;
+    r->proxy = NULL;
+    p->upstream->inflight--;
+    p->counted = 0;
+    uv_timer_stop(&uc->timer);
+    uv_read_stop((uv_stream_t *)&uc->tcp);
+    if (reusable) {
+        const mg_upstream_conf_t *uconf = p->upstream->conf;
+        uc->on_close = NULL;
+        mg_upconn_release(uc, uconf->keepalive_max_idle,
+                          uconf->keepalive_idle_ms);
+        free(p);
+    } else {
+        p->dead = 1;
+        p->r = NULL;
+        mg_upconn_close(uc);
+    }
+    mg_conn_response_done(r);
+}
+
+/* Retries once on a fresh connection: a pooled connection the upstream
+ * closed before answering an idempotent request without a body. */
+static int retry(mg_proxy_t *p)
+{
+    mg_req_t *r = p->r;
+    if (p->retried || !p->uc->reused || p->resp_bytes || !idempotent(r->method)
+        || r->chunked || r->content_length > 0)
+        return 0;
+    p->retried = 1;
+    mg_upconn_t *old = p->uc;
+    old->owner = NULL;
+    old->on_close = NULL;
+    mg_upconn_close(old);
+    p->uc = NULL;
+    p->len = p->pos = 0;
+    p->head_sent = p->connected = p->reading = 0;
+    int rc = mg_upconn_get(p->target, p, p->route->timeouts.connect_ms,
+                           on_connect, &p->uc);
+    if (rc == 0 || rc == MG_AGAIN) {
+        p->uc->on_close = on_uc_closed;
+        if (rc == 0)
+            on_connect(p->uc, 0);
+        return 1;
+    }
+    p->uc = NULL;
+    fail(p, 502, mg_strerror(rc));
+    return 1;
+}
+
+static void parse_response(mg_proxy_t *p)
+{
+    llhttp_errno_t err = llhttp_execute(&p->parser, p->uc->rbuf + p->pos,
+                                        p->len - p->pos);
+    if (p->dead)
+        return;
+    if (err == HPE_OK) {
+        p->pos = p->len;
+    } else if (err == HPE_PAUSED) {
+        p->pos = (size_t)(llhttp_get_error_pos(&p->parser) - p->uc->rbuf);
+    } else {
+        fail(p, 502, "invalid response");
+        return;
+    }
+    if (p->resp_complete) {
+        if (p->client_writes == 0)
+            finish(p);
+        return;
+    }
+    if (p->client_writes > 0) {
+        /* The client's writes borrow our buffer: wait for them. */
+        uv_read_stop((uv_stream_t *)&p->uc->tcp);
+        p->reading = 0;
+        uv_timer_stop(&p->uc->timer);
+    } else if (p->pos == p->len && p->status) {
+        p->len = p->pos = 0; /* head done and body passed on: reuse */
+    }
+}
+
+static void on_up_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
+{
+    mg_upconn_t *uc = h->data;
+    mg_proxy_t *p = uc->owner;
+    if (uc->rcap - p->len < 1024 && uc->rcap < UP_MAX_HEAD) {
+        uc->rcap = uc->rcap * 2 > UP_MAX_HEAD ? UP_MAX_HEAD : uc->rcap * 2;
+        uc->rbuf = mg_realloc(uc->rbuf, uc->rcap);
+    }
+    *b = uv_buf_init(uc->rbuf + p->len, (unsigned)(uc->rcap - p->len));
+}
+
+static void on_up_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
+{
+    mg_upconn_t *uc = s->data;
+    mg_proxy_t *p = uc->owner;
+    if (nread == 0 || !p || p->dead)
+        return;
+    if (nread < 0) {
+        if (nread == UV_EOF && p->resp_bytes
+            && llhttp_finish(&p->parser) == HPE_OK && p->resp_complete) {
+            p->up_keepalive = 0;
+            if (p->client_writes == 0)
+                finish(p);
+            return;
+        }
+        if (!retry(p))
+            fail(p, 502, nread == UV_EOF ? "connection closed"
+                                         : uv_strerror((int)nread));
+        return;
+    }
+    p->resp_bytes = 1;
+    p->len += (size_t)nread;
+    if (!p->status && p->len == uc->rcap && uc->rcap >= UP_MAX_HEAD) {
+        fail(p, 502, "response head too large");
+        return;
+    }
+    up_timer(p, p->route->timeouts.read_ms);
+    parse_response(p);
+}
+
+static void up_read_start(mg_proxy_t *p)
+{
+    if (p->reading || p->dead)
+        return;
+    if (!p->parser.data) {
+        if (!up_settings.on_headers_complete) {
+            llhttp_settings_init(&up_settings);
+            up_settings.on_message_begin = up_on_message_begin;
+            up_settings.on_status = up_on_status;
+            up_settings.on_header_field = up_on_header_field;
+            up_settings.on_header_value = up_on_header_value;
+            up_settings.on_header_value_complete = up_on_header_value_complete;
+            up_settings.on_headers_complete = up_on_headers_complete;
+            up_settings.on_body = up_on_body;
+            up_settings.on_message_complete = up_on_message_complete;
+        }
+        llhttp_init(&p->parser, HTTP_RESPONSE, &up_settings);
+        p->parser.data = p;
+    }
+    /* Bytes already read but not parsed (we paused for the client). */
+    if (p->pos < p->len) {
+        parse_response(p);
+        if (p->dead || p->resp_complete || p->client_writes)
+            return;
+    } else if (p->status) {
+        p->len = p->pos = 0;
+    }
+    p->reading = 1;
+    up_timer(p, p->route->timeouts.read_ms);
+    uv_read_start((uv_stream_t *)&p->uc->tcp, on_up_alloc, on_up_read);
+}

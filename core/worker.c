@@ -1,0 +1,249 @@
+/*
+ * The worker process: accepts on the listening sockets inherited from the
+ * master, serves connections on one libuv loop, swaps config generations on
+ * SIGHUP, and drains on SIGTERM/SIGINT/SIGQUIT. Everything the worker owns
+ * hangs off one mg_worker_t on the stack of mg_worker_run: no globals.
+ */
+#include "worker.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/prctl.h>
+#include <sys/random.h>
+#include <unistd.h>
+
+#include "generation.h"
+#include "log.h"
+#include "upstream.h"
+
+struct mg_worker_s {
+    uv_loop_t loop;
+    mg_worker_opts_t opts;
+    uv_tcp_t *listeners;
+    uv_signal_t sig_reload, sig_term, sig_int, sig_quit;
+    uv_timer_t drain_timer;
+    mg_gen_t *gen;
+    unsigned next_gen_id;
+    mg_conn_list_t conns;
+    mg_target_t **targets;      /* every target any generation used */
+    size_t ntargets;
+    int draining;
+    int shut;
+    uint64_t rng[2];
+};
+
+mg_gen_t *mg_worker_gen(mg_worker_t *w)
+{
+    return w->gen;
+}
+
+uv_loop_t *mg_worker_loop(mg_worker_t *w)
+{
+    return &w->loop;
+}
+
+int mg_worker_draining(const mg_worker_t *w)
+{
+    return w->draining;
+}
+
+mg_conn_list_t *mg_worker_conns(mg_worker_t *w)
+{
+    return &w->conns;
+}
+
+/* xorshift128+: request ids need uniqueness, not secrecy. */
+static uint64_t next_random(mg_worker_t *w)
+{
+    uint64_t s1 = w->rng[0];
+    const uint64_t s0 = w->rng[1];
+    w->rng[0] = s0;
+    s1 ^= s1 << 23;
+    w->rng[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26);
+    return w->rng[1] + s0;
+}
+
+void mg_worker_request_id(mg_worker_t *w, char out[33])
+{
+    static const char hex[] = "0123456789abcdef";
+    uint64_t a = next_random(w), b = next_random(w);
+    for (int i = 0; i < 16; i++) {
+        out[i] = hex[(a >> (i * 4)) & 15];
+        out[16 + i] = hex[(b >> (i * 4)) & 15];
+    }
+    out[32] = '\0';
+}
+
+mg_target_t *mg_worker_target(mg_worker_t *w, const mg_target_conf_t *tc)
+{
+    for (size_t i = 0; i < w->ntargets; i++)
+        if (mg_target_matches(w->targets[i], tc))
+            return w->targets[i];
+    w->targets = mg_realloc(w->targets, (w->ntargets + 1) * sizeof(*w->targets));
+    w->targets[w->ntargets] = mg_target_new(&w->loop, tc);
+    return w->targets[w->ntargets++];
+}
+
+/* ------------------------------------------------------------------ */
+
+static void on_connection(uv_stream_t *server, int status)
+{
+    mg_worker_t *w = server->data;
+    if (status < 0) {
+        mg_log_error("accept: %s", uv_strerror(status));
+        return;
+    }
+    if (w->draining)
+        return;
+    mg_http1_accept(w, server);
+}
+
+static void reload(mg_worker_t *w)
+{
+    char err[4096];
+    mg_config_t *cfg;
+    if (mg_config_load(w->opts.config_path, &cfg, err, sizeof(err))) {
+        mg_log_error("reload refused, generation %u keeps serving:\n%s",
+                     w->gen->id, err);
+        return;
+    }
+    mg_gen_t *g = mg_gen_new(w, cfg, w->next_gen_id, err, sizeof(err));
+    if (!g) {
+        mg_log_error("reload refused, generation %u keeps serving: %s",
+                     w->gen->id, err);
+        return;
+    }
+    w->next_gen_id++;
+    mg_gen_t *old = w->gen;
+    w->gen = g;
+    /* Requests in flight keep their own references to the old one. */
+    mg_gen_unref(old);
+    mg_log_info("generation %u active (%zu routes)", g->id, g->cfg->nroutes);
+}
+
+static void on_close_noop(uv_handle_t *h)
+{
+    (void)h;
+}
+
+/* Closes what keeps the loop alive once no connection is left. */
+static void shutdown_worker(mg_worker_t *w)
+{
+    if (w->shut)
+        return;
+    w->shut = 1;
+    uv_close((uv_handle_t *)&w->sig_reload, on_close_noop);
+    uv_close((uv_handle_t *)&w->sig_term, on_close_noop);
+    uv_close((uv_handle_t *)&w->sig_int, on_close_noop);
+    uv_close((uv_handle_t *)&w->sig_quit, on_close_noop);
+    uv_close((uv_handle_t *)&w->drain_timer, on_close_noop);
+    for (size_t i = 0; i < w->ntargets; i++)
+        mg_target_free(w->targets[i]);
+    w->ntargets = 0;
+}
+
+static void on_drain_timeout(uv_timer_t *t)
+{
+    mg_worker_t *w = t->data;
+    mg_log_warn("drain timeout: closing %u connections", w->conns.count);
+    while (w->conns.head)
+        mg_conn_abort(w->conns.head);
+}
+
+static void drain(mg_worker_t *w)
+{
+    if (w->draining)
+        return;
+    w->draining = 1;
+    mg_log_info("draining %u connections", w->conns.count);
+    for (size_t i = 0; i < w->opts.nlisten; i++)
+        uv_close((uv_handle_t *)&w->listeners[i], on_close_noop);
+    mg_http1_drain_all(w);
+    uv_timer_start(&w->drain_timer, on_drain_timeout,
+                   w->gen->cfg->limits.drain_timeout_ms, 0);
+    if (w->conns.count == 0)
+        shutdown_worker(w);
+}
+
+void mg_worker_conn_closed(mg_worker_t *w)
+{
+    w->conns.count--;
+    if (w->draining && w->conns.count == 0)
+        shutdown_worker(w);
+}
+
+static void on_signal(uv_signal_t *s, int signum)
+{
+    mg_worker_t *w = s->data;
+    if (signum == SIGHUP)
+        reload(w);
+    else
+        drain(w);
+}
+
+static int listen_all(mg_worker_t *w)
+{
+    w->listeners = mg_calloc(w->opts.nlisten, sizeof(uv_tcp_t));
+    for (size_t i = 0; i < w->opts.nlisten; i++) {
+        uv_tcp_t *l = &w->listeners[i];
+        uv_tcp_init(&w->loop, l);
+        l->data = w;
+        int rc = uv_tcp_open(l, w->opts.listen_fds[i]);
+        if (rc == 0)
+            rc = uv_listen((uv_stream_t *)l, 511, on_connection);
+        if (rc < 0) {
+            mg_log_error("listen: %s", uv_strerror(rc));
+            return rc;
+        }
+    }
+    return 0;
+}
+
+static void start_signal(mg_worker_t *w, uv_signal_t *s, int signum)
+{
+    uv_signal_init(&w->loop, s);
+    s->data = w;
+    uv_signal_start(s, on_signal, signum);
+}
+
+int mg_worker_run(const mg_worker_opts_t *opts, mg_config_t *cfg)
+{
+    mg_worker_t w;
+    memset(&w, 0, sizeof(w));
+    w.opts = *opts;
+    char who[32];
+    snprintf(who, sizeof(who), "worker %u", opts->slot);
+    mg_log_set_who(who);
+    prctl(PR_SET_PDEATHSIG, SIGTERM); /* never outlive the master */
+    if (getrandom(w.rng, sizeof(w.rng), 0) != sizeof(w.rng) || !w.rng[0])
+        w.rng[0] = (uint64_t)getpid() * 0x9E3779B97F4A7C15ull + 1;
+    uv_loop_init(&w.loop);
+
+    char err[1024];
+    w.gen = mg_gen_new(&w, cfg, 1, err, sizeof(err));
+    if (!w.gen) {
+        mg_log_error("%s", err);
+        return 1;
+    }
+    w.next_gen_id = 2;
+    start_signal(&w, &w.sig_reload, SIGHUP);
+    start_signal(&w, &w.sig_term, SIGTERM);
+    start_signal(&w, &w.sig_int, SIGINT);
+    start_signal(&w, &w.sig_quit, SIGQUIT);
+    uv_timer_init(&w.loop, &w.drain_timer);
+    w.drain_timer.data = &w;
+    if (listen_all(&w) < 0)
+        return 1;
+    mg_log_info("generation 1 active (%zu routes)", w.gen->cfg->nroutes);
+
+    uv_run(&w.loop, UV_RUN_DEFAULT);
+
+    mg_gen_unref(w.gen);
+    free(w.targets);
+    free(w.listeners);
+    int rc = uv_loop_close(&w.loop);
+    if (rc)
+        mg_log_error("loop closed with live handles: %s", uv_strerror(rc));
+    mg_log_info("exiting");
+    return 0;
+}

@@ -1,0 +1,68 @@
+/*
+ * A worker process: one libuv loop, the listening sockets inherited from the
+ * master, the client connections, the upstream connection pools, and the
+ * current config generation. Reload swaps the generation in place; the
+ * connections and pools stay.
+ */
+#ifndef MG_WORKER_H
+#define MG_WORKER_H
+
+#include <uv.h>
+
+#include "config.h"
+#include "http.h"
+
+typedef struct mg_target_s mg_target_t;
+
+typedef struct {
+    int *listen_fds;     /* borrowed from the master, one per listener */
+    size_t nlisten;
+    unsigned slot;       /* 1-based worker number, for logs */
+    const char *config_path; /* re-read on reload */
+} mg_worker_opts_t;
+
+/*
+ * Runs a worker until it is told to stop and has drained. Takes ownership
+ * of `cfg` (the config the master validated before forking). Returns the
+ * process exit status. Never returns in the master.
+ */
+int mg_worker_run(const mg_worker_opts_t *opts, mg_config_t *cfg);
+
+/* The generation new requests start on (borrowed; take a ref to keep). */
+mg_gen_t *mg_worker_gen(mg_worker_t *w);
+
+uv_loop_t *mg_worker_loop(mg_worker_t *w);
+
+/* True once the worker is stopping: responses carry Connection: close. */
+int mg_worker_draining(const mg_worker_t *w);
+
+/* Writes a fresh 32-hex-digit request id and a NUL into out. */
+void mg_worker_request_id(mg_worker_t *w, char out[33]);
+
+/* The worker's client connections, maintained by http1.c. */
+typedef struct {
+    mg_conn_t *head;
+    unsigned count;
+} mg_conn_list_t;
+
+mg_conn_list_t *mg_worker_conns(mg_worker_t *w);
+
+/* Bookkeeping from http1.c: a client connection was closed and freed. */
+void mg_worker_conn_closed(mg_worker_t *w);
+
+/*
+ * The pooled target for an address, created on first use and kept for the
+ * worker's life so a reload keeps warm upstream connections.
+ */
+mg_target_t *mg_worker_target(mg_worker_t *w, const mg_target_conf_t *tc);
+
+/* --- http1.c, called by the worker ------------------------------------- */
+
+/* Accepts one connection from `server` and starts serving it. */
+void mg_http1_accept(mg_worker_t *w, uv_stream_t *server);
+
+/* Asks every connection to finish: idle ones close now, busy ones after
+ * their current response (with Connection: close). */
+void mg_http1_drain_all(mg_worker_t *w);
+
+#endif
