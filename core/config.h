@@ -107,8 +107,8 @@ struct mg_config_s {
  * global `env(name[, default])` returning the environment variable. On
  * success *out owns a new config (free with mg_config_free) and 0 is
  * returned. On failure returns MG_ECONFIG and writes every error found, one
- * per line ("FILE: routes[2] \"/users/*\": upstream: no upstream named
- * \"user\""), into err (truncated to errlen, always NUL-terminated).
+ * per line ("FILE: routes[2] \"/users/{id}\": upstream: no upstream
+ * named \"user\""), into err (truncated to errlen, always NUL-terminated).
  * May block (file read, name resolution): master or start-up only, or a
  * worker's reload, never inside a request.
  */

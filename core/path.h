@@ -18,13 +18,18 @@
  *   - runs of '/' collapse to one;
  *   - "." and ".." segments are removed (RFC 3986 section 5.2.4), including
  *     ones that only appear after decoding ("%2e%2e").
- * Refused with MG_EBADPATH: no leading '/', an invalid or truncated escape,
- * an escaped '/' ("%2F"), '\\' ("%5C") or NUL ("%00"), a raw '\\', a raw
- * control byte or space, and any ".." that would climb above the root.
- * A trailing slash is kept ("/a/b/" stays "/a/b/"; "/a/b/." becomes "/a/b/").
+ * Refused with MG_EBADPATH: an empty path or no leading '/', an invalid or
+ * truncated escape ("%", "%4", "%G1"), an escaped '/' ("%2F"), '\\' ("%5C")
+ * or NUL ("%00"), a raw '\\', a raw byte outside visible ASCII (controls,
+ * space, DEL and every byte >= 0x80: clients must percent-encode them), and
+ * any ".." that would climb above the root ("/..", "/a/../..").
+ * A trailing slash is kept ("/a/b/" stays "/a/b/"; "/a/b/." and "/a/b/c/.."
+ * become "/a/b/"); "/a/b" never gains one.
  *
- * `out` must have room for `len` bytes (the result is never longer). On
- * success writes the result to out, its length to *out_len and returns 0.
+ * `out` must have room for `len` bytes (the result is never longer); it may
+ * be `in` itself (in-place), but must not otherwise overlap it. On success
+ * writes the result to out, its length to *out_len and returns 0; on
+ * MG_EBADPATH the contents of out are unspecified and *out_len is untouched.
  */
 int mg_path_normalize(const char *in, size_t len, char *out, size_t *out_len);
 
