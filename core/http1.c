@@ -48,7 +48,7 @@ typedef struct {
 } hspan_t;
 
 typedef struct {
-    uv_write_t req;
+    mg_wreq_t wr;
     mg_conn_t *conn;
     mg_write_cb cb;
     void *arg;
@@ -74,6 +74,8 @@ struct mg_conn_s {
     unsigned close_after : 1;   /* close once the response is written */
     unsigned closing : 1;
     unsigned reading : 1;
+    unsigned eof : 1;           /* the client will send nothing more */
+    unsigned send_timer : 1;    /* the timer is the send timeout */
     unsigned parsing : 1;
     unsigned stop_parse : 1;    /* a callback ended the request */
     unsigned saw_http : 1;      /* request line had " HTTP/1.x" */
@@ -149,13 +151,14 @@ static void on_timeout(uv_timer_t *t)
 
 static void arm_timer(mg_conn_t *c, uint64_t ms)
 {
+    c->send_timer = 0;
     uv_timer_start(&c->timer, on_timeout, ms, 0);
 }
 
 /* ------------------------------------------------------------------ */
 /* Writing                                                            */
 
-static void on_write(uv_write_t *wr, int status)
+static void on_write(mg_wreq_t *wr, int status)
 {
     wreq_t *q = (wreq_t *)wr;
     mg_conn_t *c = q->conn;
@@ -173,12 +176,15 @@ static void on_write(uv_write_t *wr, int status)
         return;
     if (c->writes == 0) {
         c->write_bytes = 0;
-        if (c->state == C_DONE || c->state == C_BODY || c->state == C_GATED)
+        if (c->send_timer) {
+            c->send_timer = 0;
             uv_timer_stop(&c->timer);
+        }
         if (c->active && c->resp_done)
             finish_request(c);
-    } else {
-        arm_timer(c, SEND_TIMEOUT_MS);
+    } else if (c->send_timer) {
+        arm_timer(c, SEND_TIMEOUT_MS); /* progress: a fresh minute */
+        c->send_timer = 1;
     }
 }
 
@@ -199,17 +205,11 @@ void mg_conn_write(mg_conn_t *c, const uv_buf_t *bufs, unsigned n,
     for (unsigned i = 0; i < n; i++)
         c->write_bytes += bufs[i].len;
     c->writes++;
-    int rc = uv_write(&q->req, (uv_stream_t *)&c->tcp, bufs, n, on_write);
-    if (rc < 0) {
-        c->writes--;
-        free(q);
-        if (cb)
-            cb(arg, rc);
-        conn_close(c);
-        return;
-    }
-    if (c->state != C_BODY)
+    mg_worker_write(c->w, (uv_stream_t *)&c->tcp, &q->wr, bufs, n, on_write);
+    if (c->tcp.write_queue_size > 0 && c->state != C_BODY) {
         arm_timer(c, SEND_TIMEOUT_MS);
+        c->send_timer = 1;
+    }
 }
 
 size_t mg_conn_write_queue_size(const mg_conn_t *c)
@@ -560,8 +560,11 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
             c->cap = cap;
         }
     }
+    /* A zero-length buffer makes libuv report UV_ENOBUFS: see on_read. */
     *b = uv_buf_init(c->buf + c->len, (unsigned)(c->cap - c->len));
 }
+
+static void read_stop(mg_conn_t *c);
 
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 {
@@ -571,9 +574,22 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
     if (c->state == C_LINGER) {
         if (nread < 0)
             conn_close(c);
-        return; /* discard */
+        else
+            c->len = 0; /* discard */
+        return;
+    }
+    if (nread == UV_ENOBUFS) {
+        read_stop(c); /* full; advance() reads again when there is room */
+        return;
     }
     if (nread < 0) {
+        if (nread == UV_EOF && c->state == C_DONE) {
+            /* A half-close after a whole request: answer, then close. */
+            c->eof = 1;
+            c->close_after = 1;
+            read_stop(c);
+            return;
+        }
         conn_close(c);
         return;
     }
@@ -585,10 +601,21 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 
 static void read_start(mg_conn_t *c)
 {
-    if (!c->reading && !c->closing) {
+    if (!c->reading && !c->closing && !c->eof) {
         c->reading = 1;
         uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
     }
+}
+
+/* Reads whenever the buffer has room: while a request waits for its
+ * response, pipelined bytes (and an EOF) are taken without an epoll change
+ * per request. */
+static void keep_reading(mg_conn_t *c)
+{
+    if (c->len < c->cap || c->state <= C_HEAD)
+        read_start(c);
+    else
+        read_stop(c);
 }
 
 static void read_stop(mg_conn_t *c)
@@ -659,29 +686,28 @@ static void advance(mg_conn_t *c)
                 c->state = C_DONE;
                 continue;
             }
-            read_start(c);
+            keep_reading(c);
             return;
         case C_GATED:
-            read_stop(c);
+            keep_reading(c);
             return;
         case C_BODY:
-            if (c->holds) {
-                read_stop(c);
-                return;
-            }
             if (c->pos < c->len) {
                 parse(c);
                 continue;
             }
-            /* Everything parsed and written on: the head was copied out
-             * at headers-complete, so the whole buffer is free again. */
-            c->len = c->pos = 0;
-            read_start(c);
+            /* Everything parsed; once nothing borrows the bytes (the head
+             * was copied out at headers-complete) the buffer is free. */
+            if (c->holds == 0)
+                c->len = c->pos = 0;
+            keep_reading(c);
             return;
         case C_DONE:
-            read_stop(c);
-            if (c->active && c->resp_done && c->writes == 0)
+            if (c->active && c->resp_done && c->writes == 0) {
                 finish_request(c);
+                return;
+            }
+            keep_reading(c);
             return;
         case C_LINGER:
             return;

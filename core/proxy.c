@@ -44,7 +44,10 @@ struct mg_proxy_s {
     mg_upconn_t *uc;
     llhttp_t parser;
     uv_buf_t head;             /* request head for the upstream (arena) */
-    size_t len, pos;           /* upstream read buffer fill / parsed */
+    uv_buf_t client_head;      /* response head not yet written: it goes
+                                  out with the first body bytes, in one
+                                  write(2) */
+    size_t pos;                /* parsed up to, in uc->rbuf */
     unsigned up_writes;        /* writes queued on the upstream conn */
     unsigned client_writes;    /* writes to the client borrowing uc->rbuf */
     unsigned nfields;
@@ -60,7 +63,6 @@ struct mg_proxy_s {
     unsigned chunk_client : 1; /* re-chunk the response to the client */
     unsigned up_keepalive : 1;
     unsigned retried : 1;
-    unsigned reading : 1;
     unsigned in_field : 1;
     unsigned interim : 1;      /* current upstream message is a 1xx */
     unsigned counted : 1;      /* counted in upstream->inflight */
@@ -354,6 +356,7 @@ static void split_target(mg_str_t target, mg_str_t *path, mg_str_t *query)
 }
 
 static void on_connect(mg_upconn_t *uc, int status);
+static void attach(mg_proxy_t *p, mg_upconn_t *uc);
 
 void mg_proxy_start(mg_req_t *r)
 {
@@ -391,15 +394,14 @@ void mg_proxy_start(mg_req_t *r)
     p->target = mg_upstream_pick(u);
     build_head(p, upstream_path(r, rt, &m, r->path), query);
 
+    mg_upconn_t *uc;
     int rc = mg_upconn_get(p->target, p, rt->timeouts.connect_ms, on_connect,
-                           &p->uc);
-    if (rc == 0) {
-        p->uc->on_close = on_uc_closed;
-        on_connect(p->uc, 0);
-    } else if (rc == MG_AGAIN) {
-        p->uc->on_close = on_uc_closed;
+                           &uc);
+    if (rc == 0 || rc == MG_AGAIN) {
+        attach(p, uc);
+        if (rc == 0)
+            on_connect(uc, 0);
     } else {
-        p->uc = NULL;
         fail(p, 502, mg_strerror(rc));
     }
 }
@@ -411,13 +413,14 @@ static void up_timer(mg_proxy_t *p, uint64_t ms);
 
 /* A write to the upstream; body writes hold the client's read buffer. */
 typedef struct {
-    uv_write_t req;
+    mg_wreq_t wr;
+    mg_proxy_t *p;
     int body;
 } up_write_t;
 
-static void on_up_write(uv_write_t *wr, int status)
+static void on_up_write(mg_wreq_t *wr, int status)
 {
-    mg_proxy_t *p = wr->data;
+    mg_proxy_t *p = ((up_write_t *)wr)->p;
     int body = ((up_write_t *)wr)->body;
     free(wr);
     p->up_writes--;
@@ -441,18 +444,15 @@ static void up_write(mg_proxy_t *p, const uv_buf_t *bufs, unsigned n,
                      int body)
 {
     up_write_t *wr = mg_malloc(sizeof(*wr));
-    wr->req.data = p;
+    wr->p = p;
     wr->body = body;
     if (body)
         mg_conn_hold(p->r->conn);
     p->up_writes++;
-    int rc = uv_write(&wr->req, (uv_stream_t *)&p->uc->tcp, bufs, n,
-                      on_up_write);
-    if (rc < 0) {
-        on_up_write(&wr->req, rc);
-        return;
-    }
-    up_timer(p, p->route->timeouts.send_ms);
+    mg_worker_write(mg_conn_worker(p->r->conn), (uv_stream_t *)&p->uc->tcp,
+                    &wr->wr, bufs, n, on_up_write);
+    if (p->uc->tcp.write_queue_size > 0)
+        up_timer(p, p->route->timeouts.send_ms);
 }
 
 static void send_head(mg_proxy_t *p)
@@ -537,14 +537,28 @@ static void on_client_write(void *arg, int status)
         if (p->resp_complete)
             finish(p);
         else
-            up_read_start(p);
+            up_read_start(p); /* the buffer is ours again */
     }
 }
 
 static void client_write(mg_proxy_t *p, const uv_buf_t *b, unsigned n)
 {
+    uv_buf_t all[4];
+    if (p->client_head.len) {
+        all[0] = p->client_head;
+        memcpy(all + 1, b, n * sizeof(*b));
+        p->client_head.len = 0;
+        b = all;
+        n++;
+    }
     p->client_writes++;
     mg_conn_write(p->r->conn, b, n, on_client_write, p);
+}
+
+static void flush_client_head(mg_proxy_t *p)
+{
+    if (p->client_head.len)
+        client_write(p, NULL, 0);
 }
 
 static mg_proxy_t *proxy_of(llhttp_t *parser)
@@ -680,8 +694,7 @@ static int up_on_headers_complete(llhttp_t *parser)
         APPEND_LIT(&w, "Connection: keep-alive\r\n");
     APPEND_LIT(&w, "\r\n");
     r->response_started = 1;
-    uv_buf_t b = uv_buf_init(out, (unsigned)(w - out));
-    client_write(p, &b, 1);
+    p->client_head = uv_buf_init(out, (unsigned)(w - out));
     return head ? 1 : 0;
 }
 
@@ -711,7 +724,9 @@ static int up_on_message_complete(llhttp_t *parser)
     p->up_keepalive = llhttp_should_keep_alive(parser) ? 1 : 0;
     if (p->chunk_client) {
         uv_buf_t b = uv_buf_init("0\r\n\r\n", 5);
-        client_write(p, &b, 1);
+        client_write(p, &b, 1); /* with the head, if still pending */
+    } else {
+        flush_client_head(p);
     }
     return HPE_PAUSED;
 }
@@ -726,15 +741,13 @@ static void finish(mg_proxy_t *p)
     mg_req_t *r = p->r;
     mg_upconn_t *uc = p->uc;
     int reusable = p->up_keepalive && p->body_end && p->up_writes == 0
-                   && p->pos == p->len;
+                   && p->pos == uc->rlen;
     r->proxy = NULL;
     p->upstream->inflight--;
     p->counted = 0;
     uv_timer_stop(&uc->timer);
-    uv_read_stop((uv_stream_t *)&uc->tcp);
     if (reusable) {
         const mg_upstream_conf_t *uconf = p->upstream->conf;
-        uc->on_close = NULL;
         mg_upconn_release(uc, uconf->keepalive_max_idle,
                           uconf->keepalive_idle_ms);
         free(p);
@@ -744,6 +757,18 @@ static void finish(mg_proxy_t *p)
         mg_upconn_close(uc);
     }
     mg_conn_response_done(r);
+}
+
+static void on_up_data(mg_upconn_t *uc, ssize_t nread);
+
+/* Attaches the proxy to a connection it got from mg_upconn_get. */
+static void attach(mg_proxy_t *p, mg_upconn_t *uc)
+{
+    p->uc = uc;
+    p->pos = 0;
+    uc->on_close = on_uc_closed;
+    uc->on_read = on_up_data;
+    uc->rmax = UP_MAX_HEAD; /* the response head may grow the buffer */
 }
 
 /* Retries once on a fresh connection: a pooled connection the upstream
@@ -760,66 +785,62 @@ static int retry(mg_proxy_t *p)
     old->on_close = NULL;
     mg_upconn_close(old);
     p->uc = NULL;
-    p->len = p->pos = 0;
-    p->head_sent = p->connected = p->reading = 0;
+    p->head_sent = p->connected = 0;
+    mg_upconn_t *uc;
     int rc = mg_upconn_get(p->target, p, p->route->timeouts.connect_ms,
-                           on_connect, &p->uc);
+                           on_connect, &uc);
     if (rc == 0 || rc == MG_AGAIN) {
-        p->uc->on_close = on_uc_closed;
+        attach(p, uc);
         if (rc == 0)
-            on_connect(p->uc, 0);
+            on_connect(uc, 0);
         return 1;
     }
-    p->uc = NULL;
     fail(p, 502, mg_strerror(rc));
     return 1;
 }
 
+/* Parses what the upstream sent; bytes stay in place while the client's
+ * writes borrow them. */
 static void parse_response(mg_proxy_t *p)
 {
-    llhttp_errno_t err = llhttp_execute(&p->parser, p->uc->rbuf + p->pos,
-                                        p->len - p->pos);
+    mg_upconn_t *uc = p->uc;
+    llhttp_errno_t err = llhttp_execute(&p->parser, uc->rbuf + p->pos,
+                                        uc->rlen - p->pos);
     if (p->dead)
         return;
     if (err == HPE_OK) {
-        p->pos = p->len;
+        p->pos = uc->rlen;
     } else if (err == HPE_PAUSED) {
-        p->pos = (size_t)(llhttp_get_error_pos(&p->parser) - p->uc->rbuf);
+        p->pos = (size_t)(llhttp_get_error_pos(&p->parser) - uc->rbuf);
     } else {
         fail(p, 502, "invalid response");
         return;
     }
+    if (p->status)
+        uc->rmax = uc->rcap; /* head done: borrowed bytes must not move */
+    flush_client_head(p);
     if (p->resp_complete) {
         if (p->client_writes == 0)
             finish(p);
         return;
     }
-    if (p->client_writes > 0) {
-        /* The client's writes borrow our buffer: wait for them. */
-        uv_read_stop((uv_stream_t *)&p->uc->tcp);
-        p->reading = 0;
-        uv_timer_stop(&p->uc->timer);
-    } else if (p->pos == p->len && p->status) {
-        p->len = p->pos = 0; /* head done and body passed on: reuse */
+    if (p->client_writes == 0 && p->pos == uc->rlen && p->status) {
+        uc->rlen = p->pos = 0; /* all passed on: reuse the buffer */
+    } else if (uc->rlen == uc->rcap) {
+        if (!p->status) {
+            fail(p, 502, "response head too large");
+            return;
+        }
+        /* Full of bytes the client has yet to take: wait for it. */
+        mg_upconn_read_pause(uc);
+        uv_timer_stop(&uc->timer);
     }
 }
 
-static void on_up_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
+static void on_up_data(mg_upconn_t *uc, ssize_t nread)
 {
-    mg_upconn_t *uc = h->data;
     mg_proxy_t *p = uc->owner;
-    if (uc->rcap - p->len < 1024 && uc->rcap < UP_MAX_HEAD) {
-        uc->rcap = uc->rcap * 2 > UP_MAX_HEAD ? UP_MAX_HEAD : uc->rcap * 2;
-        uc->rbuf = mg_realloc(uc->rbuf, uc->rcap);
-    }
-    *b = uv_buf_init(uc->rbuf + p->len, (unsigned)(uc->rcap - p->len));
-}
-
-static void on_up_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
-{
-    mg_upconn_t *uc = s->data;
-    mg_proxy_t *p = uc->owner;
-    if (nread == 0 || !p || p->dead)
+    if (!p || p->dead)
         return;
     if (nread < 0) {
         if (nread == UV_EOF && p->resp_bytes
@@ -829,24 +850,26 @@ static void on_up_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
                 finish(p);
             return;
         }
+        if (p->resp_bytes && p->r->response_started) {
+            fail(p, 502, "upstream closed mid-response");
+            return;
+        }
         if (!retry(p))
             fail(p, 502, nread == UV_EOF ? "connection closed"
                                          : uv_strerror((int)nread));
         return;
     }
     p->resp_bytes = 1;
-    p->len += (size_t)nread;
-    if (!p->status && p->len == uc->rcap && uc->rcap >= UP_MAX_HEAD) {
-        fail(p, 502, "response head too large");
-        return;
-    }
+    if (!p->head_sent)
+        return; /* nothing asked yet: dropped with the connection later */
     up_timer(p, p->route->timeouts.read_ms);
     parse_response(p);
 }
 
+/* Starts (or, after the client caught up, resumes) taking the response. */
 static void up_read_start(mg_proxy_t *p)
 {
-    if (p->reading || p->dead)
+    if (p->dead)
         return;
     if (!p->parser.data) {
         if (!up_settings.on_headers_complete) {
@@ -863,15 +886,14 @@ static void up_read_start(mg_proxy_t *p)
         llhttp_init(&p->parser, HTTP_RESPONSE, &up_settings);
         p->parser.data = p;
     }
-    /* Bytes already read but not parsed (we paused for the client). */
-    if (p->pos < p->len) {
-        parse_response(p);
+    mg_upconn_t *uc = p->uc;
+    if (p->pos < uc->rlen) {
+        parse_response(p);  /* read while the client was busy */
         if (p->dead || p->resp_complete || p->client_writes)
             return;
     } else if (p->status) {
-        p->len = p->pos = 0;
+        uc->rlen = p->pos = 0;
     }
-    p->reading = 1;
     up_timer(p, p->route->timeouts.read_ms);
-    uv_read_start((uv_stream_t *)&p->uc->tcp, on_up_alloc, on_up_read);
+    mg_upconn_read_resume(uc);
 }

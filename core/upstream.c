@@ -98,6 +98,51 @@ void mg_upconn_close(mg_upconn_t *uc)
     uv_close((uv_handle_t *)&uc->tcp, on_tcp_closed);
 }
 
+static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
+{
+    mg_upconn_t *uc = h->data;
+    if (uc->rcap - uc->rlen < 1024 && uc->rcap < uc->rmax) {
+        uc->rcap = uc->rcap * 2 > uc->rmax ? uc->rmax : uc->rcap * 2;
+        uc->rbuf = mg_realloc(uc->rbuf, uc->rcap);
+    }
+    *b = uv_buf_init(uc->rbuf + uc->rlen, (unsigned)(uc->rcap - uc->rlen));
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
+{
+    mg_upconn_t *uc = s->data;
+    if (nread == 0 || uc->closing)
+        return;
+    if (nread == UV_ENOBUFS) {
+        mg_upconn_read_pause(uc); /* owner will resume */
+        return;
+    }
+    if (!uc->owner) {
+        /* Pooled: EOF, an error, or bytes nobody asked for. */
+        mg_upconn_close(uc);
+        return;
+    }
+    if (nread > 0)
+        uc->rlen += (size_t)nread;
+    uc->on_read(uc, nread);
+}
+
+void mg_upconn_read_resume(mg_upconn_t *uc)
+{
+    if (!uc->reading && !uc->closing) {
+        uc->reading = 1;
+        uv_read_start((uv_stream_t *)&uc->tcp, on_alloc, on_read);
+    }
+}
+
+void mg_upconn_read_pause(mg_upconn_t *uc)
+{
+    if (uc->reading) {
+        uc->reading = 0;
+        uv_read_stop((uv_stream_t *)&uc->tcp);
+    }
+}
+
 static void on_connect_timeout(uv_timer_t *t)
 {
     mg_upconn_t *uc = t->data;
@@ -120,6 +165,7 @@ static void on_connected(uv_connect_t *req, int status)
         mg_upconn_close(uc);
     } else {
         uv_tcp_nodelay(&uc->tcp, 1);
+        mg_upconn_read_resume(uc);
     }
     cb(uc, status);
 }
@@ -130,7 +176,6 @@ int mg_upconn_get(mg_target_t *t, void *owner, uint64_t connect_ms,
     if (t->idle) {
         mg_upconn_t *uc = t->idle;
         unlink_idle(uc);
-        uv_read_stop((uv_stream_t *)&uc->tcp);
         uv_timer_stop(&uc->timer);
         uc->owner = owner;
         uc->reused = 1;
@@ -140,7 +185,7 @@ int mg_upconn_get(mg_target_t *t, void *owner, uint64_t connect_ms,
     mg_upconn_t *uc = mg_calloc(1, sizeof(*uc));
     uc->target = t;
     uc->owner = owner;
-    uc->rcap = UC_READ_CHUNK;
+    uc->rcap = uc->rmax = UC_READ_CHUNK;
     uc->rbuf = mg_malloc(uc->rcap);
     uv_tcp_init(t->loop, &uc->tcp);
     uv_timer_init(t->loop, &uc->timer);
@@ -157,19 +202,6 @@ int mg_upconn_get(mg_target_t *t, void *owner, uint64_t connect_ms,
     return MG_AGAIN;
 }
 
-static void on_idle_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
-{
-    mg_upconn_t *uc = h->data;
-    *b = uv_buf_init(uc->rbuf, (unsigned)uc->rcap);
-}
-
-static void on_idle_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
-{
-    /* EOF, an error, or bytes nobody asked for: unusable either way. */
-    if (nread != 0)
-        mg_upconn_close(s->data);
-}
-
 static void on_idle_timeout(uv_timer_t *t)
 {
     mg_upconn_close(t->data);
@@ -180,6 +212,9 @@ void mg_upconn_release(mg_upconn_t *uc, unsigned max_idle, uint64_t idle_ms)
     mg_target_t *t = uc->target;
     uc->owner = NULL;
     uc->on_close = NULL;
+    uc->on_read = NULL;
+    uc->rlen = 0;
+    uc->rmax = uc->rcap;
     if (uc->closing)
         return;
     if (t->nidle >= max_idle || idle_ms == 0) {
@@ -193,5 +228,5 @@ void mg_upconn_release(mg_upconn_t *uc, unsigned max_idle, uint64_t idle_ms)
     t->idle = uc;
     t->nidle++;
     uv_timer_start(&uc->timer, on_idle_timeout, idle_ms, 0);
-    uv_read_start((uv_stream_t *)&uc->tcp, on_idle_alloc, on_idle_read);
+    mg_upconn_read_resume(uc); /* watch for a close while idle */
 }

@@ -26,11 +26,16 @@ typedef struct {
 
 typedef void (*mg_upconn_connect_cb)(mg_upconn_t *uc, int status);
 
+/* Data arrived (rbuf[rlen - nread .. rlen)), or nread < 0: EOF/error. */
+typedef void (*mg_upconn_read_cb)(mg_upconn_t *uc, ssize_t nread);
+
 /*
- * One TCP connection to a target. While pooled (owner == NULL) the pool
- * watches it for EOF and its idle timeout; while owned, the owner drives
- * reads, writes and the timer. The layout is public so proxy.c can use the
- * libuv handles directly.
+ * One TCP connection to a target. It reads for its whole life, into rbuf
+ * after rlen: while pooled (owner == NULL) any byte or EOF closes it; while
+ * owned, each read goes to on_read. Reading only stops when the owner says
+ * the buffer is full (mg_upconn_read_pause), so a request costs no epoll
+ * changes. The owner drives writes and the timer; the layout is public so
+ * proxy.c can use the libuv handles directly.
  */
 struct mg_upconn_s {
     uv_tcp_t tcp;             /* tcp.data == this */
@@ -44,8 +49,12 @@ struct mg_upconn_s {
     unsigned reused : 1;      /* came from the pool */
     unsigned closing : 1;
     void (*on_close)(mg_upconn_t *uc); /* optional, before the free */
-    char *rbuf;               /* read buffer, grows up to its limit */
-    size_t rcap;
+    mg_upconn_read_cb on_read; /* owner's, while owned */
+    char *rbuf;               /* read buffer */
+    size_t rcap;              /* its size */
+    size_t rlen;              /* bytes in it; the owner resets it */
+    size_t rmax;              /* the owner lets rbuf grow up to this */
+    unsigned reading : 1;
 };
 
 /* Round robin over the upstream's targets. */
@@ -77,6 +86,10 @@ int mg_upconn_get(mg_target_t *t, void *owner, uint64_t connect_ms,
  * beyond that the connection is closed.
  */
 void mg_upconn_release(mg_upconn_t *uc, unsigned max_idle, uint64_t idle_ms);
+
+/* Stops reading (the buffer is full) / starts again. */
+void mg_upconn_read_pause(mg_upconn_t *uc);
+void mg_upconn_read_resume(mg_upconn_t *uc);
 
 /* Closes a connection (owned or not). Safe to call twice. */
 void mg_upconn_close(mg_upconn_t *uc);

@@ -22,6 +22,8 @@ struct mg_worker_s {
     uv_tcp_t *listeners;
     uv_signal_t sig_reload, sig_term, sig_int, sig_quit;
     uv_timer_t drain_timer;
+    uv_check_t write_check;     /* delivers in-place write completions */
+    mg_wreq_t *done_head, *done_tail;
     mg_gen_t *gen;
     unsigned next_gen_id;
     mg_conn_list_t conns;
@@ -85,6 +87,76 @@ mg_target_t *mg_worker_target(mg_worker_t *w, const mg_target_conf_t *tc)
 }
 
 /* ------------------------------------------------------------------ */
+/* Writes                                                             */
+
+static void on_uv_write(uv_write_t *req, int status)
+{
+    mg_wreq_t *wr = (mg_wreq_t *)req;
+    wr->cb(wr, status);
+}
+
+static void on_write_check(uv_check_t *h)
+{
+    mg_worker_t *w = h->data;
+    while (w->done_head) {
+        mg_wreq_t *wr = w->done_head;
+        w->done_head = wr->next_done;
+        if (!w->done_head)
+            w->done_tail = NULL;
+        int status = wr->status;
+        if (!status && uv_is_closing((uv_handle_t *)wr->stream))
+            status = UV_ECANCELED;
+        wr->cb(wr, status);
+    }
+}
+
+void mg_worker_write(mg_worker_t *w, uv_stream_t *s, mg_wreq_t *wr,
+                     const uv_buf_t *bufs, unsigned n, mg_wreq_cb cb)
+{
+    wr->stream = s;
+    wr->cb = cb;
+    wr->next_done = NULL;
+    wr->status = 0;
+    size_t total = 0;
+    for (unsigned i = 0; i < n; i++)
+        total += bufs[i].len;
+    int done = uv_try_write(s, bufs, n);
+    if (done == (int)total) {
+        if (w->done_tail)
+            w->done_tail->next_done = wr;
+        else
+            w->done_head = wr;
+        w->done_tail = wr;
+        return;
+    }
+    /* Queue the rest, skipping what went out in place. */
+    uv_buf_t rest[8];
+    unsigned k = 0;
+    size_t skip = done > 0 ? (size_t)done : 0;
+    for (unsigned i = 0; i < n; i++) {
+        if (skip >= bufs[i].len) {
+            skip -= bufs[i].len;
+            continue;
+        }
+        if (k == MG_ARRAY_SIZE(rest))
+            abort(); /* callers pass at most 3 buffers */
+        rest[k++] = uv_buf_init(bufs[i].base + skip,
+                                (unsigned)(bufs[i].len - skip));
+        skip = 0;
+    }
+    int rc = uv_write(&wr->req, s, rest, k, on_uv_write);
+    if (rc < 0) {
+        /* Same promise as in-place: the callback comes from the loop. */
+        wr->status = rc;
+        if (w->done_tail)
+            w->done_tail->next_done = wr;
+        else
+            w->done_head = wr;
+        w->done_tail = wr;
+    }
+}
+
+/* ------------------------------------------------------------------ */
 
 static void on_connection(uv_stream_t *server, int status)
 {
@@ -137,6 +209,7 @@ static void shutdown_worker(mg_worker_t *w)
     uv_close((uv_handle_t *)&w->sig_int, on_close_noop);
     uv_close((uv_handle_t *)&w->sig_quit, on_close_noop);
     uv_close((uv_handle_t *)&w->drain_timer, on_close_noop);
+    uv_close((uv_handle_t *)&w->write_check, on_close_noop);
     for (size_t i = 0; i < w->ntargets; i++)
         mg_target_free(w->targets[i]);
     w->ntargets = 0;
@@ -232,6 +305,10 @@ int mg_worker_run(const mg_worker_opts_t *opts, mg_config_t *cfg)
     start_signal(&w, &w.sig_quit, SIGQUIT);
     uv_timer_init(&w.loop, &w.drain_timer);
     w.drain_timer.data = &w;
+    uv_check_init(&w.loop, &w.write_check);
+    w.write_check.data = &w;
+    uv_check_start(&w.write_check, on_write_check);
+    uv_unref((uv_handle_t *)&w.write_check);
     if (listen_all(&w) < 0)
         return 1;
     mg_log_info("generation 1 active (%zu routes)", w.gen->cfg->nroutes);

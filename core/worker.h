@@ -39,6 +39,27 @@ int mg_worker_draining(const mg_worker_t *w);
 /* Writes a fresh 32-hex-digit request id and a NUL into out. */
 void mg_worker_request_id(mg_worker_t *w, char out[33]);
 
+/*
+ * A write to a stream. mg_worker_write first tries the write in place
+ * (uv_try_write) and falls back to uv_write for what did not fit; libuv
+ * 1.44 re-arms epoll after every uv_write, which costs a syscall per
+ * response. `cb` runs exactly once, never before mg_worker_write returns
+ * (in-place completions are delivered from the loop's check phase), with
+ * UV_ECANCELED when the stream was closed meanwhile.
+ */
+typedef struct mg_wreq_s mg_wreq_t;
+typedef void (*mg_wreq_cb)(mg_wreq_t *wr, int status);
+struct mg_wreq_s {
+    uv_write_t req;
+    uv_stream_t *stream;
+    mg_wreq_cb cb;
+    mg_wreq_t *next_done;
+    int status;           /* for completions delivered from the check */
+};
+
+void mg_worker_write(mg_worker_t *w, uv_stream_t *s, mg_wreq_t *wr,
+                     const uv_buf_t *bufs, unsigned n, mg_wreq_cb cb);
+
 /* The worker's client connections, maintained by http1.c. */
 typedef struct {
     mg_conn_t *head;
