@@ -82,3 +82,14 @@ void mg_log(int level, const char *fmt, ...)
     (void)w;
     errno = saved_errno;
 }
+
+void mg_log_lines(int level, const char *prefix, const char *text)
+{
+    while (*text) {
+        const char *nl = strchr(text, '\n');
+        int len = nl ? (int)(nl - text) : (int)strlen(text);
+        if (len > 0)
+            mg_log(level, "%s%.*s", prefix, len, text);
+        text += len + (nl ? 1 : 0);
+    }
+}

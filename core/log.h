@@ -27,6 +27,9 @@ int mg_log_enabled(int level);
 void mg_log(int level, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
+/* Logs each line of `text` as its own entry, after `prefix`. */
+void mg_log_lines(int level, const char *prefix, const char *text);
+
 #define mg_log_error(...) mg_log(MG_LOG_ERROR, __VA_ARGS__)
 #define mg_log_warn(...) mg_log(MG_LOG_WARN, __VA_ARGS__)
 #define mg_log_info(...) mg_log(MG_LOG_INFO, __VA_ARGS__)

@@ -249,8 +249,8 @@ static void reload(master_t *m)
     mg_config_t *cfg;
     if (mg_config_load(m->config_path, &cfg, err, sizeof(err))
         || (mg_gen_check(cfg, err, sizeof(err)) && (mg_config_free(cfg), 1))) {
-        mg_log_error("reload refused, the running config keeps serving:\n%s",
-                     err);
+        mg_log_lines(MG_LOG_ERROR,
+                     "reload refused, the running config keeps serving: ", err);
         return;
     }
     if (cfg->workers != m->cfg->workers || !same_listeners(cfg, m->cfg)) {

@@ -175,8 +175,10 @@ static void reload(mg_worker_t *w)
     char err[4096];
     mg_config_t *cfg;
     if (mg_config_load(w->opts.config_path, &cfg, err, sizeof(err))) {
-        mg_log_error("reload refused, generation %u keeps serving:\n%s",
-                     w->gen->id, err);
+        char prefix[80];
+        snprintf(prefix, sizeof(prefix),
+                 "reload refused, generation %u keeps serving: ", w->gen->id);
+        mg_log_lines(MG_LOG_ERROR, prefix, err);
         return;
     }
     mg_gen_t *g = mg_gen_new(w, cfg, w->next_gen_id, err, sizeof(err));
