@@ -124,6 +124,10 @@ void mg_proxy_start(mg_req_t *r);
  * connection to keep it past this call. */
 void mg_proxy_on_body(mg_req_t *r, const char *p, size_t n);
 
+/* One parse of the client's bytes is over and its framing was valid: the
+ * body pieces passed since the last flush may go upstream. */
+void mg_proxy_flush(mg_req_t *r);
+
 /* The request body is complete (also called for requests without body). */
 void mg_proxy_on_body_end(mg_req_t *r);
 

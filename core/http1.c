@@ -84,6 +84,7 @@ struct mg_conn_s {
     const char *error_reason;
     hspan_t *hspans;
     unsigned nhspans, max_hspans;
+    uint32_t fields_off;        /* where the header fields begin */
     span_t url;
     mg_arena_t arena;
     mg_req_t req;
@@ -332,6 +333,10 @@ static int on_url(llhttp_t *p, const char *at, size_t n)
 {
     mg_conn_t *c = conn_of(p);
     extend(c, &c->url, at, n);
+    /* llhttp takes "GET /\r\n" as HTTP/0.9 and waits: refuse it as soon
+     * as the byte after the target is known not to be a space. */
+    if (at + n < c->buf + c->len && at[n] != ' ')
+        return fail(c, 400, "bad request");
     if (c->url.len > limits(c)->max_uri)
         return fail(c, 414, "uri too long");
     return 0;
@@ -346,9 +351,31 @@ static int on_version(llhttp_t *p, const char *at, size_t n)
     return 0;
 }
 
+/* The header block (after the request line) has its own limit. */
+static int header_bytes_ok(mg_conn_t *c, const char *end)
+{
+    return (size_t)(end - c->buf) - c->fields_off
+           <= limits(c)->max_header_bytes;
+}
+
+static int on_url_complete(llhttp_t *p)
+{
+    mg_conn_t *c = conn_of(p);
+    /* llhttp takes "GET /\r\n" as an HTTP/0.9 request: refuse it. The
+     * byte after the target has been consumed, so it is in the buffer. */
+    size_t after = (size_t)c->url.off + c->url.len;
+    if (c->url.len == 0 || after >= c->len || c->buf[after] != ' ')
+        return fail(c, 400, "bad request");
+    return 0;
+}
+
 static int on_header_field(llhttp_t *p, const char *at, size_t n)
 {
     mg_conn_t *c = conn_of(p);
+    if (c->nhspans == 0 && !c->in_field)
+        c->fields_off = (uint32_t)(at - c->buf);
+    if (!header_bytes_ok(c, at + n))
+        return fail(c, 431, "request header fields too large");
     if (!c->in_field) {
         if (c->nhspans == c->max_hspans)
             return fail(c, 431, "request header fields too large");
@@ -364,6 +391,8 @@ static int on_header_value(llhttp_t *p, const char *at, size_t n)
     mg_conn_t *c = conn_of(p);
     c->in_field = 0;
     extend(c, &c->hspans[c->nhspans - 1].value, at, n);
+    if (!header_bytes_ok(c, at + n))
+        return fail(c, 431, "request header fields too large");
     return 0;
 }
 
@@ -437,13 +466,19 @@ static int build_request(mg_conn_t *c, mg_req_t *r, const char **why)
     r->content_length = -1;
     for (unsigned i = 0; i < c->nhspans; i++) {
         mg_str_t name = span_str(c, c->hspans[i].name);
-        mg_str_t value = trim_ows(span_str(c, c->hspans[i].value));
+        mg_str_t raw = span_str(c, c->hspans[i].value);
+        mg_str_t value = trim_ows(raw);
         if (mg_str_caseeq(name, MG_STR("host"))) {
             if (++hosts > 1 || value.len == 0)
                 return 400;
         } else if (mg_str_caseeq(name, MG_STR("content-length"))) {
-            /* Digits only: no sign, no inner spaces, no list. */
-            if (++lengths > 1 || value.len == 0 || value.len > 18)
+            /* Digits only: no sign, no list, and no whitespace around them
+             * beyond the one customary space after the colon (llhttp would
+             * silently accept more; SECURITY.md point 2). */
+            const char *colon = name.p + name.len;
+            if (++lengths > 1 || value.len == 0 || value.len > 18
+                || raw.len != value.len || raw.p[raw.len] != '\r'
+                || raw.p - colon > 2 || (raw.p - colon == 2 && colon[1] != ' '))
                 return 400;
             int64_t v = 0;
             for (size_t k = 0; k < value.len; k++) {
@@ -636,13 +671,15 @@ static void parse(mg_conn_t *c)
     c->parsing = 0;
     if (c->closing)
         return;
-    if (err == HPE_OK) {
-        c->pos = c->len;
-        return;
-    }
-    if (err == HPE_PAUSED) {
-        c->pos = (size_t)(llhttp_get_error_pos(&c->parser) - c->buf);
-        llhttp_resume(&c->parser);
+    if (err == HPE_OK || err == HPE_PAUSED) {
+        if (err == HPE_OK) {
+            c->pos = c->len;
+        } else {
+            c->pos = (size_t)(llhttp_get_error_pos(&c->parser) - c->buf);
+            llhttp_resume(&c->parser);
+        }
+        if (c->active && c->req.proxy)
+            mg_proxy_flush(&c->req);
         return;
     }
     c->state = C_DONE;
@@ -885,6 +922,7 @@ static void init_settings(void)
     llhttp_settings_init(&settings);
     settings.on_message_begin = on_message_begin;
     settings.on_url = on_url;
+    settings.on_url_complete = on_url_complete;
     settings.on_version = on_version;
     settings.on_header_field = on_header_field;
     settings.on_header_value = on_header_value;

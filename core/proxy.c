@@ -50,6 +50,11 @@ struct mg_proxy_s {
     size_t pos;                /* parsed up to, in uc->rbuf */
     unsigned up_writes;        /* writes queued on the upstream conn */
     unsigned client_writes;    /* writes to the client borrowing uc->rbuf */
+    uv_buf_t *pending;         /* body pieces parsed but not yet written,
+                                  with two free slots in front and room
+                                  for two more behind (see flush) */
+    unsigned npending, cpending;
+    size_t pending_bytes;
     unsigned nfields;
     span_t fields[UP_MAX_FIELDS][2];
     span_t reason;
@@ -58,6 +63,7 @@ struct mg_proxy_s {
     unsigned connected : 1;
     unsigned head_sent : 1;
     unsigned body_end : 1;     /* client body complete (mg_proxy_on_body_end) */
+    unsigned end_sent : 1;     /* the last chunk went upstream */
     unsigned resp_bytes : 1;   /* any response byte received */
     unsigned resp_complete : 1;
     unsigned chunk_client : 1; /* re-chunk the response to the client */
@@ -70,7 +76,12 @@ struct mg_proxy_s {
 
 static llhttp_settings_t up_settings;
 
-static void send_head(mg_proxy_t *p);
+static void free_proxy(mg_proxy_t *p)
+{
+    free(p->pending);
+    free(p);
+}
+
 static void up_read_start(mg_proxy_t *p);
 static void finish(mg_proxy_t *p);
 
@@ -178,7 +189,7 @@ static void fail(mg_proxy_t *p, int status, const char *reason)
     if (p->uc)
         mg_upconn_close(p->uc);
     else
-        free(p);
+        free_proxy(p);
     if (r->response_started)
         mg_conn_abort(r->conn);
     else
@@ -204,14 +215,14 @@ void mg_proxy_abort(mg_req_t *r)
     if (p->uc)
         mg_upconn_close(p->uc); /* frees p from its close callback */
     else
-        free(p);
+        free_proxy(p);
 }
 
 static void on_uc_closed(mg_upconn_t *uc)
 {
     mg_proxy_t *p = uc->owner;
     if (p && p->dead)
-        free(p);
+        free_proxy(p);
 }
 
 /* ------------------------------------------------------------------ */
@@ -257,9 +268,11 @@ static void build_head(mg_proxy_t *p, mg_str_t path, mg_str_t query)
 {
     mg_req_t *r = p->r;
     int trusted = peer_trusted(r);
-    mg_str_t xff = MG_NULL_STR, rid = MG_NULL_STR;
+    mg_str_t rid = MG_NULL_STR;
+    size_t xff_len = 0;
     size_t cap = 256 + r->method_name.len + path.len + query.len
-                 + r->host.len * 2 + 2 * sizeof(r->client_ip);
+                 + r->host.len * 2 + 2 * sizeof(r->client_ip)
+                 + strlen(mg_target_name(p->target));
     for (size_t i = 0; i < r->nheaders; i++)
         cap += r->headers[i].name.len + r->headers[i].value.len + 4;
     char *out = mg_arena_alloc(r->arena, cap), *w = out;
@@ -278,8 +291,7 @@ static void build_head(mg_proxy_t *p, mg_str_t path, mg_str_t query)
             || listed_in_connection(r->headers, r->nheaders, h->name))
             continue;
         if (mg_str_caseeq(h->name, MG_STR("x-forwarded-for"))) {
-            if (trusted && !xff.p)
-                xff = h->value; /* several XFF lines: the first one wins */
+            xff_len += trusted ? h->value.len + 2 : 0;
             continue;
         }
         if (mg_str_caseeq(h->name, MG_STR("x-request-id"))) {
@@ -302,9 +314,13 @@ static void build_head(mg_proxy_t *p, mg_str_t path, mg_str_t query)
         APPEND_LIT(&w, "\r\n");
     }
     APPEND_LIT(&w, "X-Forwarded-For: ");
-    if (xff.len) {
-        append_str(&w, xff);
-        APPEND_LIT(&w, ", ");
+    /* A trusted peer's list, all its lines in order, then the peer. */
+    for (size_t i = 0; xff_len && i < r->nheaders; i++) {
+        if (mg_str_caseeq(r->headers[i].name, MG_STR("x-forwarded-for"))
+            && r->headers[i].value.len) {
+            append_str(&w, r->headers[i].value);
+            APPEND_LIT(&w, ", ");
+        }
     }
     append(&w, r->client_ip, strlen(r->client_ip));
     APPEND_LIT(&w, "\r\nX-Forwarded-Proto: http\r\n");
@@ -378,6 +394,11 @@ void mg_proxy_start(mg_req_t *r)
     const mg_route_conf_t *rt = m.data;
     r->route = rt;
     r->max_body = rt->max_body;
+    if (r->content_length > 0 && (uint64_t)r->content_length > r->max_body) {
+        /* Refused before a byte of it is read, and without 100 Continue. */
+        mg_conn_respond_error(r, 413, "request body too large", 1);
+        return;
+    }
     mg_upstream_t *u = &r->gen->upstreams[rt->upstream];
     if (u->inflight >= u->conf->max_pending) {
         mg_conn_respond_error(r, 503, "service unavailable", 0);
@@ -416,6 +437,7 @@ typedef struct {
     mg_wreq_t wr;
     mg_proxy_t *p;
     int body;
+    char chunk_size[24];       /* the re-chunked body's size line */
 } up_write_t;
 
 static void on_up_write(mg_wreq_t *wr, int status)
@@ -440,13 +462,11 @@ static void on_up_write(mg_wreq_t *wr, int status)
         up_timer(p, p->route->timeouts.read_ms);
 }
 
-static void up_write(mg_proxy_t *p, const uv_buf_t *bufs, unsigned n,
-                     int body)
+static void up_write(mg_proxy_t *p, up_write_t *wr, const uv_buf_t *bufs,
+                     unsigned n)
 {
-    up_write_t *wr = mg_malloc(sizeof(*wr));
     wr->p = p;
-    wr->body = body;
-    if (body)
+    if (wr->body)
         mg_conn_hold(p->r->conn);
     p->up_writes++;
     mg_worker_write(mg_conn_worker(p->r->conn), (uv_stream_t *)&p->uc->tcp,
@@ -455,13 +475,22 @@ static void up_write(mg_proxy_t *p, const uv_buf_t *bufs, unsigned n,
         up_timer(p, p->route->timeouts.send_ms);
 }
 
-static void send_head(mg_proxy_t *p)
+/*
+ * Connected: a request without a body goes out at once. With a body, the
+ * head waits for the first body bytes the client's framing has vouched for
+ * (mg_proxy_flush): a request whose chunked framing turns out to be bad is
+ * refused before the upstream has seen any of it.
+ */
+static void on_ready(mg_proxy_t *p)
 {
-    p->head_sent = 1;
-    up_write(p, &p->head, 1, 0);
     up_read_start(p);
-    if (!p->r->body_complete)
+    if (p->r->body_complete) {
+        up_write_t *wr = mg_calloc(1, sizeof(*wr));
+        p->head_sent = 1;
+        up_write(p, wr, &p->head, 1);
+    } else {
         mg_conn_body_open(p->r);
+    }
 }
 
 static void on_connect(mg_upconn_t *uc, int status)
@@ -477,7 +506,7 @@ static void on_connect(mg_upconn_t *uc, int status)
         return;
     }
     p->connected = 1;
-    send_head(p);
+    on_ready(p);
 }
 
 void mg_proxy_on_body(mg_req_t *r, const char *data, size_t n)
@@ -485,29 +514,56 @@ void mg_proxy_on_body(mg_req_t *r, const char *data, size_t n)
     mg_proxy_t *p = r->proxy;
     if (!p || p->resp_complete || n == 0)
         return;
-    if (r->chunked) {
-        char *size = mg_arena_alloc(r->arena, 24);
-        int len = snprintf(size, 24, "%zx\r\n", n);
-        uv_buf_t b[3] = { uv_buf_init(size, (unsigned)len),
-                          uv_buf_init((char *)data, (unsigned)n),
-                          uv_buf_init("\r\n", 2) };
-        up_write(p, b, 3, 1);
-    } else {
-        uv_buf_t b = uv_buf_init((char *)data, (unsigned)n);
-        up_write(p, &b, 1, 1);
+    if (p->npending == p->cpending) {
+        p->cpending = p->cpending ? p->cpending * 2 : 8;
+        p->pending = mg_realloc(p->pending,
+                                (p->cpending + 4) * sizeof(uv_buf_t));
     }
+    /* Slot 0..1 are kept free for the head and the chunk-size line. */
+    p->pending[2 + p->npending++] = uv_buf_init((char *)data, (unsigned)n);
+    p->pending_bytes += n;
 }
 
 void mg_proxy_on_body_end(mg_req_t *r)
 {
     mg_proxy_t *p = r->proxy;
-    if (!p)
+    if (p)
+        p->body_end = 1;
+}
+
+void mg_proxy_flush(mg_req_t *r)
+{
+    mg_proxy_t *p = r->proxy;
+    if (!p || p->dead || !p->connected || p->resp_complete)
         return;
-    p->body_end = 1;
-    if (r->chunked && p->head_sent && !p->resp_complete) {
-        uv_buf_t b = uv_buf_init("0\r\n\r\n", 5);
-        up_write(p, &b, 1, 0);
+    int need_end = r->chunked && p->body_end && !p->end_sent;
+    if (p->npending == 0 && !need_end)
+        return;
+    up_write_t *wr = mg_calloc(1, sizeof(*wr));
+    uv_buf_t *b = p->pending;
+    if (!b) /* body_end with no piece ever: room for head + end */
+        b = p->pending = mg_calloc(p->cpending = 4, sizeof(uv_buf_t) * 2);
+    unsigned first = 2, n = p->npending;
+    wr->body = n > 0;
+    if (r->chunked && n > 0) {
+        int len = snprintf(wr->chunk_size, sizeof(wr->chunk_size), "%zx\r\n",
+                           p->pending_bytes);
+        b[--first] = uv_buf_init(wr->chunk_size, (unsigned)len);
+        n++;
+        b[first + n++] = uv_buf_init("\r\n", 2);
     }
+    if (need_end) {
+        b[first + n++] = uv_buf_init("0\r\n\r\n", 5);
+        p->end_sent = 1;
+    }
+    if (!p->head_sent) {
+        b[--first] = p->head;
+        n++;
+        p->head_sent = 1;
+    }
+    up_write(p, wr, b + first, n);
+    p->npending = 0;
+    p->pending_bytes = 0;
 }
 
 /* ------------------------------------------------------------------ */
@@ -750,7 +806,7 @@ static void finish(mg_proxy_t *p)
         const mg_upstream_conf_t *uconf = p->upstream->conf;
         mg_upconn_release(uc, uconf->keepalive_max_idle,
                           uconf->keepalive_idle_ms);
-        free(p);
+        free_proxy(p);
     } else {
         p->dead = 1;
         p->r = NULL;
@@ -843,8 +899,11 @@ static void on_up_data(mg_upconn_t *uc, ssize_t nread)
     if (!p || p->dead)
         return;
     if (nread < 0) {
-        if (nread == UV_EOF && p->resp_bytes
-            && llhttp_finish(&p->parser) == HPE_OK && p->resp_complete) {
+        /* A close-delimited body ends here; llhttp_finish reports the
+         * message complete (HPE_PAUSED: our callback paused it). */
+        llhttp_errno_t fin = nread == UV_EOF && p->resp_bytes
+                                 ? llhttp_finish(&p->parser) : HPE_USER;
+        if ((fin == HPE_OK || fin == HPE_PAUSED) && p->resp_complete) {
             p->up_keepalive = 0;
             if (p->client_writes == 0)
                 finish(p);

@@ -22,7 +22,9 @@ struct mg_worker_s {
     uv_tcp_t *listeners;
     uv_signal_t sig_reload, sig_term, sig_int, sig_quit;
     uv_timer_t drain_timer;
-    uv_check_t write_check;     /* delivers in-place write completions */
+    uv_check_t write_check;     /* deliver in-place write completions: */
+    uv_prepare_t write_prepare; /* after I/O callbacks, and before the loop
+                                   blocks (for writes made in timers) */
     mg_wreq_t *done_head, *done_tail;
     mg_gen_t *gen;
     unsigned next_gen_id;
@@ -95,9 +97,8 @@ static void on_uv_write(uv_write_t *req, int status)
     wr->cb(wr, status);
 }
 
-static void on_write_check(uv_check_t *h)
+static void deliver_writes(mg_worker_t *w)
 {
-    mg_worker_t *w = h->data;
     while (w->done_head) {
         mg_wreq_t *wr = w->done_head;
         w->done_head = wr->next_done;
@@ -108,6 +109,16 @@ static void on_write_check(uv_check_t *h)
             status = UV_ECANCELED;
         wr->cb(wr, status);
     }
+}
+
+static void on_write_check(uv_check_t *h)
+{
+    deliver_writes(h->data);
+}
+
+static void on_write_prepare(uv_prepare_t *h)
+{
+    deliver_writes(h->data);
 }
 
 void mg_worker_write(mg_worker_t *w, uv_stream_t *s, mg_wreq_t *wr,
@@ -212,6 +223,7 @@ static void shutdown_worker(mg_worker_t *w)
     uv_close((uv_handle_t *)&w->sig_quit, on_close_noop);
     uv_close((uv_handle_t *)&w->drain_timer, on_close_noop);
     uv_close((uv_handle_t *)&w->write_check, on_close_noop);
+    uv_close((uv_handle_t *)&w->write_prepare, on_close_noop);
     for (size_t i = 0; i < w->ntargets; i++)
         mg_target_free(w->targets[i]);
     w->ntargets = 0;
@@ -311,6 +323,10 @@ int mg_worker_run(const mg_worker_opts_t *opts, mg_config_t *cfg)
     w.write_check.data = &w;
     uv_check_start(&w.write_check, on_write_check);
     uv_unref((uv_handle_t *)&w.write_check);
+    uv_prepare_init(&w.loop, &w.write_prepare);
+    w.write_prepare.data = &w;
+    uv_prepare_start(&w.write_prepare, on_write_prepare);
+    uv_unref((uv_handle_t *)&w.write_prepare);
     if (listen_all(&w) < 0)
         return 1;
     mg_log_info("generation 1 active (%zu routes)", w.gen->cfg->nroutes);
