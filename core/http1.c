@@ -29,6 +29,8 @@
 #define READ_CHUNK 16384
 #define SEND_TIMEOUT_MS 60000  /* a client that reads nothing for a minute */
 #define LINGER_MS 2000         /* read-and-discard before closing */
+#define DRAIN_GRACE_MS 1000    /* an idle connection's last chance to send
+                                  a request once its worker drains */
 
 enum conn_state {
     C_IDLE,      /* between requests */
@@ -265,6 +267,7 @@ void mg_conn_respond_error(mg_req_t *r, int status, const char *reason,
     if (close || !r->body_complete)
         c->close_after = 1;
     int keep = !mg_conn_should_close(r);
+    int head = r->method == HTTP_HEAD && r->method_name.len;
     char *out = mg_arena_alloc(r->arena, 512);
     int body_len = snprintf(NULL, 0, "{\"error\":\"%s\"}\n", reason);
     int n = snprintf(out, 512,
@@ -273,13 +276,14 @@ void mg_conn_respond_error(mg_req_t *r, int status, const char *reason,
                      "Content-Length: %d\r\n"
                      "%s"
                      "\r\n"
-                     "{\"error\":\"%s\"}\n",
+                     "%s%s%s",
                      r->http_minor == 0 ? 0 : 1, status,
                      mg_http_reason(status), body_len,
                      keep ? (r->http_minor == 0 ? "Connection: keep-alive\r\n"
                                                 : "")
                           : "Connection: close\r\n",
-                     reason);
+                     head ? "" : "{\"error\":\"", head ? "" : reason,
+                     head ? "" : "\"}\n");
     if (n >= 512)
         n = 511;
     r->response_started = 1;
@@ -989,12 +993,13 @@ void mg_http1_accept(mg_worker_t *w, uv_stream_t *server)
 void mg_http1_drain_all(mg_worker_t *w)
 {
     mg_conn_t *c = mg_worker_conns(w)->head;
-    while (c) {
-        mg_conn_t *next = c->next;
+    /* Idle connections are not cut at once: one just accepted, or a
+     * keep-alive one whose client is sending right now, would see a reset.
+     * They get a short grace; what arrives in it is answered with
+     * Connection: close. */
+    for (; c; c = c->next) {
+        c->close_after = 1;
         if (!c->closing && c->state == C_IDLE && c->pos == c->len)
-            conn_close(c);
-        else
-            c->close_after = 1;
-        c = next;
+            arm_timer(c, DRAIN_GRACE_MS);
     }
 }

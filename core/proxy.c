@@ -602,7 +602,8 @@ static void client_write(mg_proxy_t *p, const uv_buf_t *b, unsigned n)
     uv_buf_t all[4];
     if (p->client_head.len) {
         all[0] = p->client_head;
-        memcpy(all + 1, b, n * sizeof(*b));
+        if (n)
+            memcpy(all + 1, b, n * sizeof(*b));
         p->client_head.len = 0;
         b = all;
         n++;

@@ -1,0 +1,308 @@
+#!/usr/bin/python3
+"""Helpers for bench/run.sh: ports, process CPU time, wrk parsing, the report.
+
+run.sh does the orchestration (processes, pinning, rounds); this file does
+what is awkward in POSIX sh: binding a socket, summing /proc counters over a
+process group, parsing wrk's text output and the statistics of the final
+table. Standard library only. It is not a load generator and starts nothing.
+
+run.sh starts every server with setsid, so a server's first pid is also its
+session id, and every process it forks (master, workers) stays in that
+session: "SID" below is that pid.
+
+Subcommands:
+  port                    print a free TCP port on 127.0.0.1
+  alive SID               print how many live (non-zombie) processes the
+                          session has; 0 once the server has fully exited
+  members SID             print the session's live pids, leader first
+  snapshot SID            print one token: the session's CPU ticks and the
+                          per-core busy/total ticks of /proc/stat
+  record SCENARIO PROXY ROUND WRK_OUTPUT SNAP_BEFORE SNAP_AFTER
+                          print one tab-separated results line (COLUMNS);
+                          exit 2 if WRK_OUTPUT cannot be parsed
+  report RESULTS          print the table and the machine-readable lines;
+                          exit 1 if any measurement had errors
+"""
+
+import os
+import re
+import socket
+import statistics
+import sys
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+# ---------------------------------------------------------------- processes
+
+
+def read_procs():
+    """Map pid -> (sid, state, ticks) for every process visible in /proc.
+
+    ticks is utime+stime+cutime+cstime: the process's own CPU time (all its
+    threads) plus that of children it has already reaped, so a worker that
+    died and was reaped by its master still counts.
+    """
+    procs = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as f:
+                stat = f.read()
+        except OSError:
+            continue  # exited while we were scanning
+        # comm (field 2) may contain spaces and parentheses: split after
+        # the last ')'. Fields from there on: state(3) ppid(4) pgrp(5)
+        # session(6) ... utime(14) stime(15) cutime(16) cstime(17), so the
+        # index is field - 3.
+        rest = stat[stat.rindex(")") + 2:].split()
+        ticks = sum(int(rest[i]) for i in (11, 12, 13, 14))
+        procs[int(name)] = (int(rest[3]), rest[0], ticks)
+    return procs
+
+
+def session(sid, procs):
+    """Pids of the session's processes, leader first."""
+    return sorted((p for p, (s, _, _) in procs.items() if s == sid),
+                  key=lambda p: (p != sid, p))
+
+
+def core_ticks():
+    """[(busy, total)] per core from /proc/stat (busy = not idle/iowait)."""
+    out = []
+    with open("/proc/stat") as f:
+        for line in f:
+            m = re.match(r"cpu(\d+)\s+(.*)", line)
+            if m:
+                v = [int(x) for x in m.group(2).split()[:8]]
+                out.append((sum(v) - v[3] - v[4], sum(v)))
+    return out
+
+
+def cmd_port():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    print(s.getsockname()[1])
+    s.close()
+
+
+def cmd_alive(sid):
+    procs = read_procs()
+    print(sum(1 for p in session(sid, procs) if procs[p][1] != "Z"))
+
+
+def cmd_members(sid):
+    procs = read_procs()
+    print(" ".join(str(p) for p in session(sid, procs)
+                   if procs[p][1] != "Z"))
+
+
+def cmd_snapshot(sid):
+    procs = read_procs()
+    ticks = sum(procs[p][2] for p in session(sid, procs))
+    cores = ["%d:%d" % bt for bt in core_ticks()]
+    print(",".join([str(ticks)] + cores))
+
+
+# ---------------------------------------------------------------------- wrk
+
+UNITS_US = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}
+
+
+def to_us(text):
+    m = re.fullmatch(r"([0-9.]+)(us|ms|s|m|h)", text)
+    if not m:
+        raise ValueError("bad wrk time %r" % text)
+    return float(m.group(1)) * UNITS_US[m.group(2)]
+
+
+def parse_wrk(text):
+    """Fields of one wrk --latency run; raises ValueError if any is missing.
+
+    wrk prints "Socket errors:" and "Non-2xx or 3xx responses:" only when
+    they are non-zero, so their absence means zero.
+    """
+    def need(pattern):
+        m = re.search(pattern, text, re.M)
+        if not m:
+            raise ValueError("wrk output lacks %r" % pattern)
+        return m
+    rps = float(need(r"^Requests/sec:\s+([0-9.]+)").group(1))
+    p50 = to_us(need(r"^\s+50%\s+(\S+)").group(1))
+    p99 = to_us(need(r"^\s+99%\s+(\S+)").group(1))
+    requests = int(need(r"^\s+(\d+) requests in ").group(1))
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), "
+                     r"write (\d+), timeout (\d+)", text)
+    socket_errors = sum(int(g) for g in sock.groups()) if sock else 0
+    non2 = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    non2xx = int(non2.group(1)) if non2 else 0
+    return rps, p50, p99, requests, socket_errors, non2xx
+
+
+def cmd_record(scenario, proxy, rnd, wrk_output, before, after):
+    try:
+        with open(wrk_output) as f:
+            rps, p50, p99, requests, sock, non2 = parse_wrk(f.read())
+    except ValueError as e:
+        print("benchtool: %s: %s" % (wrk_output, e), file=sys.stderr)
+        return 2
+    b, a = before.split(","), after.split(",")
+    cpu_us = (int(a[0]) - int(b[0])) * 1e6 / CLK_TCK
+    busy = []
+    for cb, ca in zip(b[1:], a[1:]):
+        (bb, bt), (ab, at) = (map(int, cb.split(":")),
+                              map(int, ca.split(":")))
+        busy.append(100.0 * (ab - bb) / (at - bt) if at > bt else 0.0)
+    busy += [0.0] * (2 - len(busy))
+    print("\t".join([scenario, proxy, rnd, "%.2f" % rps, "%.1f" % p50,
+                     "%.1f" % p99, str(requests), str(sock), str(non2),
+                     "%.0f" % cpu_us, "%.1f" % busy[0], "%.1f" % busy[1]]))
+    return 0
+
+
+# ------------------------------------------------------------------- report
+
+# Columns of the results file, one line per measurement (see cmd_record).
+COLUMNS = ("scenario", "proxy", "round", "rps", "p50_us", "p99_us",
+           "requests", "socket_errors", "non2xx", "cpu_us", "core0_busy",
+           "core1_busy")
+
+# (key in the machine-readable lines, table heading)
+METRICS = (("req_per_s", "req/s"),
+           ("p50_ms", "p50 ms"),
+           ("p99_ms", "p99 ms"),
+           ("cpu_us_per_req", "CPU us/req"))
+
+# Ratios candidate/baseline printed per scenario: (metric, which is better).
+RATIOS = (("req_per_s", "higher"),
+          ("cpu_us_per_req", "lower"),
+          ("p99_ms", "lower"),
+          ("p50_ms", "lower"))
+
+
+def load(path):
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = dict(zip(COLUMNS, line.rstrip("\n").split("\t")))
+            req = int(rec["requests"])
+            rows.append({
+                "scenario": rec["scenario"], "proxy": rec["proxy"],
+                "round": rec["round"],
+                "req_per_s": float(rec["rps"]),
+                "p50_ms": float(rec["p50_us"]) / 1e3,
+                "p99_ms": float(rec["p99_us"]) / 1e3,
+                "cpu_us_per_req": (float(rec["cpu_us"]) / req if req
+                                   else float("nan")),
+                "socket_errors": int(rec["socket_errors"]),
+                "non2xx": int(rec["non2xx"]),
+                "core0_busy": float(rec["core0_busy"]),
+                "core1_busy": float(rec["core1_busy"]),
+            })
+    return rows
+
+
+def fmt(value):
+    if value != value:  # NaN
+        return "nan"
+    if value >= 1000:
+        return "%.0f" % value
+    if value >= 100:
+        return "%.1f" % value
+    if value >= 1:
+        return "%.2f" % value
+    return "%.3f" % value
+
+
+def spread(vals):
+    """'median [min .. max]' of a list of numbers."""
+    return "%s [%s..%s]" % (fmt(statistics.median(vals)), fmt(min(vals)),
+                            fmt(max(vals)))
+
+
+def report_scenario(sc, rows, machine, bad):
+    names = []
+    for r in rows:
+        if r["proxy"] not in names:
+            names.append(r["proxy"])
+    rounds = len({r["round"] for r in rows})
+    print("\nscenario %s: %d round(s); median [min..max] over rounds"
+          % (sc, rounds))
+    head = "  %-9s" % "proxy" + "".join("%24s" % h for _, h in METRICS)
+    print(head + "%15s%6s" % ("core0/1 busy%", "err"))
+    medians = {}
+    for proxy in names:
+        runs = [r for r in rows if r["proxy"] == proxy]
+        line = "  %-9s" % proxy
+        for key, _ in METRICS:
+            vals = [r[key] for r in runs]
+            medians[(proxy, key)] = statistics.median(vals)
+            line += "%24s" % spread(vals)
+            machine.append("median %s %s %s %s"
+                           % (sc, proxy, key, fmt(medians[(proxy, key)])))
+        busy = "%.0f/%.0f" % (statistics.median(r["core0_busy"] for r in runs),
+                              statistics.median(r["core1_busy"] for r in runs))
+        errors = sum(r["socket_errors"] + r["non2xx"] for r in runs)
+        print(line + "%15s%6d" % (busy, errors))
+        for r in runs:
+            if r["socket_errors"] or r["non2xx"]:
+                bad.append("%s/%s round %s: %d socket errors, %d non-2xx"
+                           % (sc, proxy, r["round"], r["socket_errors"],
+                              r["non2xx"]))
+    if len(names) != 2:
+        return
+    base, cand = names
+    print("  ratio %s/%s:" % (cand, base))
+    for key, better in RATIOS:
+        b, c = medians[(base, key)], medians[(cand, key)]
+        ratio = c / b if b else float("nan")
+        label = dict(METRICS)[key]
+        print("    %-11s %6.3f   (%s is better)" % (label, ratio, better))
+        machine.append("ratio %s %s %.3f" % (sc, key, ratio))
+
+
+def cmd_report(path):
+    rows = load(path)
+    scenarios = []
+    for r in rows:
+        if r["scenario"] not in scenarios:
+            scenarios.append(r["scenario"])
+    machine, bad = [], []
+    for sc in scenarios:
+        report_scenario(sc, [r for r in rows if r["scenario"] == sc],
+                        machine, bad)
+    print()
+    for line in machine:
+        print(line)
+    if bad:
+        print()
+        for line in bad:
+            print("WARNING: invalid run: " + line)
+        print("valid no")
+        return 1
+    print("valid yes")
+    return 0
+
+
+def main(argv):
+    commands = {
+        "port": (cmd_port, 0), "alive": (cmd_alive, 1),
+        "members": (cmd_members, 1), "snapshot": (cmd_snapshot, 1),
+        "record": (cmd_record, 6), "report": (cmd_report, 1),
+    }
+    if len(argv) < 2 or argv[1] not in commands:
+        sys.exit(__doc__)
+    func, nargs = commands[argv[1]]
+    args = argv[2:]
+    if len(args) != nargs:
+        sys.exit("benchtool: %s takes %d argument(s)\n%s"
+                 % (argv[1], nargs, __doc__))
+    if argv[1] in ("alive", "members", "snapshot"):
+        args = [int(args[0])]
+    return func(*args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

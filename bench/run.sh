@@ -1,0 +1,432 @@
+#!/bin/sh
+# bench/run.sh — side-by-side load benchmark of moongate against nginx.
+#
+# One upstream (nginx answering a fixed ~100-byte JSON body) serves two
+# reverse proxies with one worker each: nginx (the yardstick) and moongate.
+# wrk drives them in interleaved rounds (nginx, moongate, nginx, moongate...),
+# so slow drifts of the machine hit both alike. The proxies are pinned to
+# core 0, the upstream and wrk to core 1. For every measurement we record
+# wrk's req/s, p50/p99 latency and error counts, and the proxy's own CPU time
+# (utime+stime of all its processes, from /proc) divided by the requests
+# served: on a 2-core box the load side can be the bottleneck, and then
+# req/s alone hides how much work the proxy spends per request.
+#
+# This script only orchestrates; bench/benchtool.py parses and computes.
+# It is not a test: it exits non-zero only when a run is invalid (wrk saw
+# socket errors or non-2xx answers, a server did not start), unless
+# BENCH_STRICT=1 also asks for the issue-2 targets to be met.
+#
+# Scenarios: `scenario NAME [ROUTE_LUA [TOP_LUA [WRK_HEADER]]]` runs a
+# moongate config variant against the same nginx baseline; see scenarios()
+# at the bottom and bench/README.md.
+#
+# Environment (defaults in brackets):
+#   BENCH_ROUNDS [3]  BENCH_DURATION [10] s  BENCH_WARMUP [2] s per measurement
+#   BENCH_CONNECTIONS [64]   BENCH_SCENARIOS [all] space-separated names
+#   BENCH_MOONGATE [build/moongate]   BENCH_STANDIN=nginx: a second nginx
+#   plays moongate's part (dry run of the harness without the binary)
+#   BENCH_NGINX_FWD [1]: nginx sets X-Forwarded-* and X-Request-Id like
+#   moongate does (0: bare proxy_pass)   BENCH_PROFILE=1: perf-record the
+#   moongate worker during one extra run per scenario and print hot spots
+#   BENCH_PROXY_CPU [0]  BENCH_LOAD_CPU [1]  BENCH_KEEP=1: keep the temp dir
+#   BENCH_STRICT=1: also exit 1 when a target ratio is missed
+set -eu
+set +m  # children stay in our process group until setsid moves them
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=/usr/bin/python3
+TOOL="$PY $ROOT/bench/benchtool.py"
+NGINX=${BENCH_NGINX:-/usr/sbin/nginx}
+
+ROUNDS=${BENCH_ROUNDS:-3}
+DURATION=${BENCH_DURATION:-10}
+WARMUP=${BENCH_WARMUP:-2}
+CONNS=${BENCH_CONNECTIONS:-64}
+SCENARIOS=${BENCH_SCENARIOS:-all}
+MOONGATE=${BENCH_MOONGATE:-$ROOT/build/moongate}
+STANDIN=${BENCH_STANDIN:-}
+NGINX_FWD=${BENCH_NGINX_FWD:-1}
+PROFILE=${BENCH_PROFILE:-0}
+PROXY_CPU=${BENCH_PROXY_CPU:-0}
+LOAD_CPU=${BENCH_LOAD_CPU:-1}
+KEEP=${BENCH_KEEP:-0}
+STRICT=${BENCH_STRICT:-0}
+
+# What the upstream answers; the proxies must pass it through unchanged.
+BODY='{"id":12345,"name":"moongate bench","tags":["gateway","proxy","bench"],"ok":true,"n":42}'
+
+WRK_HEADER=""
+STARTED=""   # session ids of every server and load process still running
+DIR=""
+
+log() { printf 'bench: %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# ------------------------------------------------------------- processes
+
+# spawn CPU LOG CMD...: run CMD pinned to CPU, in a new session, output to
+# LOG. setsid does not fork here (a background child of a non-interactive
+# shell is never a group leader), so $SPAWNED, the pid, is also the session
+# and process-group id of CMD and of everything it forks.
+spawn() {
+    sp_cpu=$1 sp_log=$2
+    shift 2
+    setsid taskset -c "$sp_cpu" "$@" >"$sp_log" 2>&1 </dev/null &
+    SPAWNED=$!
+    STARTED="$STARTED $SPAWNED"
+}
+
+forget() {
+    fg_new=""
+    for fg_p in $STARTED; do [ "$fg_p" = "$1" ] || fg_new="$fg_new $fg_p"; done
+    STARTED=$fg_new
+}
+
+# stop SID: TERM the session's process group, wait up to 5 s for every
+# process in the session to exit, then KILL what remains; reap the leader.
+stop() {
+    kill -s TERM "-$1" 2>/dev/null || true
+    st_i=0
+    while [ "$($TOOL alive "$1")" -gt 0 ]; do
+        st_i=$((st_i + 1))
+        if [ "$st_i" -eq 50 ]; then
+            log "process group $1 ignored SIGTERM for 5 s; killing it"
+            for st_p in $($TOOL members "$1"); do
+                kill -KILL "$st_p" 2>/dev/null || true
+            done
+        elif [ "$st_i" -gt 80 ]; then
+            log "process group $1 survives SIGKILL"; break
+        fi
+        sleep 0.1
+    done
+    wait "$1" 2>/dev/null || true
+    forget "$1"
+}
+
+cleanup() {
+    cl_rc=$?
+    trap - EXIT INT TERM
+    for cl_p in $STARTED; do stop "$cl_p"; done
+    if [ -n "$DIR" ]; then
+        if [ "$KEEP" = 1 ] || [ "$cl_rc" -ne 0 ]; then
+            log "files kept in $DIR"
+        else
+            rm -rf "$DIR"
+        fi
+    fi
+    exit "$cl_rc"
+}
+
+# wait_ready SID URL DIR: wait up to 10 s for URL to answer 200; on failure
+# show the server's logs (DIR/*.log).
+wait_ready() {
+    wr_i=0
+    while :; do
+        wr_code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$2" \
+            || true)
+        [ "$wr_code" = 200 ] && return 0
+        if [ "$($TOOL alive "$1")" -eq 0 ]; then
+            tail -n 20 "$3"/*.log >&2 2>/dev/null || true
+            die "server for $2 exited during start-up"
+        fi
+        wr_i=$((wr_i + 1))
+        if [ "$wr_i" -ge 100 ]; then
+            tail -n 20 "$3"/*.log >&2 2>/dev/null || true
+            die "$2 not ready after 10 s"
+        fi
+        sleep 0.1
+    done
+}
+
+# check_body URL: the proxy must return the upstream's body verbatim.
+check_body() {
+    cb_got=$(curl -s --max-time 2 "$1") || die "GET $1 failed"
+    [ "$cb_got" = "$BODY" ] || die "GET $1 returned '$cb_got', not the upstream body"
+}
+
+# --------------------------------------------------------------- servers
+
+# nginx_common DIR: the directives every nginx instance shares. All paths
+# inside DIR, one worker, no access log, effectively endless keep-alive.
+nginx_common() {
+    # As root, workers would switch to nobody and lose access to DIR.
+    [ "$(id -u)" = 0 ] && echo "user root;"
+    cat <<EOF
+worker_processes 1;
+master_process on;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 4096; }
+EOF
+}
+
+nginx_http_common() {
+    cat <<EOF
+    access_log off;
+    client_body_temp_path $1/client_body;
+    proxy_temp_path $1/proxy;
+    fastcgi_temp_path $1/fastcgi;
+    uwsgi_temp_path $1/uwsgi;
+    scgi_temp_path $1/scgi;
+    keepalive_requests 100000000;
+    keepalive_timeout 75s;
+EOF
+}
+
+# start_nginx DIR CPU: start nginx with DIR/nginx.conf; sets $SPAWNED.
+start_nginx() {
+    spawn "$2" "$1/stdout.log" \
+        "$NGINX" -p "$1" -c "$1/nginx.conf" -g 'daemon off;'
+}
+
+# start_upstream: the shared origin, on the load core; sets UP_PORT.
+start_upstream() {
+    su_d=$DIR/upstream
+    mkdir -p "$su_d"
+    UP_PORT=$($TOOL port)
+    {
+        nginx_common "$su_d"
+        echo "http {"
+        nginx_http_common "$su_d"
+        cat <<EOF
+    server {
+        listen 127.0.0.1:$UP_PORT;
+        location / {
+            default_type application/json;
+            return 200 '$BODY\n';
+        }
+    }
+}
+EOF
+    } >"$su_d/nginx.conf"
+    start_nginx "$su_d" "$LOAD_CPU"
+    UP_SID=$SPAWNED
+    wait_ready "$UP_SID" "http://127.0.0.1:$UP_PORT/" "$su_d"
+    check_body "http://127.0.0.1:$UP_PORT/"
+}
+
+# start_nginx_proxy NAME: nginx as a pooling reverse proxy to the upstream,
+# on the proxy core, in DIR/NAME; sets PROXY_SID and PROXY_PORT.
+start_nginx_proxy() {
+    np_d=$DIR/$1
+    mkdir -p "$np_d"
+    PROXY_PORT=$($TOOL port)
+    np_fwd=""
+    if [ "$NGINX_FWD" = 1 ]; then
+        # The headers moongate adds on every proxied request (issue 2), so
+        # both proxies do the same work.
+        np_fwd='proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $host;
+            proxy_set_header X-Request-Id $request_id;'
+    fi
+    {
+        nginx_common "$np_d"
+        echo "http {"
+        nginx_http_common "$np_d"
+        cat <<EOF
+    upstream bench {
+        server 127.0.0.1:$UP_PORT;
+        keepalive 64;
+        keepalive_requests 100000000;
+        keepalive_timeout 60s;
+    }
+    server {
+        listen 127.0.0.1:$PROXY_PORT;
+        location / {
+            proxy_pass http://bench;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            $np_fwd
+        }
+    }
+}
+EOF
+    } >"$np_d/nginx.conf"
+    start_nginx "$np_d" "$PROXY_CPU"
+    PROXY_SID=$SPAWNED
+    wait_ready "$PROXY_SID" "http://127.0.0.1:$PROXY_PORT/" "$np_d"
+    check_body "http://127.0.0.1:$PROXY_PORT/"
+}
+
+# start_moongate NAME ROUTE_LUA TOP_LUA: moongate with one worker on the
+# proxy core, in DIR/NAME; ROUTE_LUA is spliced into the catch-all route's
+# table, TOP_LUA into the top-level table. Sets PROXY_SID and PROXY_PORT.
+start_moongate() {
+    mg_d=$DIR/$1
+    mkdir -p "$mg_d"
+    PROXY_PORT=$($TOOL port)
+    cat >"$mg_d/moongate.lua" <<EOF
+return {
+    listen = { "127.0.0.1:$PROXY_PORT" },
+    workers = 1,
+    pid_file = "$mg_d/moongate.pid",
+    error_log = "$mg_d/error.log",
+    log_level = "warn",
+    upstreams = {
+        bench = {
+            targets = { "127.0.0.1:$UP_PORT" },
+            keepalive = { max_idle = 64, idle_timeout = 60 },
+        },
+    },
+    routes = {
+        { path = "/*", upstream = "bench", $2 },
+    },
+    $3
+}
+EOF
+    spawn "$PROXY_CPU" "$mg_d/stdout.log" "$MOONGATE" -c "$mg_d/moongate.lua"
+    PROXY_SID=$SPAWNED
+    wait_ready "$PROXY_SID" "http://127.0.0.1:$PROXY_PORT/" "$mg_d"
+    check_body "http://127.0.0.1:$PROXY_PORT/"
+}
+
+# ----------------------------------------------------------- measurement
+
+# run_wrk SECONDS PORT OUTPUT: one wrk run on the load core, bounded by
+# timeout(1); the optional $WRK_HEADER is sent with every request.
+run_wrk() {
+    set -- "$1" "$2" "$3" -t1 "-c$CONNS" "-d$1s" --latency
+    [ -n "$WRK_HEADER" ] && set -- "$@" -H "$WRK_HEADER"
+    rw_url=http://127.0.0.1:$2/ rw_out=$3
+    shift 3
+    spawn "$LOAD_CPU" "$rw_out" timeout -k 2 "$((DURATION + WARMUP + 30))" \
+        wrk "$@" "$rw_url"
+    rw_wrk=$SPAWNED
+    rw_rc=0
+    wait "$rw_wrk" || rw_rc=$?
+    forget "$rw_wrk"
+    [ "$rw_rc" -eq 0 ] || { cat "$rw_out" >&2; die "wrk exited with $rw_rc"; }
+}
+
+# measure SCENARIO LABEL SID PORT ROUND: warm up, then one measured wrk
+# run with the proxy's CPU time read before and after; appends a line to
+# the results file and prints a progress line.
+measure() {
+    me_out=$DIR/wrk-$1-$2-$5.txt
+    [ "$WARMUP" -gt 0 ] && run_wrk "$WARMUP" "$4" "$DIR/warmup.txt"
+    me_before=$($TOOL snapshot "$3")
+    run_wrk "$DURATION" "$4" "$me_out"
+    me_after=$($TOOL snapshot "$3")
+    me_rec=$($TOOL record "$1" "$2" "$5" "$me_out" "$me_before" "$me_after") \
+        || { cat "$me_out" >&2; die "cannot parse wrk output $me_out"; }
+    printf '%s\n' "$me_rec" >>"$RESULTS"
+    printf '%s\n' "$me_rec" | awk -F '\t' '{
+        printf "  %-10s %-9s round %s: %9.0f req/s  p50 %6.3f ms  p99 %6.3f ms  %6.2f us/req  err %d\n",
+            $1, $2, $3, $4, $5 / 1000, $6 / 1000, $10 / ($7 ? $7 : 1), $8 + $9
+    }' >&2
+}
+
+# profile SID PORT NAME: perf-record the proxy's worker(s) during one extra
+# wrk run and print the hottest symbols. Not part of the figures.
+profile() {
+    command -v perf >/dev/null 2>&1 || { log "perf not found; no profile"; return 0; }
+    pr_workers=$($TOOL members "$1" | cut -d' ' -f2- | tr ' ' ',')
+    [ -n "$pr_workers" ] || pr_workers=$1
+    pr_data=$DIR/perf-$3.data
+    spawn "$LOAD_CPU" "$DIR/perf-$3.log" \
+        perf record -F 1999 -p "$pr_workers" -o "$pr_data" -- sleep "$DURATION"
+    pr_perf=$SPAWNED
+    run_wrk "$DURATION" "$2" "$DIR/wrk-profile-$3.txt"
+    wait "$pr_perf" || true
+    forget "$pr_perf"
+    echo
+    echo "profile $3: hottest symbols of pid(s) $pr_workers"
+    perf report -i "$pr_data" --stdio --no-children --sort dso,sym \
+        --percent-limit 0.7 2>/dev/null | grep -v '^#' | grep -v '^$' | head -40
+}
+
+selected() {
+    [ "$SCENARIOS" = all ] && return 0
+    for se_s in $SCENARIOS; do [ "$se_s" = "$1" ] && return 0; done
+    return 1
+}
+
+# scenario NAME [ROUTE_LUA [TOP_LUA [WRK_HEADER]]]: start moongate with the
+# config variant (see start_moongate), then ROUNDS interleaved rounds of
+# nginx baseline then moongate; stop moongate. WRK_HEADER (one "Name: value")
+# is sent to both proxies.
+scenario() {
+    selected "$1" || return 0
+    WRK_HEADER=${4:-}
+    log "scenario $1"
+    if [ "$STANDIN" = nginx ]; then
+        start_nginx_proxy "standin-$1"
+        sc_label=nginx-b
+    else
+        start_moongate "moongate-$1" "${2:-}" "${3:-}"
+        sc_label=moongate
+    fi
+    sc_cand_sid=$PROXY_SID sc_cand_port=$PROXY_PORT
+    sc_r=1
+    while [ "$sc_r" -le "$ROUNDS" ]; do
+        measure "$1" nginx "$NGINX_SID" "$NGINX_PORT" "$sc_r"
+        measure "$1" "$sc_label" "$sc_cand_sid" "$sc_cand_port" "$sc_r"
+        sc_r=$((sc_r + 1))
+    done
+    if [ "$PROFILE" = 1 ]; then
+        profile "$sc_cand_sid" "$sc_cand_port" "$1" >>"$DIR/profiles.txt"
+    fi
+    stop "$sc_cand_sid"
+}
+
+# The scenarios, in order. Each adds (2 x (WARMUP + DURATION)) x ROUNDS
+# seconds. Later issues add theirs here (see bench/README.md).
+scenarios() {
+    # The bare reverse proxy: one catch-all route, one pooled upstream.
+    scenario proxy
+}
+
+# ------------------------------------------------------------------ main
+
+main() {
+    for ma_bin in "$NGINX" wrk taskset setsid timeout curl "$PY"; do
+        command -v "$ma_bin" >/dev/null 2>&1 \
+            || die "$ma_bin not found (run: sh scripts/install-deps.sh)"
+    done
+    [ "$(nproc)" -ge 2 ] || log "WARNING: fewer than 2 cores; pinning overlaps"
+    if [ "$STANDIN" != nginx ] && [ ! -x "$MOONGATE" ]; then
+        die "$MOONGATE not built (make all), or set BENCH_STANDIN=nginx"
+    fi
+
+    trap cleanup EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    DIR=$(mktemp -d "${TMPDIR:-/tmp}/moongate-bench.XXXXXX")
+    RESULTS=$DIR/results.tsv
+    : >"$RESULTS"
+
+    log "rounds=$ROUNDS duration=${DURATION}s warmup=${WARMUP}s" \
+        "connections=$CONNS proxy cpu=$PROXY_CPU load cpu=$LOAD_CPU" \
+        "nginx forwarding headers=$NGINX_FWD"
+    start_upstream
+    start_nginx_proxy nginx
+    NGINX_SID=$PROXY_SID NGINX_PORT=$PROXY_PORT
+    scenarios
+    stop "$NGINX_SID"
+    stop "$UP_SID"
+
+    [ -s "$RESULTS" ] || die "no scenario matched BENCH_SCENARIOS=$SCENARIOS"
+    ma_rc=0
+    $TOOL report "$RESULTS" || ma_rc=$?
+    [ -f "$DIR/profiles.txt" ] && cat "$DIR/profiles.txt"
+    if [ "$ma_rc" -ne 0 ]; then
+        echo "WARNING: wrk saw socket errors or non-2xx answers;" \
+            "these figures are not valid" >&2
+        exit "$ma_rc"
+    fi
+    if [ "$STRICT" = 1 ]; then
+        check_targets || exit 1
+    fi
+}
+
+# check_targets: issue 2's targets for the bare proxy scenario.
+check_targets() {
+    $TOOL report "$RESULTS" | awk '
+        $1 == "ratio" && $2 == "proxy" && $3 == "req_per_s" && $4 < 1.0 { bad = 1; print "target missed: req/s ratio " $4 }
+        $1 == "ratio" && $2 == "proxy" && $3 == "cpu_us_per_req" && $4 > 1.0 { bad = 1; print "target missed: CPU/req ratio " $4 }
+        $1 == "ratio" && $2 == "proxy" && $3 == "p99_ms" && $4 > 1.0 { bad = 1; print "target missed: p99 ratio " $4 }
+        END { exit bad }' >&2
+}
+
+main "$@"

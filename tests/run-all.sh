@@ -1,0 +1,146 @@
+#!/bin/sh
+# The top-level test runner behind `make test`:
+#
+#   sh tests/run-all.sh [unit] [unit-asan] [e2e] [e2e-asan]
+#
+#   unit      every build/tests/test_* binary, each under `timeout 60`; each
+#             prints "PASS name" / "FAIL name" lines. A binary that crashes,
+#             times out or exits non-zero without a FAIL line counts as one
+#             failure named after the binary.
+#   unit-asan the same from build/asan/tests/, with leak detection on and
+#             sanitizer reports fatal.
+#   e2e       tests/e2e/run.py against build/moongate.
+#   e2e-asan  tests/e2e/run.py against build/asan/moongate; sanitizer
+#             reports are fatal and the harness fails any test whose gateway
+#             printed one.
+#
+# Without arguments it runs all four; the two asan suites are skipped, with
+# a notice, when build/asan/moongate does not exist. Each suite's output is
+# shown as it comes. The last line printed is "N passed, N failed" summed
+# over the suites; the exit status is non-zero when any test failed or a
+# suite could not run. POSIX sh.
+
+cd "$(dirname "$0")/.." || exit 2
+
+PY=/usr/bin/python3
+ASAN_ENV="ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:halt_on_error=1:print_summary=1"
+UBSAN_ENV="UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1"
+E2E_TIMEOUT=${E2E_TIMEOUT:-900}
+
+total_pass=0
+total_fail=0
+broken=0
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/mg-run-all.XXXXXX") || exit 2
+trap 'rm -rf "$tmp"' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+count() { # count PATTERN FILE: lines starting with PATTERN
+    grep -c "^$1 " "$2" 2>/dev/null || true
+}
+
+# run_unit DIR LABEL [ENV...]
+run_unit() {
+    dir=$1
+    label=$2
+    shift 2
+    echo "== $label: C unit tests from $dir"
+    p=0
+    f=0
+    found=0
+    srcs=$(ls tests/unit/test_*.c 2>/dev/null)
+    for src in $srcs; do
+        name=$(basename "$src" .c)
+        if [ ! -x "$dir/$name" ]; then
+            echo "FAIL $name (binary $dir/$name was not built)"
+            f=$((f + 1))
+        fi
+    done
+    for bin in "$dir"/test_*; do
+        [ -f "$bin" ] && [ -x "$bin" ] || continue
+        found=1
+        name=$(basename "$bin")
+        out="$tmp/unit.out"
+        env "$@" timeout 60 "$bin" >"$out" 2>&1
+        rc=$?
+        cat "$out"
+        bp=$(count PASS "$out")
+        bf=$(count FAIL "$out")
+        if [ "$rc" -ne 0 ] && [ "$bf" -eq 0 ]; then
+            case $rc in
+                124) why="timed out after 60 s" ;;
+                *) why="exit status $rc" ;;
+            esac
+            echo "FAIL $name ($why)"
+            bf=1
+        fi
+        p=$((p + bp))
+        f=$((f + bf))
+    done
+    if [ "$found" -eq 0 ] && [ -z "$srcs" ]; then
+        echo "$label: no unit tests (no tests/unit/test_*.c)"
+    fi
+    echo "$label: $p passed, $f failed"
+    total_pass=$((total_pass + p))
+    total_fail=$((total_fail + f))
+}
+
+# run_e2e BIN LABEL [ENV...]
+run_e2e() {
+    bin=$1
+    label=$2
+    shift 2
+    echo "== $label: end-to-end tests against $bin"
+    if [ ! -x "$bin" ]; then
+        echo "$label: cannot run: $bin does not exist (build it first)"
+        broken=1
+        total_fail=$((total_fail + 1))
+        return
+    fi
+    out="$tmp/e2e.out"
+    { env "$@" MOONGATE_BIN="$bin" timeout "$E2E_TIMEOUT" "$PY" tests/e2e/run.py $E2E_FILTER
+      echo $? >"$tmp/e2e.rc"; } 2>&1 | tee "$out"
+    rc=$(cat "$tmp/e2e.rc" 2>/dev/null || echo 1)
+    line=$(grep -E '^e2e: [0-9]+ passed, [0-9]+ failed$' "$out" | tail -n 1)
+    if [ -z "$line" ]; then
+        echo "$label: the e2e runner ended without its summary (exit status $rc)"
+        broken=1
+        total_fail=$((total_fail + 1))
+        return
+    fi
+    p=$(echo "$line" | sed -E 's/^e2e: ([0-9]+) passed, ([0-9]+) failed$/\1/')
+    f=$(echo "$line" | sed -E 's/^e2e: ([0-9]+) passed, ([0-9]+) failed$/\2/')
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+        echo "$label: runner exit status $rc"
+        f=1
+    fi
+    total_pass=$((total_pass + p))
+    total_fail=$((total_fail + f))
+}
+
+suites="$*"
+if [ -z "$suites" ]; then
+    suites="unit e2e"
+    if [ -x build/asan/moongate ]; then
+        suites="unit unit-asan e2e e2e-asan"
+    else
+        echo "notice: build/asan/moongate does not exist: skipping unit-asan and e2e-asan"
+    fi
+fi
+
+for s in $suites; do
+    case $s in
+        unit) run_unit build/tests unit ;;
+        unit-asan) run_unit build/asan/tests unit-asan "$ASAN_ENV" "$UBSAN_ENV" ;;
+        e2e) run_e2e build/moongate e2e ;;
+        e2e-asan) run_e2e build/asan/moongate e2e-asan "$ASAN_ENV" "$UBSAN_ENV" ;;
+        *)
+            echo "unknown suite: $s (suites: unit unit-asan e2e e2e-asan)"
+            broken=1
+            total_fail=$((total_fail + 1))
+            ;;
+    esac
+done
+
+echo "$total_pass passed, $total_fail failed"
+[ "$total_fail" -eq 0 ] && [ "$broken" -eq 0 ]
