@@ -1013,8 +1013,16 @@ static void load_route_head(ld_t *ld, size_t i, mg_route_conf_t *r)
 
     char *up = NULL;
     r->upstream = -1;
-    if (get_string(ld, -1, "upstream", &up) == 0)
-        fail(ld, "upstream", "required");
+    /* A route answered by a Lua handler needs no upstream. */
+    lua_pushliteral(ld->L, "handler");
+    lua_rawget(ld->L, -2);
+    r->has_handler = lua_isfunction(ld->L, -1);
+    if (!lua_isnil(ld->L, -1) && !r->has_handler)
+        fail(ld, "handler", "expected a function, got %s",
+             luaL_typename(ld->L, -1));
+    lua_pop(ld->L, 1);
+    if (get_string(ld, -1, "upstream", &up) == 0 && !r->has_handler)
+        fail(ld, "upstream", "required (or a handler)");
     if (up) {
         r->upstream = find_upstream(ld->cfg, up);
         if (r->upstream < 0)

@@ -59,7 +59,9 @@ typedef struct {
     uint64_t methods;         /* bit (1 << llhttp method); 0 = any */
     char **hosts;
     size_t nhosts;
-    int upstream;             /* index into config->upstreams */
+    int upstream;             /* index into config->upstreams; -1 for a
+                                 route answered by its Lua handler */
+    int has_handler;          /* `handler` is a Lua function */
     char *strip_prefix;       /* NULL = none; literal prefix removed from the
                                  proxied path when it starts with it. `true`
                                  in the config means the pattern's literal

@@ -43,16 +43,25 @@ int mg_gen_check(const mg_config_t *cfg, char *err, size_t errlen)
 {
     mg_router_t *router;
     int rc = build_router(cfg, &router, err, errlen);
-    if (rc == 0)
-        mg_router_free(router);
-    return rc;
+    if (rc)
+        return rc;
+    mg_router_free(router);
+    return mg_lua_check(cfg->file, cfg->nroutes, err, errlen);
 }
 
-mg_gen_t *mg_gen_new(mg_worker_t *w, mg_config_t *cfg, unsigned id,
-                     char *err, size_t errlen)
+mg_gen_t *mg_gen_new(mg_worker_t *w, mg_lua_t *lua, mg_config_t *cfg,
+                     unsigned id, char *err, size_t errlen)
 {
     mg_router_t *router = NULL;
     if (build_router(cfg, &router, err, errlen)) {
+        mg_config_free(cfg);
+        return NULL;
+    }
+    uint8_t *masks = mg_calloc(cfg->nroutes + 1, 1);
+    if (lua && mg_lua_gen_load(lua, id, cfg->file, masks, cfg->nroutes, err,
+                               errlen)) {
+        free(masks);
+        mg_router_free(router);
         mg_config_free(cfg);
         return NULL;
     }
@@ -62,6 +71,8 @@ mg_gen_t *mg_gen_new(mg_worker_t *w, mg_config_t *cfg, unsigned id,
     g->refs = 1;
     g->cfg = cfg;
     g->router = router;
+    g->lua = lua;
+    g->route_masks = masks;
     g->upstreams = mg_calloc(cfg->nupstreams + 1, sizeof(mg_upstream_t));
     for (size_t i = 0; i < cfg->nupstreams; i++) {
         mg_upstream_t *u = &g->upstreams[i];
@@ -82,6 +93,9 @@ void mg_gen_unref(mg_gen_t *g)
         free(g->upstreams[i].targets);
     free(g->upstreams);
     mg_router_free(g->router);
+    if (g->lua)
+        mg_lua_gen_free(g->lua, g->id);
+    free(g->route_masks);
     mg_config_free(g->cfg);
     free(g);
 }

@@ -9,6 +9,7 @@
 
 #include "config.h"
 #include "http.h"
+#include "lua.h"
 #include "router.h"
 #include "upstream.h"
 
@@ -18,6 +19,8 @@ struct mg_gen_s {
     mg_config_t *cfg;       /* owned */
     mg_router_t *router;    /* owned; route data -> mg_route_conf_t */
     mg_upstream_t *upstreams; /* parallel to cfg->upstreams */
+    mg_lua_t *lua;          /* borrowed: the worker's VM (NULL: no Lua) */
+    uint8_t *route_masks;   /* per route: MG_LUA_* phases with plugins */
 };
 
 /*
@@ -25,8 +28,8 @@ struct mg_gen_s {
  * with one reference. Returns NULL and writes the reason into err when the
  * routes cannot be compiled.
  */
-mg_gen_t *mg_gen_new(mg_worker_t *w, mg_config_t *cfg, unsigned id,
-                     char *err, size_t errlen);
+mg_gen_t *mg_gen_new(mg_worker_t *w, mg_lua_t *lua, mg_config_t *cfg,
+                     unsigned id, char *err, size_t errlen);
 
 /*
  * Compiles the routes of `cfg` without building a generation: the
@@ -34,6 +37,13 @@ mg_gen_t *mg_gen_new(mg_worker_t *w, mg_config_t *cfg, unsigned id,
  * Returns 0 or MG_ECONFIG with the reason in err.
  */
 int mg_gen_check(const mg_config_t *cfg, char *err, size_t errlen);
+
+/* Index of a route of g's config (the router's data points into it). */
+static inline size_t mg_gen_route_index(const mg_gen_t *g,
+                                        const mg_route_conf_t *rt)
+{
+    return (size_t)(rt - g->cfg->routes);
+}
 
 static inline void mg_gen_ref(mg_gen_t *g)
 {

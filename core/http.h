@@ -45,7 +45,16 @@ struct mg_req_s {
     const mg_route_conf_t *route; /* matched route, NULL before routing */
     mg_header_t *headers;     /* client headers after identity/underscore
                                  removal; names and values borrow the arena */
-    size_t nheaders;
+    size_t nheaders, headers_cap;
+    mg_str_t query;           /* raw query string without '?' (arena) */
+    size_t nparams;           /* route parameters (arena copies) */
+    mg_str_t *param_names, *param_values;
+    unsigned path_set : 1;    /* a plugin chose the upstream path */
+    unsigned req_mutable : 1; /* rewrite/access/handler may edit the request */
+    unsigned resp_mutable : 1;/* header_filter may edit the response head */
+    int resp_status;          /* 0 until the response head is known */
+    mg_header_t *resp_headers; /* response head as sent to the client */
+    size_t nresp_headers, resp_headers_cap;
     int64_t content_length;   /* -1: none */
     unsigned chunked : 1;     /* Transfer-Encoding: chunked */
     unsigned expect_continue : 1;
@@ -96,6 +105,14 @@ int mg_conn_should_close(const mg_req_t *r);
  * connection serves the next request or closes.
  */
 void mg_conn_response_done(mg_req_t *r);
+
+/*
+ * Answers with a complete response (status, headers, body) and ends the
+ * request. Framing headers in `headers` are ignored: the gateway sets
+ * Content-Length itself. Same rules as mg_conn_respond_error otherwise.
+ */
+void mg_conn_respond(mg_req_t *r, int status, const mg_header_t *headers,
+                     size_t n, mg_str_t body, int close);
 
 /*
  * Answers with a gateway-generated JSON error ({"error":"<reason>"}) and

@@ -254,8 +254,8 @@ const char *mg_http_reason(int status)
     }
 }
 
-void mg_conn_respond_error(mg_req_t *r, int status, const char *reason,
-                           int close)
+void mg_conn_respond(mg_req_t *r, int status, const mg_header_t *headers,
+                     size_t n, mg_str_t body, int close)
 {
     mg_conn_t *c = r->conn;
     if (c->closing || !c->active)
@@ -268,32 +268,53 @@ void mg_conn_respond_error(mg_req_t *r, int status, const char *reason,
         c->close_after = 1;
     int keep = !mg_conn_should_close(r);
     int head = r->method == HTTP_HEAD && r->method_name.len;
-    char *out = mg_arena_alloc(r->arena, 512);
-    int body_len = snprintf(NULL, 0, "{\"error\":\"%s\"}\n", reason);
-    int n = snprintf(out, 512,
-                     "HTTP/1.%d %d %s\r\n"
-                     "Content-Type: application/json\r\n"
-                     "Content-Length: %d\r\n"
-                     "%s"
-                     "\r\n"
-                     "%s%s%s",
-                     r->http_minor == 0 ? 0 : 1, status,
-                     mg_http_reason(status), body_len,
-                     keep ? (r->http_minor == 0 ? "Connection: keep-alive\r\n"
-                                                : "")
-                          : "Connection: close\r\n",
-                     head ? "" : "{\"error\":\"", head ? "" : reason,
-                     head ? "" : "\"}\n");
-    if (n >= 512)
-        n = 511;
+    size_t cap = 160 + r->request_id.len + body.len;
+    for (size_t i = 0; i < n; i++)
+        cap += headers[i].name.len + headers[i].value.len + 4;
+    char *out = mg_arena_alloc(r->arena, cap), *w = out;
+    w += sprintf(w, "HTTP/1.%d %d %s\r\n", r->http_minor == 0 ? 0 : 1,
+                 status, mg_http_reason(status));
+    for (size_t i = 0; i < n; i++) {
+        /* Framing is ours: a plugin's Content-Length could smuggle. */
+        if (mg_str_caseeq(headers[i].name, MG_STR("content-length"))
+            || mg_str_caseeq(headers[i].name, MG_STR("transfer-encoding"))
+            || mg_str_caseeq(headers[i].name, MG_STR("connection")))
+            continue;
+        w += sprintf(w, "%.*s: %.*s\r\n", (int)headers[i].name.len,
+                     headers[i].name.p, (int)headers[i].value.len,
+                     headers[i].value.p);
+    }
+    if (r->request_id.len)
+        w += sprintf(w, "X-Request-Id: %.*s\r\n", (int)r->request_id.len,
+                     r->request_id.p);
+    w += sprintf(w, "Content-Length: %zu\r\n%s\r\n", body.len,
+                 keep ? (r->http_minor == 0 ? "Connection: keep-alive\r\n" : "")
+                      : "Connection: close\r\n");
+    if (!head && body.len) {
+        memcpy(w, body.p, body.len);
+        w += body.len;
+    }
     r->response_started = 1;
-    uv_buf_t b = uv_buf_init(out, (unsigned)n);
+    uv_buf_t b = uv_buf_init(out, (unsigned)(w - out));
     mg_conn_write(c, &b, 1, NULL, NULL);
     if (r->proxy) {
         mg_proxy_abort(r);
         r->proxy = NULL;
     }
     mg_conn_response_done(r);
+}
+
+void mg_conn_respond_error(mg_req_t *r, int status, const char *reason,
+                           int close)
+{
+    static const mg_header_t json = { { "Content-Type", 12 },
+                                      { "application/json", 16 } };
+    char body[256];
+    int n = snprintf(body, sizeof(body), "{\"error\":\"%s\"}\n", reason);
+    if (n >= (int)sizeof(body))
+        n = sizeof(body) - 1;
+    r->resp_status = status;
+    mg_conn_respond(r, status, &json, 1, (mg_str_t){ body, (size_t)n }, close);
 }
 
 /* ------------------------------------------------------------------ */
@@ -465,7 +486,9 @@ static int build_request(mg_conn_t *c, mg_req_t *r, const char **why)
         *why = "invalid request target";
         return 400;
     }
-    r->headers = mg_arena_alloc(r->arena, sizeof(mg_header_t) * c->nhspans);
+    r->headers = mg_arena_alloc(r->arena,
+                                sizeof(mg_header_t) * (c->nhspans + 1));
+    r->headers_cap = c->nhspans + 1;
     r->nheaders = 0;
     r->content_length = -1;
     for (unsigned i = 0; i < c->nhspans; i++) {
@@ -622,11 +645,14 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
         return;
     }
     if (nread < 0) {
-        if (nread == UV_EOF && c->state == C_DONE) {
-            /* A half-close after a whole request: answer, then close. */
+        if (nread == UV_EOF && (c->state != C_IDLE || c->pos < c->len)) {
+            /* A half-close: what is buffered may still be a whole request
+             * (it is answered, then the connection closes); keep_reading
+             * closes once more bytes would be needed. */
             c->eof = 1;
             c->close_after = 1;
             read_stop(c);
+            advance(c);
             return;
         }
         conn_close(c);
@@ -651,6 +677,13 @@ static void read_start(mg_conn_t *c)
  * per request. */
 static void keep_reading(mg_conn_t *c)
 {
+    if (c->eof) {
+        /* Nothing more will come: a request still short of bytes never
+         * completes. A gated body or a finished request waits. */
+        if (c->state == C_IDLE || c->state == C_HEAD || c->state == C_BODY)
+            conn_close(c);
+        return;
+    }
     if (c->len < c->cap || c->state <= C_HEAD)
         read_start(c);
     else

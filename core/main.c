@@ -10,6 +10,7 @@
 
 #include "config.h"
 #include "generation.h"
+#include "lua.h"
 #include "log.h"
 #include "master.h"
 
@@ -23,6 +24,8 @@ static void usage(FILE *out)
             "       moongate reload [-c FILE]   reload a running gateway\n"
             "       moongate stop [-c FILE]     stop a running gateway "
             "gracefully\n"
+            "       moongate lua FILE [ARGS]    run a Lua script with the gw "
+            "API\n"
             "       moongate version\n"
             "FILE defaults to " DEFAULT_CONFIG ".\n");
 }
@@ -55,9 +58,12 @@ static int check(const char *path)
     for (size_t i = 0; i < cfg->nlisten; i++)
         printf(" %s", cfg->listen[i].text);
     printf("\n");
-    for (size_t i = 0; i < cfg->nroutes; i++)
-        printf("  route %-24s -> %s\n", cfg->routes[i].path,
-               cfg->upstreams[cfg->routes[i].upstream].name);
+    for (size_t i = 0; i < cfg->nroutes; i++) {
+        const mg_route_conf_t *rt = &cfg->routes[i];
+        printf("  route %-24s -> %s\n", rt->path,
+               rt->upstream >= 0 ? cfg->upstreams[rt->upstream].name
+                                 : "(handler)");
+    }
     mg_config_free(cfg);
     return 0;
 }
@@ -93,6 +99,14 @@ int main(int argc, char **argv)
     int i = 1;
     if (i < argc && argv[i][0] != '-')
         cmd = argv[i++];
+    if (strcmp(cmd, "lua") == 0) {
+        if (i >= argc) {
+            usage(stderr);
+            return 2;
+        }
+        signal(SIGPIPE, SIG_IGN);
+        return mg_lua_run_script(argv[i], argc - i - 1, argv + i + 1);
+    }
     for (; i < argc; i++) {
         if (strcmp(argv[i], "-c") == 0 && i + 1 < argc) {
             path = argv[++i];

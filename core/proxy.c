@@ -23,6 +23,7 @@
 
 #include "generation.h"
 #include "http.h"
+#include "lua.h"
 #include "log.h"
 #include "path.h"
 #include "upstream.h"
@@ -42,6 +43,9 @@ struct mg_proxy_s {
     mg_upstream_t *upstream;
     mg_target_t *target;
     mg_upconn_t *uc;
+    mg_lua_task_t *task;       /* the request's coroutine, if it has Lua */
+    uint8_t mask;              /* MG_LUA_* phases this route runs */
+    mg_str_t wildcard;         /* what the route's '*' matched */
     llhttp_t parser;
     uv_buf_t head;             /* request head for the upstream (arena) */
     uv_buf_t client_head;      /* response head not yet written: it goes
@@ -72,12 +76,14 @@ struct mg_proxy_s {
     unsigned in_field : 1;
     unsigned interim : 1;      /* current upstream message is a 1xx */
     unsigned counted : 1;      /* counted in upstream->inflight */
+    unsigned plugin_failed : 1; /* header_filter raised an error */
 };
 
 static llhttp_settings_t up_settings;
 
 static void free_proxy(mg_proxy_t *p)
 {
+    mg_lua_task_free(p->task);
     free(p->pending);
     free(p);
 }
@@ -174,10 +180,14 @@ static int idempotent(unsigned method)
 static void fail(mg_proxy_t *p, int status, const char *reason)
 {
     mg_req_t *r = p->r;
-    if (status >= 500)
+    if (status >= 500 && p->target)
         mg_log_error("%.*s %.*s: upstream %s: %s", (int)r->method_name.len,
                      r->method_name.p, (int)r->target.len, r->target.p,
-                     p->target ? mg_target_name(p->target) : "-", reason);
+                     mg_target_name(p->target), reason);
+    else if (status >= 500)
+        mg_log_error("%.*s %.*s: route %s: %s", (int)r->method_name.len,
+                     r->method_name.p, (int)r->target.len, r->target.p,
+                     p->route->name, reason);
     /* Detach first: respond_error would otherwise call mg_proxy_abort. */
     r->proxy = NULL;
     p->r = NULL;
@@ -196,6 +206,7 @@ static void fail(mg_proxy_t *p, int status, const char *reason)
         mg_conn_respond_error(r, status,
                               status == 504 ? "gateway timeout"
                               : status == 503 ? "service unavailable"
+                              : status == 500 ? "internal error"
                                               : "bad gateway",
                               0);
 }
@@ -230,12 +241,12 @@ static void on_uc_closed(mg_upconn_t *uc)
 
 /* Applies strip_prefix / rewrite to the normalized path. */
 static mg_str_t upstream_path(mg_req_t *r, const mg_route_conf_t *rt,
-                              const mg_route_match_t *m, mg_str_t path)
+                              mg_str_t wildcard, mg_str_t path)
 {
     if (rt->rewrite) {
         size_t cap = strlen(rt->rewrite) + path.len + 1;
-        for (size_t i = 0; i < m->nparams; i++)
-            cap += m->param_values[i].len;
+        for (size_t i = 0; i < r->nparams; i++)
+            cap += r->param_values[i].len;
         char *out = mg_arena_alloc(r->arena, cap), *w = out;
         for (const char *t = rt->rewrite; *t;) {
             const char *close = *t == '{' ? strchr(t, '}') : NULL;
@@ -245,10 +256,10 @@ static mg_str_t upstream_path(mg_req_t *r, const mg_route_conf_t *rt,
             }
             mg_str_t name = { t + 1, (size_t)(close - t - 1) };
             if (mg_str_eq(name, MG_STR("*")))
-                append_str(&w, m->wildcard);
-            for (size_t i = 0; i < m->nparams; i++)
-                if (mg_str_eq(name, m->param_names[i]))
-                    append_str(&w, m->param_values[i]);
+                append_str(&w, wildcard);
+            for (size_t i = 0; i < r->nparams; i++)
+                if (mg_str_eq(name, r->param_names[i]))
+                    append_str(&w, r->param_values[i]);
             t = close + 1;
         }
         return (mg_str_t){ out, (size_t)(w - out) };
@@ -268,9 +279,9 @@ static void build_head(mg_proxy_t *p, mg_str_t path, mg_str_t query)
 {
     mg_req_t *r = p->r;
     int trusted = peer_trusted(r);
-    mg_str_t rid = MG_NULL_STR;
     size_t xff_len = 0;
-    size_t cap = 256 + r->method_name.len + path.len + query.len
+    size_t cap = 256 + r->request_id.len + r->method_name.len + path.len
+                 + query.len
                  + r->host.len * 2 + 2 * sizeof(r->client_ip)
                  + strlen(mg_target_name(p->target));
     for (size_t i = 0; i < r->nheaders; i++)
@@ -294,11 +305,8 @@ static void build_head(mg_proxy_t *p, mg_str_t path, mg_str_t query)
             xff_len += trusted ? h->value.len + 2 : 0;
             continue;
         }
-        if (mg_str_caseeq(h->name, MG_STR("x-request-id"))) {
-            if (trusted)
-                rid = h->value;
-            continue;
-        }
+        if (mg_str_caseeq(h->name, MG_STR("x-request-id")))
+            continue; /* r->request_id, decided at the start */
         if (mg_str_caseeq(h->name, MG_STR("x-forwarded-proto"))
             || mg_str_caseeq(h->name, MG_STR("x-forwarded-host")))
             continue;
@@ -330,13 +338,6 @@ static void build_head(mg_proxy_t *p, mg_str_t path, mg_str_t query)
         APPEND_LIT(&w, "\r\n");
     }
     APPEND_LIT(&w, "X-Request-Id: ");
-    if (rid.len && rid.len <= 200) {
-        r->request_id = mg_arena_strdup(r->arena, rid);
-    } else {
-        char *id = mg_arena_alloc(r->arena, 33);
-        mg_worker_request_id(mg_conn_worker(r->conn), id);
-        r->request_id = (mg_str_t){ id, 32 };
-    }
     append_str(&w, r->request_id);
     APPEND_LIT(&w, "\r\n");
     if (r->chunked) {
@@ -374,10 +375,114 @@ static void split_target(mg_str_t target, mg_str_t *path, mg_str_t *query)
 static void on_connect(mg_upconn_t *uc, int status);
 static void attach(mg_proxy_t *p, mg_upconn_t *uc);
 
+/* X-Request-Id: a trusted peer's own, or a fresh one. */
+static void set_request_id(mg_req_t *r)
+{
+    if (peer_trusted(r))
+        for (size_t i = 0; i < r->nheaders; i++)
+            if (mg_str_caseeq(r->headers[i].name, MG_STR("x-request-id"))
+                && r->headers[i].value.len
+                && r->headers[i].value.len <= 200) {
+                r->request_id = r->headers[i].value;
+                return;
+            }
+    char *id = mg_arena_alloc(r->arena, 33);
+    mg_worker_request_id(mg_conn_worker(r->conn), id);
+    r->request_id = (mg_str_t){ id, 32 };
+}
+
+/* Connects (or takes a pooled connection) and sends the request. */
+static void go_upstream(mg_proxy_t *p)
+{
+    mg_req_t *r = p->r;
+    const mg_route_conf_t *rt = p->route;
+    if (rt->upstream < 0) {
+        fail(p, 500, "the handler route has no handler result");
+        return;
+    }
+    mg_upstream_t *u = &r->gen->upstreams[rt->upstream];
+    p->upstream = u;
+    if (u->inflight >= u->conf->max_pending) {
+        fail(p, 503, "too many requests waiting for the upstream");
+        return;
+    }
+    u->inflight++;
+    p->counted = 1;
+    p->target = mg_upstream_pick(u);
+    build_head(p, r->path_set ? r->path
+                              : upstream_path(r, rt, p->wildcard, r->path),
+               r->query);
+    mg_upconn_t *uc;
+    int rc = mg_upconn_get(p->target, p, rt->timeouts.connect_ms, on_connect,
+                           &uc);
+    if (rc == 0 || rc == MG_AGAIN) {
+        attach(p, uc);
+        if (rc == 0)
+            on_connect(uc, 0);
+    } else {
+        fail(p, 502, mg_strerror(rc));
+    }
+}
+
+/* Runs the route's log phase, if any (the response is fully decided). */
+static void run_log_phase(mg_proxy_t *p)
+{
+    if (p->task && (p->mask & MG_LUA_LOG))
+        mg_lua_task_phase(p->task, "log");
+}
+
+/* A phase (or the handler) answered the request itself. */
+static void lua_respond(mg_proxy_t *p)
+{
+    mg_req_t *r = p->r;
+    int status;
+    mg_str_t body;
+    mg_header_t *headers;
+    size_t n;
+    mg_lua_task_response(p->task, r->arena, &status, &body, &headers, &n);
+    r->resp_status = status;
+    r->resp_headers = headers;
+    r->nresp_headers = r->resp_headers_cap = n;
+    run_log_phase(p);
+    r->proxy = NULL;
+    free_proxy(p);
+    mg_conn_respond(r, status, headers, n, body, 0);
+}
+
+/* What the request's coroutine decided, now or after a wait. */
+static void on_lua_decision(mg_lua_task_t *t, int what, void *data)
+{
+    mg_proxy_t *p = data;
+    mg_req_t *r = p->r;
+    if (what == MG_LUA_WAIT)
+        return;
+    r->req_mutable = 0;
+    if (what == MG_LUA_PROXY)
+        go_upstream(p);
+    else if (what == MG_LUA_RESPOND)
+        lua_respond(p);
+    else
+        fail(p, 500, "plugin error");
+}
+
+/* Copies what the route matched into the request (plugins read it). */
+static void keep_match(mg_req_t *r, const mg_route_match_t *m)
+{
+    r->nparams = m->nparams;
+    if (!m->nparams)
+        return;
+    r->param_names = mg_arena_alloc(r->arena, m->nparams * sizeof(mg_str_t));
+    r->param_values = mg_arena_alloc(r->arena, m->nparams * sizeof(mg_str_t));
+    for (size_t i = 0; i < m->nparams; i++) {
+        r->param_names[i] = mg_arena_strdup(r->arena, m->param_names[i]);
+        r->param_values[i] = m->param_values[i]; /* in r->path: arena */
+    }
+}
+
 void mg_proxy_start(mg_req_t *r)
 {
-    mg_str_t raw_path, query;
-    split_target(r->target, &raw_path, &query);
+    mg_str_t raw_path;
+    split_target(r->target, &raw_path, &r->query);
     char *norm = mg_arena_alloc(r->arena, raw_path.len + 1);
     size_t norm_len;
     if (mg_path_normalize(raw_path.p, raw_path.len, norm, &norm_len)) {
@@ -399,32 +504,24 @@ void mg_proxy_start(mg_req_t *r)
         mg_conn_respond_error(r, 413, "request body too large", 1);
         return;
     }
-    mg_upstream_t *u = &r->gen->upstreams[rt->upstream];
-    if (u->inflight >= u->conf->max_pending) {
-        mg_conn_respond_error(r, 503, "service unavailable", 0);
-        return;
-    }
+    keep_match(r, &m);
+    set_request_id(r);
 
     mg_proxy_t *p = mg_calloc(1, sizeof(*p));
     p->r = r;
     p->route = rt;
-    p->upstream = u;
-    u->inflight++;
-    p->counted = 1;
+    p->wildcard = m.wildcard;
+    p->mask = r->gen->route_masks[mg_gen_route_index(r->gen, rt)];
     r->proxy = p;
-    p->target = mg_upstream_pick(u);
-    build_head(p, upstream_path(r, rt, &m, r->path), query);
-
-    mg_upconn_t *uc;
-    int rc = mg_upconn_get(p->target, p, rt->timeouts.connect_ms, on_connect,
-                           &uc);
-    if (rc == 0 || rc == MG_AGAIN) {
-        attach(p, uc);
-        if (rc == 0)
-            on_connect(uc, 0);
-    } else {
-        fail(p, 502, mg_strerror(rc));
+    if (!p->mask) {
+        go_upstream(p);
+        return;
     }
+    r->req_mutable = 1;
+    int what = mg_lua_request_start(r->gen->lua, r, r->gen->id,
+                                    mg_gen_route_index(r->gen, rt),
+                                    on_lua_decision, p, &p->task);
+    on_lua_decision(p->task, what, p);
 }
 
 /* ------------------------------------------------------------------ */
@@ -691,6 +788,38 @@ static int field_listed_in_connection(mg_proxy_t *p, mg_str_t name)
     return 0;
 }
 
+/* Whether an upstream response header goes on to the client. */
+static int forwarded(mg_proxy_t *p, mg_str_t name)
+{
+    return !is_hop_by_hop(name) && !field_listed_in_connection(p, name)
+           && !mg_str_caseeq(name, MG_STR("x-request-id"));
+}
+
+/*
+ * Runs header_filter on the response head: the forwarded headers become
+ * r->resp_headers, which plugins edit. Returns 0, or -1 if a plugin
+ * failed (the client then gets a 500: nothing has been sent yet).
+ */
+static int filter_head(mg_proxy_t *p)
+{
+    mg_req_t *r = p->r;
+    r->resp_headers = mg_arena_alloc(r->arena,
+                                     (p->nfields + 1) * sizeof(mg_header_t));
+    r->resp_headers_cap = p->nfields + 1;
+    r->nresp_headers = 0;
+    for (unsigned i = 0; i < p->nfields; i++) {
+        mg_str_t name = field(p, i, 0);
+        if (forwarded(p, name))
+            r->resp_headers[r->nresp_headers++] = (mg_header_t){
+                name, field(p, i, 1)
+            };
+    }
+    r->resp_mutable = 1;
+    int what = mg_lua_task_phase(p->task, "header_filter");
+    r->resp_mutable = 0;
+    return what == MG_LUA_ERROR ? -1 : 0;
+}
+
 /* Writes the client's response head. Returns llhttp's "skip body" hint. */
 static int up_on_headers_complete(llhttp_t *parser)
 {
@@ -705,28 +834,42 @@ static int up_on_headers_complete(llhttp_t *parser)
     }
     p->interim = 0;
     p->status = status;
+    r->resp_status = status;
+    int filtered = p->task && (p->mask & MG_LUA_HEADER_FILTER);
+    if (filtered && filter_head(p) < 0) {
+        p->plugin_failed = 1;
+        return -1;
+    }
     int head = r->method == HTTP_HEAD;
     int no_body = head || status == 204 || status == 304;
-    mg_str_t length = MG_NULL_STR;
+    mg_str_t length = MG_NULL_STR, reason = MG_NULL_STR;
     size_t cap = 256 + r->request_id.len + p->reason.len;
     for (unsigned i = 0; i < p->nfields; i++)
         cap += p->fields[i][0].len + p->fields[i][1].len + 4;
+    for (size_t i = 0; filtered && i < r->nresp_headers; i++)
+        cap += r->resp_headers[i].name.len + r->resp_headers[i].value.len + 4;
     char *out = mg_arena_alloc(r->arena, cap), *w = out;
-    mg_str_t reason = { p->uc->rbuf + p->reason.off, p->reason.len };
-    w += sprintf(w, "HTTP/1.%d %d ", r->http_minor ? 1 : 0, status);
+    if (r->resp_status == status)
+        reason = (mg_str_t){ p->uc->rbuf + p->reason.off, p->reason.len };
+    w += sprintf(w, "HTTP/1.%d %d ", r->http_minor ? 1 : 0, r->resp_status);
     append_str(&w, reason.len ? reason
-                              : mg_str_from_cstr(mg_http_reason(status)));
+                              : mg_str_from_cstr(mg_http_reason(r->resp_status)));
     APPEND_LIT(&w, "\r\n");
     for (unsigned i = 0; i < p->nfields; i++) {
         mg_str_t name = field(p, i, 0), value = field(p, i, 1);
         if (mg_str_caseeq(name, MG_STR("content-length")))
             length = value;
-        if (is_hop_by_hop(name) || field_listed_in_connection(p, name)
-            || mg_str_caseeq(name, MG_STR("x-request-id")))
+        if (filtered || !forwarded(p, name))
             continue;
         append_str(&w, name);
         APPEND_LIT(&w, ": ");
         append_str(&w, value);
+        APPEND_LIT(&w, "\r\n");
+    }
+    for (size_t i = 0; filtered && i < r->nresp_headers; i++) {
+        append_str(&w, r->resp_headers[i].name);
+        APPEND_LIT(&w, ": ");
+        append_str(&w, r->resp_headers[i].value);
         APPEND_LIT(&w, "\r\n");
     }
     APPEND_LIT(&w, "X-Request-Id: ");
@@ -799,6 +942,7 @@ static void finish(mg_proxy_t *p)
     mg_upconn_t *uc = p->uc;
     int reusable = p->up_keepalive && p->body_end && p->up_writes == 0
                    && p->pos == uc->rlen;
+    run_log_phase(p);
     r->proxy = NULL;
     p->upstream->inflight--;
     p->counted = 0;
@@ -870,7 +1014,8 @@ static void parse_response(mg_proxy_t *p)
     } else if (err == HPE_PAUSED) {
         p->pos = (size_t)(llhttp_get_error_pos(&p->parser) - uc->rbuf);
     } else {
-        fail(p, 502, "invalid response");
+        fail(p, p->plugin_failed ? 500 : 502,
+             p->plugin_failed ? "header_filter failed" : "invalid response");
         return;
     }
     if (p->status)

@@ -6,7 +6,9 @@
  */
 #include "upstream.h"
 
+#include <errno.h>
 #include <stdlib.h>
+#include <sys/socket.h>
 
 #include "log.h"
 
@@ -170,12 +172,32 @@ static void on_connected(uv_connect_t *req, int status)
     cb(uc, status);
 }
 
+/*
+ * A pooled connection whose close or stray bytes are already in the socket
+ * but not yet seen by the loop (they arrived this iteration) must not be
+ * reused: stray bytes would be taken as the next request's response. One
+ * non-blocking peek per reuse closes that window.
+ */
+static int still_clean(mg_upconn_t *uc)
+{
+    uv_os_fd_t fd;
+    char byte;
+    if (uv_fileno((uv_handle_t *)&uc->tcp, &fd))
+        return 0;
+    ssize_t n = recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+}
+
 int mg_upconn_get(mg_target_t *t, void *owner, uint64_t connect_ms,
                   mg_upconn_connect_cb cb, mg_upconn_t **out)
 {
-    if (t->idle) {
+    while (t->idle) {
         mg_upconn_t *uc = t->idle;
         unlink_idle(uc);
+        if (!still_clean(uc)) {
+            mg_upconn_close(uc);
+            continue;
+        }
         uv_timer_stop(&uc->timer);
         uc->owner = owner;
         uc->reused = 1;

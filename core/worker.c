@@ -28,6 +28,7 @@ struct mg_worker_s {
     mg_wreq_t *done_head, *done_tail;
     mg_gen_t *gen;
     unsigned next_gen_id;
+    mg_lua_t *lua;
     mg_conn_list_t conns;
     mg_target_t **targets;      /* every target any generation used */
     size_t ntargets;
@@ -44,6 +45,11 @@ mg_gen_t *mg_worker_gen(mg_worker_t *w)
 uv_loop_t *mg_worker_loop(mg_worker_t *w)
 {
     return &w->loop;
+}
+
+mg_lua_t *mg_worker_lua(mg_worker_t *w)
+{
+    return w->lua;
 }
 
 int mg_worker_draining(const mg_worker_t *w)
@@ -192,10 +198,13 @@ static void reload(mg_worker_t *w)
         mg_log_lines(MG_LOG_ERROR, prefix, err);
         return;
     }
-    mg_gen_t *g = mg_gen_new(w, cfg, w->next_gen_id, err, sizeof(err));
+    mg_gen_t *g = mg_gen_new(w, w->lua, cfg, w->next_gen_id, err,
+                             sizeof(err));
     if (!g) {
-        mg_log_error("reload refused, generation %u keeps serving: %s",
-                     w->gen->id, err);
+        char prefix[80];
+        snprintf(prefix, sizeof(prefix),
+                 "reload refused, generation %u keeps serving: ", w->gen->id);
+        mg_log_lines(MG_LOG_ERROR, prefix, err);
         return;
     }
     w->next_gen_id++;
@@ -306,10 +315,15 @@ int mg_worker_run(const mg_worker_opts_t *opts, mg_config_t *cfg)
         w.rng[0] = (uint64_t)getpid() * 0x9E3779B97F4A7C15ull + 1;
     uv_loop_init(&w.loop);
 
-    char err[1024];
-    w.gen = mg_gen_new(&w, cfg, 1, err, sizeof(err));
-    if (!w.gen) {
+    char err[4096];
+    w.lua = mg_lua_new(&w.loop, err, sizeof(err));
+    if (!w.lua) {
         mg_log_error("%s", err);
+        return 1;
+    }
+    w.gen = mg_gen_new(&w, w.lua, cfg, 1, err, sizeof(err));
+    if (!w.gen) {
+        mg_log_lines(MG_LOG_ERROR, "", err);
         return 1;
     }
     w.next_gen_id = 2;
@@ -334,6 +348,7 @@ int mg_worker_run(const mg_worker_opts_t *opts, mg_config_t *cfg)
     uv_run(&w.loop, UV_RUN_DEFAULT);
 
     mg_gen_unref(w.gen);
+    mg_lua_free(w.lua);
     free(w.targets);
     free(w.listeners);
     int rc = uv_loop_close(&w.loop);

@@ -11,6 +11,7 @@
 
 #include "config.h"
 #include "http.h"
+#include "lua.h"
 
 typedef struct mg_target_s mg_target_t;
 
@@ -32,6 +33,9 @@ int mg_worker_run(const mg_worker_opts_t *opts, mg_config_t *cfg);
 mg_gen_t *mg_worker_gen(mg_worker_t *w);
 
 uv_loop_t *mg_worker_loop(mg_worker_t *w);
+
+/* The worker's Lua VM. */
+mg_lua_t *mg_worker_lua(mg_worker_t *w);
 
 /* True once the worker is stopping: responses carry Connection: close. */
 int mg_worker_draining(const mg_worker_t *w);

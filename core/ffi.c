@@ -1,0 +1,180 @@
+/*
+ * FFI exports: the request and response as plugins see them. Everything
+ * here is a small accessor over mg_req_t; copies go to the request arena,
+ * so they live exactly as long as the request.
+ */
+#include "ffi.h"
+
+#include <stdio.h>
+#include <sys/time.h>
+
+#include "log.h"
+#include "path.h"
+
+int mg_ffi_version(void)
+{
+    return MG_FFI_VERSION;
+}
+
+mg_str_t mg_ffi_req_method(mg_req_t *r)
+{
+    return r->method_name;
+}
+
+mg_str_t mg_ffi_req_path(mg_req_t *r)
+{
+    return r->path;
+}
+
+mg_str_t mg_ffi_req_query(mg_req_t *r)
+{
+    return r->query;
+}
+
+mg_str_t mg_ffi_req_host(mg_req_t *r)
+{
+    return r->host;
+}
+
+mg_str_t mg_ffi_req_client_ip(mg_req_t *r)
+{
+    return mg_str_from_cstr(r->client_ip);
+}
+
+mg_str_t mg_ffi_req_id(mg_req_t *r)
+{
+    return r->request_id;
+}
+
+int mg_ffi_req_set_path(mg_req_t *r, const char *p, size_t len)
+{
+    if (!r->req_mutable)
+        return -1;
+    char *out = mg_arena_alloc(r->arena, len + 1);
+    size_t n;
+    if (mg_path_normalize(p, len, out, &n))
+        return -1;
+    r->path = (mg_str_t){ out, n };
+    r->path_set = 1;
+    return 0;
+}
+
+int mg_ffi_req_set_query(mg_req_t *r, const char *p, size_t len)
+{
+    if (!r->req_mutable)
+        return -1;
+    r->query = mg_arena_strdup(r->arena, (mg_str_t){ p, len });
+    return 0;
+}
+
+int mg_ffi_req_param(mg_req_t *r, const char *name, size_t nlen,
+                     mg_str_t *value)
+{
+    for (size_t i = 0; i < r->nparams; i++)
+        if (mg_str_eq(r->param_names[i], (mg_str_t){ name, nlen })) {
+            *value = r->param_values[i];
+            return 0;
+        }
+    return MG_DECLINED;
+}
+
+typedef struct {
+    mg_header_t **list;
+    size_t *n, *cap;
+} header_list_t;
+
+static header_list_t list_of(mg_req_t *r, int resp)
+{
+    if (resp)
+        return (header_list_t){ &r->resp_headers, &r->nresp_headers,
+                                &r->resp_headers_cap };
+    return (header_list_t){ &r->headers, &r->nheaders, &r->headers_cap };
+}
+
+int mg_ffi_header_count(mg_req_t *r, int resp)
+{
+    return (int)*list_of(r, resp).n;
+}
+
+int mg_ffi_header_at(mg_req_t *r, int resp, int i, mg_str_t *name,
+                     mg_str_t *value)
+{
+    header_list_t l = list_of(r, resp);
+    if (i < 0 || (size_t)i >= *l.n)
+        return MG_DECLINED;
+    *name = (*l.list)[i].name;
+    *value = (*l.list)[i].value;
+    return 0;
+}
+
+int mg_ffi_header_get(mg_req_t *r, int resp, const char *name, size_t nlen,
+                      mg_str_t *value)
+{
+    header_list_t l = list_of(r, resp);
+    for (size_t i = 0; i < *l.n; i++)
+        if (mg_str_caseeq((*l.list)[i].name, (mg_str_t){ name, nlen })) {
+            *value = (*l.list)[i].value;
+            return 0;
+        }
+    return MG_DECLINED;
+}
+
+int mg_ffi_header_set(mg_req_t *r, int resp, const char *name, size_t nlen,
+                      const char *value, size_t vlen, int replace)
+{
+    if (resp ? !r->resp_mutable : !r->req_mutable)
+        return -1;
+    header_list_t l = list_of(r, resp);
+    mg_str_t key = { name, nlen };
+    if (replace) {
+        size_t k = 0;
+        for (size_t i = 0; i < *l.n; i++)
+            if (!mg_str_caseeq((*l.list)[i].name, key))
+                (*l.list)[k++] = (*l.list)[i];
+        *l.n = k;
+    }
+    if (!value)
+        return 0;
+    if (*l.n == *l.cap) {
+        /* Arena memory: the old array is simply left behind. */
+        size_t cap = *l.cap * 2 + 8;
+        mg_header_t *grown = mg_arena_alloc(r->arena, cap * sizeof(**l.list));
+        if (*l.n)
+            memcpy(grown, *l.list, *l.n * sizeof(**l.list));
+        *l.list = grown;
+        *l.cap = cap;
+    }
+    mg_header_t *h = &(*l.list)[(*l.n)++];
+    h->name = mg_arena_strdup(r->arena, key);
+    h->value = mg_arena_strdup(r->arena, (mg_str_t){ value, vlen });
+    if (!resp && mg_str_caseeq(key, MG_STR("host")))
+        r->host = h->value;
+    return 0;
+}
+
+int mg_ffi_resp_status(mg_req_t *r)
+{
+    return r->resp_status;
+}
+
+int mg_ffi_resp_set_status(mg_req_t *r, int status)
+{
+    if (!r->resp_mutable || status < 200 || status > 599)
+        return -1;
+    r->resp_status = status;
+    return 0;
+}
+
+void mg_ffi_log(int level, const char *msg, size_t len)
+{
+    if (level < MG_LOG_ERROR || level > MG_LOG_DEBUG)
+        level = MG_LOG_INFO;
+    mg_log(level, "lua: %.*s", (int)len, msg);
+}
+
+double mg_ffi_now(void)
+{
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (double)tv.tv_sec + (double)(tv.tv_usec / 1000) / 1000.0;
+}

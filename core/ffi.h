@@ -1,0 +1,51 @@
+/*
+ * The functions LuaJIT calls through the FFI (lua/moongate/cdef.lua mirrors
+ * this list; MG_FFI_VERSION guards against drift). They are synchronous,
+ * allocate only from the request arena, and never call back into Lua.
+ * Request pointers are the ones the runtime received for a request still
+ * in progress.
+ */
+#ifndef MG_FFI_H
+#define MG_FFI_H
+
+#include "http.h"
+
+#define MG_FFI_VERSION 1
+
+typedef struct mg_lua_task_s mg_lua_task_t;
+
+int mg_ffi_version(void);
+
+mg_str_t mg_ffi_req_method(mg_req_t *r);
+mg_str_t mg_ffi_req_path(mg_req_t *r);
+mg_str_t mg_ffi_req_query(mg_req_t *r);
+mg_str_t mg_ffi_req_host(mg_req_t *r);
+mg_str_t mg_ffi_req_client_ip(mg_req_t *r);
+mg_str_t mg_ffi_req_id(mg_req_t *r);
+/* 0, or -1 for a path that does not normalize (it must stay canonical). */
+int mg_ffi_req_set_path(mg_req_t *r, const char *p, size_t len);
+int mg_ffi_req_set_query(mg_req_t *r, const char *p, size_t len);
+/* 0 and *value, or MG_DECLINED. */
+int mg_ffi_req_param(mg_req_t *r, const char *name, size_t nlen,
+                     mg_str_t *value);
+
+/* Headers of the request (resp = 0) or of the response (resp = 1). */
+int mg_ffi_header_count(mg_req_t *r, int resp);
+int mg_ffi_header_at(mg_req_t *r, int resp, int i, mg_str_t *name,
+                     mg_str_t *value);
+/* First value, case-insensitive: 0 and *value, or MG_DECLINED. */
+int mg_ffi_header_get(mg_req_t *r, int resp, const char *name, size_t nlen,
+                      mg_str_t *value);
+/* Removes every line of `name` when replace is set, then appends
+ * name: value unless value is NULL. -1 when that side cannot change now. */
+int mg_ffi_header_set(mg_req_t *r, int resp, const char *name, size_t nlen,
+                      const char *value, size_t vlen, int replace);
+
+int mg_ffi_resp_status(mg_req_t *r);
+int mg_ffi_resp_set_status(mg_req_t *r, int status);
+
+void mg_ffi_log(int level, const char *msg, size_t len);
+int mg_ffi_sleep(mg_lua_task_t *t, double seconds);
+double mg_ffi_now(void);
+
+#endif

@@ -1,0 +1,350 @@
+/*
+ * The worker's LuaJIT VM and the coroutines it runs. Request data crosses
+ * into Lua through the FFI (core/ffi.c); this file only uses the Lua C API
+ * to start, resume and read coroutines, which the FFI cannot do.
+ *
+ * A task is a coroutine plus its C side: the timer it waits on and the
+ * callback that receives the decisions it makes after a wait. Every resume
+ * goes through resume(), which turns what the coroutine yielded into one
+ * of the MG_LUA_* codes, so the yield protocol lives in one place (and in
+ * runtime.lua, its other end).
+ */
+#include "lua.h"
+
+#include <lauxlib.h>
+#include <limits.h>
+#include <lualib.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "log.h"
+
+struct mg_lua_s {
+    lua_State *L;
+    uv_loop_t *loop;
+    int ref_runtime;     /* the runtime module table */
+};
+
+struct mg_lua_task_s {
+    mg_lua_t *vm;
+    lua_State *co;
+    int co_ref;
+    uv_timer_t *timer;   /* allocated on the first gw.sleep */
+    mg_lua_task_cb cb;
+    void *data;
+    int nresults;        /* values the last yield left on co's stack */
+};
+
+static char root_dir[PATH_MAX];
+
+const char *mg_lua_root(void)
+{
+    if (root_dir[0])
+        return root_dir;
+    const char *env = getenv("MOONGATE_HOME");
+    if (env && *env) {
+        snprintf(root_dir, sizeof(root_dir), "%s", env);
+        return root_dir;
+    }
+    /* build/moongate or build/asan/moongate: look upwards for lua/. */
+    char exe[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    if (n > 0) {
+        exe[n] = '\0';
+        for (int up = 0; up < 4; up++) {
+            char *slash = strrchr(exe, '/');
+            if (!slash)
+                break;
+            *slash = '\0';
+            char probe[PATH_MAX + 32];
+            snprintf(probe, sizeof(probe), "%s/lua/moongate/runtime.lua", exe);
+            if (access(probe, R_OK) == 0) {
+                snprintf(root_dir, sizeof(root_dir), "%s", exe);
+                return root_dir;
+            }
+        }
+    }
+    snprintf(root_dir, sizeof(root_dir), ".");
+    return root_dir;
+}
+
+/* Pushes runtime[name]. */
+static void push_runtime_fn(mg_lua_t *vm, const char *name)
+{
+    lua_rawgeti(vm->L, LUA_REGISTRYINDEX, vm->ref_runtime);
+    lua_getfield(vm->L, -1, name);
+    lua_remove(vm->L, -2);
+}
+
+mg_lua_t *mg_lua_new(uv_loop_t *loop, char *err, size_t errlen)
+{
+    lua_State *L = luaL_newstate();
+    luaL_openlibs(L);
+    const char *root = mg_lua_root();
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "path");
+    lua_pushfstring(L, "%s/lua/?.lua;%s/lua/?/init.lua;%s", root, root,
+                    lua_tostring(L, -1));
+    lua_setfield(L, -3, "path");
+    lua_pop(L, 2);
+
+    lua_getglobal(L, "require");
+    lua_pushstring(L, "moongate.runtime");
+    if (lua_pcall(L, 1, 1, 0)) {
+        snprintf(err, errlen, "cannot load the Lua runtime from %s/lua: %s",
+                 root, lua_tostring(L, -1));
+        lua_close(L);
+        return NULL;
+    }
+    lua_pushstring(L, root);
+    lua_setfield(L, -2, "root");
+    mg_lua_t *vm = mg_calloc(1, sizeof(*vm));
+    vm->L = L;
+    vm->loop = loop;
+    vm->ref_runtime = luaL_ref(L, LUA_REGISTRYINDEX);
+    return vm;
+}
+
+void mg_lua_free(mg_lua_t *vm)
+{
+    if (!vm)
+        return;
+    lua_close(vm->L);
+    free(vm);
+}
+
+int mg_lua_gen_load(mg_lua_t *vm, unsigned id, const char *path,
+                    uint8_t *masks, size_t nroutes, char *err, size_t errlen)
+{
+    lua_State *L = vm->L;
+    push_runtime_fn(vm, "load_generation");
+    lua_pushinteger(L, id);
+    lua_pushstring(L, path);
+    if (lua_pcall(L, 2, 2, 0)) {
+        snprintf(err, errlen, "%s: %s", path, lua_tostring(L, -1));
+        lua_pop(L, 1);
+        return MG_ECONFIG;
+    }
+    if (lua_isnil(L, -2)) {
+        snprintf(err, errlen, "%s", lua_tostring(L, -1));
+        lua_pop(L, 2);
+        return MG_ECONFIG;
+    }
+    for (size_t i = 0; i < nroutes; i++) {
+        lua_rawgeti(L, -2, (int)i + 1);
+        masks[i] = (uint8_t)lua_tointeger(L, -1);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 2);
+    return 0;
+}
+
+void mg_lua_gen_free(mg_lua_t *vm, unsigned id)
+{
+    push_runtime_fn(vm, "free_generation");
+    lua_pushinteger(vm->L, id);
+    lua_pcall(vm->L, 1, 0, 0);
+    /* Plugin modules of the old generation become garbage: collect now
+     * rather than let many reloads pile up. */
+    lua_gc(vm->L, LUA_GCCOLLECT, 0);
+}
+
+int mg_lua_check(const char *path, size_t nroutes, char *err, size_t errlen)
+{
+    mg_lua_t *vm = mg_lua_new(NULL, err, errlen);
+    if (!vm)
+        return MG_ECONFIG;
+    uint8_t *masks = mg_calloc(nroutes + 1, 1);
+    int rc = mg_lua_gen_load(vm, 0, path, masks, nroutes, err, errlen);
+    free(masks);
+    mg_lua_free(vm);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ */
+/* Tasks                                                              */
+
+static int resume(mg_lua_task_t *t, int nargs)
+{
+    lua_State *co = t->co;
+    int rc = lua_resume(co, nargs);
+    if (rc == 0) {
+        lua_settop(co, 0);
+        return MG_LUA_DONE;
+    }
+    if (rc != LUA_YIELD) {
+        const char *msg = lua_tostring(co, -1);
+        luaL_traceback(t->vm->L, co, msg ? msg : "(error object is not a string)", 0);
+        mg_log_lines(MG_LOG_ERROR, "lua: ", lua_tostring(t->vm->L, -1));
+        lua_pop(t->vm->L, 1);
+        lua_settop(co, 0);
+        return MG_LUA_ERROR;
+    }
+    const char *what = lua_tostring(co, 1);
+    t->nresults = lua_gettop(co);
+    if (what && strcmp(what, "wait") == 0)
+        return MG_LUA_WAIT;
+    if (what && strcmp(what, "proxy") == 0)
+        return MG_LUA_PROXY;
+    if (what && strcmp(what, "respond") == 0)
+        return MG_LUA_RESPOND;
+    if (what && strcmp(what, "next") == 0)
+        return MG_LUA_NEXT;
+    mg_log_error("lua: a plugin yielded outside the gw API (coroutine.yield "
+                 "in a phase?)");
+    return MG_LUA_ERROR;
+}
+
+/* Clears what the last yield left before resuming with new values. */
+static void reset_stack(mg_lua_task_t *t)
+{
+    lua_settop(t->co, 0);
+    t->nresults = 0;
+}
+
+int mg_lua_request_start(mg_lua_t *vm, mg_req_t *r, unsigned gen_id,
+                         size_t route_idx, mg_lua_task_cb cb, void *data,
+                         mg_lua_task_t **out)
+{
+    lua_State *L = vm->L;
+    mg_lua_task_t *t = mg_calloc(1, sizeof(*t));
+    t->vm = vm;
+    t->cb = cb;
+    t->data = data;
+    t->co = lua_newthread(L);
+    t->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    *out = t;
+    push_runtime_fn(vm, "handle");
+    lua_xmove(L, t->co, 1);
+    lua_pushlightuserdata(t->co, t);
+    lua_pushinteger(t->co, gen_id);
+    lua_pushinteger(t->co, (lua_Integer)route_idx + 1);
+    lua_pushlightuserdata(t->co, r);
+    return resume(t, 4);
+}
+
+int mg_lua_task_phase(mg_lua_task_t *t, const char *phase)
+{
+    reset_stack(t);
+    lua_pushstring(t->co, phase);
+    return resume(t, 1);
+}
+
+void mg_lua_task_response(mg_lua_task_t *t, mg_arena_t *arena, int *status,
+                          mg_str_t *body, mg_header_t **headers, size_t *n)
+{
+    /* Stack: "respond", status, body, { name, value, name, value, ... } */
+    lua_State *co = t->co;
+    size_t len;
+    const char *s;
+    *status = (int)lua_tointeger(co, 2);
+    s = lua_tolstring(co, 3, &len);
+    *body = mg_arena_strdup(arena, (mg_str_t){ s ? s : "", s ? len : 0 });
+    size_t count = lua_objlen(co, 4) / 2;
+    *headers = mg_arena_alloc(arena, sizeof(mg_header_t) * (count + 1));
+    for (size_t i = 0; i < count; i++) {
+        lua_rawgeti(co, 4, (int)(2 * i + 1));
+        s = lua_tolstring(co, -1, &len);
+        (*headers)[i].name = mg_arena_strdup(arena, (mg_str_t){ s, len });
+        lua_rawgeti(co, 4, (int)(2 * i + 2));
+        s = lua_tolstring(co, -1, &len);
+        (*headers)[i].value = mg_arena_strdup(arena, (mg_str_t){ s, len });
+        lua_pop(co, 2);
+    }
+    *n = count;
+}
+
+static void on_timer_closed(uv_handle_t *h)
+{
+    free(h);
+}
+
+void mg_lua_task_free(mg_lua_task_t *t)
+{
+    if (!t)
+        return;
+    if (t->timer)
+        uv_close((uv_handle_t *)t->timer, on_timer_closed);
+    luaL_unref(t->vm->L, LUA_REGISTRYINDEX, t->co_ref);
+    free(t);
+}
+
+static void on_sleep_done(uv_timer_t *timer)
+{
+    mg_lua_task_t *t = timer->data;
+    reset_stack(t);
+    int what = resume(t, 0);
+    if (what != MG_LUA_WAIT)
+        t->cb(t, what, t->data); /* may free t */
+}
+
+/* gw.sleep: arms the task's timer; the Lua side then yields "wait". */
+int mg_ffi_sleep(mg_lua_task_t *t, double seconds)
+{
+    if (!t->vm->loop)
+        return -1;
+    if (!t->timer) {
+        t->timer = mg_malloc(sizeof(uv_timer_t));
+        uv_timer_init(t->vm->loop, t->timer);
+        t->timer->data = t;
+    }
+    uv_timer_start(t->timer, on_sleep_done, (uint64_t)(seconds * 1000.0), 0);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* moongate lua FILE                                                  */
+
+typedef struct {
+    int status;
+    int finished;
+} script_state_t;
+
+static void on_script(mg_lua_task_t *t, int what, void *data)
+{
+    script_state_t *s = data;
+    s->finished = 1;
+    s->status = what == MG_LUA_DONE ? 0 : 1;
+}
+
+int mg_lua_run_script(const char *file, int argc, char **argv)
+{
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    char err[1024];
+    mg_lua_t *vm = mg_lua_new(&loop, err, sizeof(err));
+    if (!vm) {
+        fprintf(stderr, "moongate: %s\n", err);
+        return 1;
+    }
+    script_state_t state = { 0, 0 };
+    mg_lua_task_t *t = mg_calloc(1, sizeof(*t));
+    t->vm = vm;
+    t->cb = on_script;
+    t->data = &state;
+    t->co = lua_newthread(vm->L);
+    t->co_ref = luaL_ref(vm->L, LUA_REGISTRYINDEX);
+    push_runtime_fn(vm, "run_script");
+    lua_xmove(vm->L, t->co, 1);
+    lua_pushlightuserdata(t->co, t);
+    lua_pushstring(t->co, file);
+    for (int i = 0; i < argc; i++)
+        lua_pushstring(t->co, argv[i]);
+    int what = resume(t, 2 + argc);
+    if (what == MG_LUA_WAIT)
+        uv_run(&loop, UV_RUN_DEFAULT);
+    else
+        on_script(t, what, &state);
+    if (!state.finished) {
+        fprintf(stderr, "moongate: %s: stopped waiting with nothing left to "
+                        "wake it\n", file);
+        state.status = 1;
+    }
+    /* A script may end with os.exit(); this is the normal way out. */
+    mg_lua_task_free(t);
+    uv_run(&loop, UV_RUN_DEFAULT); /* let the timer close */
+    mg_lua_free(vm);
+    uv_loop_close(&loop);
+    return state.status;
+}

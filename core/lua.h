@@ -1,0 +1,92 @@
+/*
+ * The Lua side of a worker: one LuaJIT VM per process, the plugin runtime
+ * (lua/moongate/runtime.lua) loaded into it, a generation's plugin chains
+ * built in it, and one coroutine ("task") per request that has plugins.
+ * This module drives coroutines; what a request does with their decisions
+ * is the pipeline's business (proxy.c).
+ */
+#ifndef MG_LUA_H
+#define MG_LUA_H
+
+#include <uv.h>
+
+#include "common.h"
+#include "http.h"
+
+typedef struct mg_lua_s mg_lua_t;
+typedef struct mg_lua_task_s mg_lua_task_t;
+
+/* Route masks: which phases have plugins, and whether a handler answers. */
+enum {
+    MG_LUA_REWRITE = 1,
+    MG_LUA_ACCESS = 2,
+    MG_LUA_HEADER_FILTER = 4,
+    MG_LUA_BODY_FILTER = 8,
+    MG_LUA_LOG = 16,
+    MG_LUA_HANDLER = 32,
+};
+
+/* What a task's coroutine decided when it stopped. */
+enum {
+    MG_LUA_WAIT = 1,   /* suspended on I/O; the callback brings the rest */
+    MG_LUA_PROXY,      /* rewrite/access done: go upstream */
+    MG_LUA_RESPOND,    /* answer with mg_lua_task_response() */
+    MG_LUA_NEXT,       /* a later phase ran */
+    MG_LUA_DONE,       /* the coroutine finished */
+    MG_LUA_ERROR,      /* it raised an error (logged with its traceback) */
+};
+
+typedef void (*mg_lua_task_cb)(mg_lua_task_t *t, int what, void *data);
+
+/*
+ * Creates a VM with the runtime loaded. `loop` may be NULL for a VM that
+ * only validates configs. Returns NULL and the reason in err on failure.
+ */
+mg_lua_t *mg_lua_new(uv_loop_t *loop, char *err, size_t errlen);
+void mg_lua_free(mg_lua_t *vm);
+
+/* The directory holding lua/ and plugins/ (MOONGATE_HOME, or found from
+ * the executable's location). */
+const char *mg_lua_root(void);
+
+/*
+ * Loads the plugin chains of generation `id` from the config at `path`:
+ * plugins resolved, loaded fresh and their configs checked. On success
+ * fills masks[0..nroutes) and returns 0; else MG_ECONFIG with every error
+ * (one per line) in err.
+ */
+int mg_lua_gen_load(mg_lua_t *vm, unsigned id, const char *path,
+                    uint8_t *masks, size_t nroutes, char *err, size_t errlen);
+void mg_lua_gen_free(mg_lua_t *vm, unsigned id);
+
+/* Validates the Lua part of a config in a throwaway VM (master, check). */
+int mg_lua_check(const char *path, size_t nroutes, char *err, size_t errlen);
+
+/*
+ * Starts the coroutine for request `r` on route `route_idx` (0-based) of
+ * generation `gen_id`, and runs it until its first decision, which is
+ * returned (MG_LUA_WAIT means `cb` will bring it later). Loop thread only.
+ */
+int mg_lua_request_start(mg_lua_t *vm, mg_req_t *r, unsigned gen_id,
+                         size_t route_idx, mg_lua_task_cb cb, void *data,
+                         mg_lua_task_t **out);
+
+/* Runs a later phase ("header_filter", "log") synchronously. Returns
+ * MG_LUA_NEXT, MG_LUA_DONE or MG_LUA_ERROR. */
+int mg_lua_task_phase(mg_lua_task_t *t, const char *phase);
+
+/*
+ * After MG_LUA_RESPOND: the status, body and headers the phase returned,
+ * copied into the arena.
+ */
+void mg_lua_task_response(mg_lua_task_t *t, mg_arena_t *arena, int *status,
+                          mg_str_t *body, mg_header_t **headers, size_t *n);
+
+/* Ends a task: cancels its wait, releases its coroutine. */
+void mg_lua_task_free(mg_lua_task_t *t);
+
+/* `moongate lua FILE [args]`: runs FILE with the gw API on a fresh loop
+ * until it and everything it waits for are done. Returns an exit status. */
+int mg_lua_run_script(const char *file, int argc, char **argv);
+
+#endif

@@ -1,0 +1,39 @@
+-- The one place the C functions moongate exports to Lua are declared. It
+-- mirrors core/ffi.h; MG_FFI_VERSION must match mg_ffi_version() or the
+-- runtime refuses to start (the two cannot drift silently).
+local ffi = require("ffi")
+
+local _M = { version = 1 }
+
+ffi.cdef [[
+typedef struct { const char *p; size_t len; } mg_str_t;
+typedef struct mg_req_s mg_req_t;
+typedef struct mg_lua_task_s mg_lua_task_t;
+
+int mg_ffi_version(void);
+
+mg_str_t mg_ffi_req_method(mg_req_t *r);
+mg_str_t mg_ffi_req_path(mg_req_t *r);
+mg_str_t mg_ffi_req_query(mg_req_t *r);
+mg_str_t mg_ffi_req_host(mg_req_t *r);
+mg_str_t mg_ffi_req_client_ip(mg_req_t *r);
+mg_str_t mg_ffi_req_id(mg_req_t *r);
+int mg_ffi_req_set_path(mg_req_t *r, const char *p, size_t len);
+int mg_ffi_req_set_query(mg_req_t *r, const char *p, size_t len);
+int mg_ffi_req_param(mg_req_t *r, const char *name, size_t nlen, mg_str_t *value);
+
+int mg_ffi_header_count(mg_req_t *r, int resp);
+int mg_ffi_header_at(mg_req_t *r, int resp, int i, mg_str_t *name, mg_str_t *value);
+int mg_ffi_header_get(mg_req_t *r, int resp, const char *name, size_t nlen, mg_str_t *value);
+int mg_ffi_header_set(mg_req_t *r, int resp, const char *name, size_t nlen,
+                      const char *value, size_t vlen, int replace);
+
+int mg_ffi_resp_status(mg_req_t *r);
+int mg_ffi_resp_set_status(mg_req_t *r, int status);
+
+void mg_ffi_log(int level, const char *msg, size_t len);
+int mg_ffi_sleep(mg_lua_task_t *t, double seconds);
+double mg_ffi_now(void);
+]]
+
+return _M

@@ -1,0 +1,191 @@
+-- The gw API: what plugins and handlers use to reach the request, the
+-- response and the gateway. Request-scoped calls take the request's `ctx`
+-- (nothing request-scoped lives in a global). Synchronous calls cross into
+-- C through the FFI; waiting calls (gw.sleep) yield the request's
+-- coroutine. Documented in docs/lua-api.md.
+local ffi = require("ffi")
+local cdef = require("moongate.cdef")
+local cjson = require("cjson.safe")
+
+local C = ffi.C
+local ffi_string = ffi.string
+local co_running, co_yield = coroutine.running, coroutine.yield
+local type, error, tostring, select = type, error, tostring, select
+local concat = table.concat
+
+local MG_DECLINED = 2
+local str_out = ffi.new("mg_str_t[2]")
+
+local _M = { request = {}, response = {}, json = {}, version = cdef.version }
+
+-- The task (C side of a coroutine) of each running coroutine, for calls
+-- that wait. Weak keys: a finished coroutine takes its entry with it.
+local tasks = setmetatable({}, { __mode = "k" })
+_M._tasks = tasks
+
+local function req_of(ctx)
+    local r = type(ctx) == "table" and ctx._req
+    if not r then error("expected the request's ctx as first argument", 3) end
+    if ctx._done then error("the request has ended", 3) end
+    return r
+end
+
+local function getter(fn)
+    return function(ctx)
+        local s = fn(req_of(ctx))
+        return ffi_string(s.p, s.len)
+    end
+end
+
+--- gw.request.get_method(ctx) -> "GET". Any phase.
+_M.request.get_method = getter(C.mg_ffi_req_method)
+--- gw.request.get_path(ctx) -> the normalized path ("/users/1"). Any phase.
+_M.request.get_path = getter(C.mg_ffi_req_path)
+--- gw.request.get_query(ctx) -> the raw query string without "?" ("a=1&b=2").
+_M.request.get_query = getter(C.mg_ffi_req_query)
+--- gw.request.get_host(ctx) -> the Host header ("api.example.com:8080").
+_M.request.get_host = getter(C.mg_ffi_req_host)
+--- gw.request.get_client_ip(ctx) -> the TCP peer address ("127.0.0.1").
+_M.request.get_client_ip = getter(C.mg_ffi_req_client_ip)
+--- gw.request.get_id(ctx) -> the request id sent upstream as X-Request-Id.
+_M.request.get_id = getter(C.mg_ffi_req_id)
+
+--- gw.request.get_param(ctx, "id") -> a route parameter ("/users/{id}") or nil.
+function _M.request.get_param(ctx, name)
+    local r = req_of(ctx)
+    if C.mg_ffi_req_param(r, name, #name, str_out) ~= 0 then return nil end
+    return ffi_string(str_out[0].p, str_out[0].len)
+end
+
+--- gw.request.set_path(ctx, "/v2/users") -> true, or nil, err.
+-- rewrite/access only; replaces the path sent upstream (strip_prefix and
+-- rewrite of the route no longer apply).
+function _M.request.set_path(ctx, path)
+    if type(path) ~= "string" or path:sub(1, 1) ~= "/" then
+        error("path must be a string starting with '/'", 2)
+    end
+    if C.mg_ffi_req_set_path(req_of(ctx), path, #path) ~= 0 then
+        return nil, "invalid path"
+    end
+    return true
+end
+
+--- gw.request.set_query(ctx, "a=1") replaces the query string sent upstream.
+function _M.request.set_query(ctx, query)
+    if type(query) ~= "string" then error("query must be a string", 2) end
+    C.mg_ffi_req_set_query(req_of(ctx), query, #query)
+end
+
+local function header_get(resp)
+    return function(ctx, name)
+        local r = req_of(ctx)
+        if C.mg_ffi_header_get(r, resp, name, #name, str_out) == MG_DECLINED then
+            return nil
+        end
+        return ffi_string(str_out[0].p, str_out[0].len)
+    end
+end
+
+local function headers_get(resp)
+    return function(ctx)
+        local r = req_of(ctx)
+        local out = {}
+        for i = 0, C.mg_ffi_header_count(r, resp) - 1 do
+            C.mg_ffi_header_at(r, resp, i, str_out, str_out + 1)
+            local name = ffi_string(str_out[0].p, str_out[0].len):lower()
+            local value = ffi_string(str_out[1].p, str_out[1].len)
+            local prev = out[name]
+            if prev == nil then
+                out[name] = value
+            elseif type(prev) == "table" then
+                prev[#prev + 1] = value
+            else
+                out[name] = { prev, value }
+            end
+        end
+        return out
+    end
+end
+
+local function header_set(resp, replace)
+    return function(ctx, name, value)
+        local r = req_of(ctx)
+        if type(name) ~= "string" or not name:find("^[%w!#$%%&'*+.^_`|~-]+$") then
+            error("invalid header name", 2)
+        end
+        if value == nil then
+            C.mg_ffi_header_set(r, resp, name, #name, nil, 0, 1)
+            return
+        end
+        value = tostring(value)
+        if value:find("[\r\n%z]") then error("invalid header value", 2) end
+        if C.mg_ffi_header_set(r, resp, name, #name, value, #value, replace) ~= 0 then
+            error("headers cannot be changed in this phase", 2)
+        end
+    end
+end
+
+--- gw.request.get_header(ctx, "x-api-key") -> first value or nil.
+_M.request.get_header = header_get(0)
+--- gw.request.get_headers(ctx) -> { ["lower-name"] = "v" or { "v1", "v2" } }.
+_M.request.get_headers = headers_get(0)
+--- gw.request.set_header(ctx, "X-User-ID", "42"): replaces; nil removes.
+_M.request.set_header = header_set(0, 1)
+--- gw.request.add_header(ctx, "X-Tag", "a"): appends another line.
+_M.request.add_header = header_set(0, 0)
+--- gw.request.clear_header(ctx, "Cookie")
+function _M.request.clear_header(ctx, name) _M.request.set_header(ctx, name, nil) end
+
+--- gw.response.get_status(ctx) -> 200. header_filter and log.
+function _M.response.get_status(ctx) return C.mg_ffi_resp_status(req_of(ctx)) end
+--- gw.response.set_status(ctx, 203). header_filter only.
+function _M.response.set_status(ctx, status)
+    if C.mg_ffi_resp_set_status(req_of(ctx), status) ~= 0 then
+        error("the status cannot be changed in this phase", 2)
+    end
+end
+--- gw.response.get_header(ctx, "content-type") -> first value or nil.
+_M.response.get_header = header_get(1)
+--- gw.response.get_headers(ctx) -> table as for the request.
+_M.response.get_headers = headers_get(1)
+--- gw.response.set_header(ctx, "Cache-Control", "no-store"); nil removes.
+_M.response.set_header = header_set(1, 1)
+--- gw.response.add_header(ctx, "Set-Cookie", "a=b")
+_M.response.add_header = header_set(1, 0)
+--- gw.response.clear_header(ctx, "Server")
+function _M.response.clear_header(ctx, name) _M.response.set_header(ctx, name, nil) end
+
+local LEVELS = { error = 0, warn = 1, info = 2, debug = 3 }
+
+--- gw.log("warn", "upstream said ", status): one error-log line.
+function _M.log(level, ...)
+    local lv = LEVELS[level]
+    if not lv then error("log level must be error, warn, info or debug", 2) end
+    local parts = { ... }
+    for i = 1, select("#", ...) do parts[i] = tostring(parts[i]) end
+    local msg = concat(parts)
+    C.mg_ffi_log(lv, msg, #msg)
+end
+
+--- gw.now() -> seconds since the epoch, with milliseconds (a float).
+function _M.now() return C.mg_ffi_now() end
+
+--- gw.sleep(0.2): yields the request for that long. rewrite/access/handler.
+function _M.sleep(seconds)
+    if type(seconds) ~= "number" or seconds < 0 then
+        error("seconds must be a non-negative number", 2)
+    end
+    local co = co_running()
+    local task = co and tasks[co]
+    if not task then error("gw.sleep cannot wait here (not in a yieldable phase)", 2) end
+    if C.mg_ffi_sleep(task, seconds) ~= 0 then return nil, "cannot sleep" end
+    co_yield("wait")
+    return true
+end
+
+--- gw.json.encode(t) -> string or nil, err; gw.json.decode(s) -> value or nil, err.
+_M.json.encode = cjson.encode
+_M.json.decode = cjson.decode
+_M.json.null = cjson.null
+
+return _M

@@ -1,0 +1,305 @@
+-- The plugin runtime inside each worker's Lua VM: builds a generation's
+-- plugin chains from the config file (loading plugin modules fresh, so a
+-- reload picks up edited scripts), checks every plugin config against its
+-- schema, and runs a request's phases in its coroutine. The C side
+-- (core/lua.c) calls load_generation, free_generation and handle; nothing
+-- else decides phase order.
+local schema = require("moongate.schema")
+local gw = require("moongate.gw")
+
+local type, pairs, ipairs, pcall, error, tostring = type, pairs, ipairs, pcall, error, tostring
+local setmetatable, loadfile, setfenv = setmetatable, loadfile, setfenv
+local co_yield, co_running = coroutine.yield, coroutine.running
+local sort, concat = table.sort, table.concat
+local io_open, getenv = io.open, os.getenv
+
+local _M = {}
+
+local PHASES = { "rewrite", "access", "header_filter", "body_filter", "log" }
+local PHASE_BIT = { rewrite = 1, access = 2, header_filter = 4, body_filter = 8, log = 16 }
+local HANDLER_BIT = 32
+_M.PHASE_BIT, _M.HANDLER_BIT = PHASE_BIT, HANDLER_BIT
+
+local generations = {}
+
+local function file_exists(path)
+    local f = io_open(path, "r")
+    if f then f:close() return true end
+    return false
+end
+
+local function dirname(path)
+    return path:match("^(.*)/[^/]*$") or "."
+end
+
+-- The directory holding lua/ and plugins/ (set by core/lua.c).
+_M.root = "."
+
+local function resolve_dir(base, dir)
+    if dir:sub(1, 1) == "/" then return dir end
+    return base .. "/" .. dir
+end
+
+-- Loads a plugin module by name: plugin_paths first, then plugins/. Each
+-- generation loads its own copy, so edited files take effect on reload.
+local function load_plugin(name, paths, cache)
+    if cache[name] then return cache[name] end
+    if not name:find("^[%w_-]+$") then
+        return nil, "invalid plugin name \"" .. name .. "\""
+    end
+    local file
+    for _, dir in ipairs(paths) do
+        if file_exists(dir .. "/" .. name .. ".lua") then
+            file = dir .. "/" .. name .. ".lua"
+            break
+        end
+    end
+    if not file then return nil, "no plugin named \"" .. name .. "\"" end
+    local chunk, err = loadfile(file)
+    if not chunk then return nil, err end
+    local ok, mod = pcall(chunk)
+    if not ok then return nil, file .. ": " .. tostring(mod) end
+    if type(mod) ~= "table" then return nil, file .. ": must return a table" end
+    if mod.name ~= name then
+        return nil, file .. ": name is \"" .. tostring(mod.name) .. "\", expected \"" .. name .. "\""
+    end
+    if type(mod.priority) ~= "number" then return nil, file .. ": priority must be a number" end
+    local sok, serr = schema.check_schema(mod.schema)
+    if not sok then return nil, file .. ": " .. serr end
+    cache[name] = mod
+    return mod
+end
+
+local function is_inline(value)
+    if type(value) ~= "table" then return false end
+    for _, phase in ipairs(PHASES) do
+        if type(value[phase]) == "function" then return true end
+    end
+    return false
+end
+
+-- One entry of a chain: a plugin with its checked config.
+local function make_entry(name, value, paths, cache, where, errors)
+    if is_inline(value) then
+        return { name = name, priority = value.priority or 0, mod = value, conf = value }
+    end
+    local mod, err = load_plugin(name, paths, cache)
+    if not mod then
+        errors[#errors + 1] = where .. ": plugins." .. name .. ": " .. err
+        return nil
+    end
+    local conf, errs = schema.validate(mod.schema, value == true and {} or value)
+    if not conf then
+        for _, e in ipairs(errs) do
+            errors[#errors + 1] = where .. ": plugins." .. name .. "." .. e
+        end
+        return nil
+    end
+    return { name = name, priority = mod.priority, mod = mod, conf = conf }
+end
+
+-- Orders entries: a route's `order` list first, in its order; the rest by
+-- priority (higher first), then name, so the result never depends on
+-- table iteration order.
+local function order_entries(entries, order, where, errors)
+    local rank = {}
+    for i, name in ipairs(order or {}) do rank[name] = i end
+    for name in pairs(rank) do
+        local found = false
+        for _, e in ipairs(entries) do found = found or e.name == name end
+        if not found then
+            errors[#errors + 1] = where .. ": order: \"" .. name .. "\" is not enabled here"
+        end
+    end
+    sort(entries, function(a, b)
+        local ra, rb = rank[a.name], rank[b.name]
+        if ra and rb then return ra < rb end
+        if ra or rb then return ra ~= nil end
+        if a.priority ~= b.priority then return a.priority > b.priority end
+        return a.name < b.name
+    end)
+end
+
+local function build_route(route, globals, paths, cache, where, errors)
+    local merged = {}
+    for name, value in pairs(globals) do merged[name] = value end
+    for name, value in pairs(route.plugins or {}) do merged[name] = value end
+    local entries = {}
+    for name, value in pairs(merged) do
+        if value ~= false then
+            local e = make_entry(name, value, paths, cache, where, errors)
+            if e then entries[#entries + 1] = e end
+        end
+    end
+    order_entries(entries, route.order, where, errors)
+    local chains, mask = {}, 0
+    for _, phase in ipairs(PHASES) do
+        local chain = {}
+        for _, e in ipairs(entries) do
+            if type(e.mod[phase]) == "function" then
+                chain[#chain + 1] = { name = e.name, fn = e.mod[phase], conf = e.conf }
+            end
+        end
+        chains[phase] = chain
+        if #chain > 0 then mask = mask + PHASE_BIT[phase] end
+    end
+    if route.handler ~= nil then
+        if type(route.handler) ~= "function" then
+            errors[#errors + 1] = where .. ": handler: expected a function"
+        end
+        mask = mask + HANDLER_BIT
+    end
+    local names = {}
+    for i, e in ipairs(entries) do names[i] = e.name end
+    return {
+        chains = chains, handler = route.handler, mask = mask, plugins = names,
+        info = { name = route.name or route.path, path = route.path },
+    }
+end
+
+local function run_config(path)
+    local chunk, err = loadfile(path)
+    if not chunk then return nil, err end
+    local env = setmetatable({
+        env = function(name, default)
+            local v = getenv(name)
+            if v == nil then return default end
+            return v
+        end,
+    }, { __index = _G })
+    setfenv(chunk, env)
+    local ok, conf = pcall(chunk)
+    if not ok then return nil, path .. ": " .. tostring(conf) end
+    if type(conf) ~= "table" then return nil, path .. ": the chunk must return a table" end
+    return conf
+end
+
+--- Builds generation `id` from the config file. Returns a list of route
+-- masks (phases with plugins, plus HANDLER_BIT), or nil and the errors
+-- joined by newlines ("FILE: routes[2] \"/x\": plugins.acl.allow: required").
+function _M.load_generation(id, path)
+    local conf, err = run_config(path)
+    if not conf then return nil, err end
+    local base = dirname(path)
+    local paths = {}
+    if conf.plugin_paths ~= nil and type(conf.plugin_paths) ~= "table" then
+        return nil, path .. ": top level: plugin_paths: expected a list"
+    end
+    for _, dir in ipairs(conf.plugin_paths or {}) do
+        paths[#paths + 1] = resolve_dir(base, dir)
+    end
+    paths[#paths + 1] = _M.root .. "/plugins"
+    local globals = conf.plugins or {}
+    local errors, cache = {}, {}
+    if type(globals) ~= "table" then
+        return nil, path .. ": top level: plugins: expected a table"
+    end
+    local gen = { id = id, routes = {} }
+    local masks = {}
+    for i, route in ipairs(conf.routes or {}) do
+        local where = path .. ": routes[" .. i .. "] \"" .. tostring(route.path) .. "\""
+        if route.plugins ~= nil and type(route.plugins) ~= "table" then
+            errors[#errors + 1] = where .. ": plugins: expected a table"
+        else
+            gen.routes[i] = build_route(route, globals, paths, cache, where, errors)
+            masks[i] = gen.routes[i].mask
+        end
+    end
+    if #errors > 0 then return nil, concat(errors, "\n") end
+    generations[id] = gen
+    return masks
+end
+
+function _M.free_generation(id)
+    generations[id] = nil
+end
+
+-- Turns a phase's early exit into what C sends: a status, a string body
+-- and a flat header list.
+local function response(status, body, headers)
+    if type(status) ~= "number" or status < 100 or status > 599 then
+        error("a phase must return an HTTP status (100-599), got " .. tostring(status), 0)
+    end
+    local flat = {}
+    local has_type = false
+    for name, value in pairs(headers or {}) do
+        if name:lower() == "content-type" then has_type = true end
+        if type(value) == "table" then
+            for _, v in ipairs(value) do flat[#flat + 1] = name; flat[#flat + 1] = tostring(v) end
+        else
+            flat[#flat + 1] = name
+            flat[#flat + 1] = tostring(value)
+        end
+    end
+    if type(body) == "table" then
+        local json, err = gw.json.encode(body)
+        if not json then error("cannot encode the response body: " .. err, 0) end
+        body = json .. "\n"
+        if not has_type then flat[#flat + 1] = "Content-Type"; flat[#flat + 1] = "application/json" end
+    elseif body ~= nil then
+        body = tostring(body)
+        if not has_type then
+            flat[#flat + 1] = "Content-Type"
+            flat[#flat + 1] = "text/plain; charset=utf-8"
+        end
+    end
+    return status, body or "", flat
+end
+
+local function run_phase(chain, ctx, phase)
+    ctx.phase = phase
+    for i = 1, #chain do
+        local p = chain[i]
+        ctx.plugin = p.name
+        local status, body, headers = p.fn(p.conf, ctx)
+        if status ~= nil and (phase == "rewrite" or phase == "access") then
+            return status, body, headers
+        end
+    end
+end
+
+--- The body of a request's coroutine (see core/lua.c). Yields "proxy" or
+-- "respond" once rewrite/access are done, then runs the phases the core
+-- resumes it with ("header_filter", "log") and returns after "log".
+function _M.handle(task, gen_id, route_idx, req)
+    local route = generations[gen_id].routes[route_idx]
+    local ctx = { _req = req, var = {}, route = route.info }
+    gw._tasks[co_running()] = task
+    local status, body, headers = run_phase(route.chains.rewrite, ctx, "rewrite")
+    if status == nil then
+        status, body, headers = run_phase(route.chains.access, ctx, "access")
+    end
+    if status == nil and route.handler then
+        ctx.phase, ctx.plugin = "handler", nil
+        status, body, headers = route.handler(ctx)
+        if status == nil then status = 200 end
+    end
+    local phase
+    if status ~= nil then
+        phase = co_yield("respond", response(status, body, headers))
+    else
+        phase = co_yield("proxy")
+    end
+    gw._tasks[co_running()] = nil -- later phases may not wait
+    while true do
+        if phase == "header_filter" then
+            run_phase(route.chains.header_filter, ctx, phase)
+        elseif phase == "log" then
+            run_phase(route.chains.log, ctx, phase)
+            ctx._done = true
+            return "done"
+        end
+        phase = co_yield("next")
+    end
+end
+
+--- `moongate lua FILE args...`: runs a script as the main coroutine.
+function _M.run_script(task, file, ...)
+    gw._tasks[co_running()] = task
+    local chunk, err = loadfile(file)
+    if not chunk then error(err, 0) end
+    _G.arg = { [0] = file, ... }
+    return chunk(...)
+end
+
+return _M
