@@ -2,7 +2,7 @@
 
 CC      ?= cc
 BUILD   ?= build
-PKGS    := luajit libuv libllhttp openssl
+PKGS    := luajit libuv libllhttp openssl hiredis
 V       ?= 0
 Q       := $(if $(filter 1,$(V)),,@)
 

@@ -24,6 +24,7 @@ struct mg_lua_s {
     lua_State *L;
     uv_loop_t *loop;
     int ref_runtime;     /* the runtime module table */
+    mg_lua_ext_t ext[MG_LUA_EXT_MAX];
 };
 
 struct mg_lua_task_s {
@@ -106,10 +107,23 @@ mg_lua_t *mg_lua_new(uv_loop_t *loop, char *err, size_t errlen)
     return vm;
 }
 
+mg_lua_ext_t *mg_lua_ext(mg_lua_t *vm, int slot)
+{
+    return &vm->ext[slot];
+}
+
+mg_lua_t *mg_lua_task_vm(mg_lua_task_t *t)
+{
+    return t->vm;
+}
+
 void mg_lua_free(mg_lua_t *vm)
 {
     if (!vm)
         return;
+    for (int i = 0; i < MG_LUA_EXT_MAX; i++)
+        if (vm->ext[i].close)
+            vm->ext[i].close(vm->ext[i].state);
     lua_close(vm->L);
     free(vm);
 }
@@ -270,13 +284,29 @@ void mg_lua_task_free(mg_lua_task_t *t)
     free(t);
 }
 
+lua_State *mg_lua_task_prepare_wake(mg_lua_task_t *t)
+{
+    reset_stack(t);
+    return t->co;
+}
+
+void mg_lua_task_wake(mg_lua_task_t *t, int nresults)
+{
+    int what = resume(t, nresults);
+    if (what != MG_LUA_WAIT)
+        t->cb(t, what, t->data); /* may free t */
+}
+
+uv_loop_t *mg_lua_task_loop(mg_lua_task_t *t)
+{
+    return t->vm->loop;
+}
+
 static void on_sleep_done(uv_timer_t *timer)
 {
     mg_lua_task_t *t = timer->data;
-    reset_stack(t);
-    int what = resume(t, 0);
-    if (what != MG_LUA_WAIT)
-        t->cb(t, what, t->data); /* may free t */
+    mg_lua_task_prepare_wake(t);
+    mg_lua_task_wake(t, 0);
 }
 
 /* gw.sleep: arms the task's timer; the Lua side then yields "wait". */

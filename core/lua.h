@@ -13,6 +13,9 @@
 #include "common.h"
 #include "http.h"
 
+/* Not <lua.h>: with -Icore that would name this very file. */
+typedef struct lua_State lua_State;
+
 typedef struct mg_lua_s mg_lua_t;
 typedef struct mg_lua_task_s mg_lua_task_t;
 
@@ -81,6 +84,36 @@ int mg_lua_task_phase(mg_lua_task_t *t, const char *phase);
  */
 void mg_lua_task_response(mg_lua_task_t *t, mg_arena_t *arena, int *status,
                           mg_str_t *body, mg_header_t **headers, size_t *n);
+
+/*
+ * For C code that made a task wait (a timer, an upstream call, a Redis
+ * command): the coroutine's state, to push the results of the wait onto
+ * (after mg_lua_task_prepare_wake), and the resume that delivers them as
+ * the return values of the Lua side's coroutine.yield("wait"). What the
+ * coroutine decides next goes to the task's callback (which may free it).
+ * Loop thread only; never from inside Lua.
+ */
+lua_State *mg_lua_task_prepare_wake(mg_lua_task_t *t);
+void mg_lua_task_wake(mg_lua_task_t *t, int nresults);
+
+/* The loop the task's waits run on (NULL in a check-only VM). */
+uv_loop_t *mg_lua_task_loop(mg_lua_task_t *t);
+
+/* The VM a task runs in. */
+mg_lua_t *mg_lua_task_vm(mg_lua_task_t *t);
+
+/*
+ * Per-VM state of modules that serve Lua (the Redis client, the HTTP
+ * client): one slot each, created by the module on first use, and its
+ * `close` called once by mg_lua_free (before the loop is closed).
+ */
+enum { MG_LUA_EXT_REDIS, MG_LUA_EXT_HTTP, MG_LUA_EXT_MAX };
+typedef struct {
+    void *state;
+    void (*close)(void *state);
+} mg_lua_ext_t;
+
+mg_lua_ext_t *mg_lua_ext(mg_lua_t *vm, int slot);
 
 /* Ends a task: cancels its wait, releases its coroutine. */
 void mg_lua_task_free(mg_lua_task_t *t);
