@@ -117,13 +117,21 @@ mg_lua_t *mg_lua_task_vm(mg_lua_task_t *t)
     return t->vm;
 }
 
+void mg_lua_close_ext(mg_lua_t *vm)
+{
+    for (int i = 0; i < MG_LUA_EXT_MAX; i++) {
+        if (vm->ext[i].close)
+            vm->ext[i].close(vm->ext[i].state);
+        vm->ext[i].close = NULL;
+        vm->ext[i].state = NULL;
+    }
+}
+
 void mg_lua_free(mg_lua_t *vm)
 {
     if (!vm)
         return;
-    for (int i = 0; i < MG_LUA_EXT_MAX; i++)
-        if (vm->ext[i].close)
-            vm->ext[i].close(vm->ext[i].state);
+    mg_lua_close_ext(vm);
     lua_close(vm->L);
     free(vm);
 }
@@ -373,7 +381,8 @@ int mg_lua_run_script(const char *file, int argc, char **argv)
     }
     /* A script may end with os.exit(); this is the normal way out. */
     mg_lua_task_free(t);
-    uv_run(&loop, UV_RUN_DEFAULT); /* let the timer close */
+    mg_lua_close_ext(vm);
+    uv_run(&loop, UV_RUN_DEFAULT); /* let the handles close */
     mg_lua_free(vm);
     uv_loop_close(&loop);
     return state.status;

@@ -115,6 +115,10 @@ typedef struct {
 
 mg_lua_ext_t *mg_lua_ext(mg_lua_t *vm, int slot);
 
+/* Closes every extension now (their handles close with the loop still
+ * running). Idempotent; mg_lua_free calls it too. */
+void mg_lua_close_ext(mg_lua_t *vm);
+
 /* Ends a task: cancels its wait, releases its coroutine. */
 void mg_lua_task_free(mg_lua_task_t *t);
 

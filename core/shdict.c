@@ -609,7 +609,7 @@ static int store(mg_shdict_t *d, mg_str_t key, const mg_shdict_value_t *v,
     case MG_SHDICT_NIL: vlen = 0; break;
     case MG_SHDICT_NUMBER: num = v->number; break;
     case MG_SHDICT_BOOLEAN: num = v->number != 0; break;
-    case MG_SHDICT_STRING: val = v->str, vlen = v->len; break;
+    case MG_SHDICT_STRING: val = v->str; vlen = v->len; break;
     default: return MG_EPROTO;
     }
     if (key.len > MG_SHDICT_MAX_KEY || vlen > UINT32_MAX)

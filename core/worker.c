@@ -236,6 +236,7 @@ static void shutdown_worker(mg_worker_t *w)
     for (size_t i = 0; i < w->ntargets; i++)
         mg_target_free(w->targets[i]);
     w->ntargets = 0;
+    mg_lua_close_ext(w->lua);
 }
 
 static void on_drain_timeout(uv_timer_t *t)
