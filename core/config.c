@@ -18,6 +18,7 @@
  * mg_config_free can release a half-built one.
  */
 #include "config.h"
+#include "lua.h"
 
 #include <arpa/inet.h>
 #include <ctype.h>
@@ -1124,6 +1125,13 @@ static void run(ld_t *ld)
     luaL_openlibs(L);
     lua_pushcfunction(L, lua_env);
     lua_setglobal(L, "env");
+    /* A config may require the gw API for its inline plugins and handlers
+     * (they only run in the workers' VMs; here they are just values). */
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "path");
+    lua_pushfstring(L, "%s/lua/?.lua;%s", mg_lua_root(), lua_tostring(L, -1));
+    lua_setfield(L, -3, "path");
+    lua_pop(L, 2);
     if (luaL_loadfile(L, ld->file) != 0 || lua_pcall(L, 0, 1, 0) != 0) {
         fail_lua(ld);
         return;

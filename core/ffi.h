@@ -48,4 +48,12 @@ void mg_ffi_log(int level, const char *msg, size_t len);
 int mg_ffi_sleep(mg_lua_task_t *t, double seconds);
 double mg_ffi_now(void);
 
+/* gw.http (client.c): a group of `count` requests for task t; then each
+ * added by index (raw = the whole request; upstream name, or an
+ * "ip:port" address); the task yields and wakes with (results, errors). */
+void *mg_ffi_http_begin(mg_lua_task_t *t, int count);
+int mg_ffi_http_add(void *group, int index, mg_req_t *r, const char *upstream,
+                    size_t ulen, const char *addr, size_t alen,
+                    const char *raw, size_t rawlen, double timeout);
+
 #endif

@@ -35,6 +35,8 @@ struct mg_lua_task_s {
     mg_lua_task_cb cb;
     void *data;
     int nresults;        /* values the last yield left on co's stack */
+    void (*cancel)(void *arg); /* drops a pending wait (see lua.h) */
+    void *cancel_arg;
 };
 
 static char root_dir[PATH_MAX];
@@ -286,6 +288,8 @@ void mg_lua_task_free(mg_lua_task_t *t)
 {
     if (!t)
         return;
+    if (t->cancel)
+        t->cancel(t->cancel_arg);
     if (t->timer)
         uv_close((uv_handle_t *)t->timer, on_timer_closed);
     luaL_unref(t->vm->L, LUA_REGISTRYINDEX, t->co_ref);
@@ -303,6 +307,13 @@ void mg_lua_task_wake(mg_lua_task_t *t, int nresults)
     int what = resume(t, nresults);
     if (what != MG_LUA_WAIT)
         t->cb(t, what, t->data); /* may free t */
+}
+
+void mg_lua_task_set_cancel(mg_lua_task_t *t, void (*cancel)(void *arg),
+                            void *arg)
+{
+    t->cancel = cancel;
+    t->cancel_arg = arg;
 }
 
 uv_loop_t *mg_lua_task_loop(mg_lua_task_t *t)

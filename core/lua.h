@@ -96,6 +96,14 @@ void mg_lua_task_response(mg_lua_task_t *t, mg_arena_t *arena, int *status,
 lua_State *mg_lua_task_prepare_wake(mg_lua_task_t *t);
 void mg_lua_task_wake(mg_lua_task_t *t, int nresults);
 
+/*
+ * Registers what to call if the task is freed while it waits (the client
+ * went away): the waiting module drops its reference to the task there.
+ * Pass NULL to clear once the wait is over.
+ */
+void mg_lua_task_set_cancel(mg_lua_task_t *t, void (*cancel)(void *arg),
+                            void *arg);
+
 /* The loop the task's waits run on (NULL in a check-only VM). */
 uv_loop_t *mg_lua_task_loop(mg_lua_task_t *t);
 

@@ -34,6 +34,11 @@ int mg_ffi_resp_set_status(mg_req_t *r, int status);
 void mg_ffi_log(int level, const char *msg, size_t len);
 int mg_ffi_sleep(mg_lua_task_t *t, double seconds);
 double mg_ffi_now(void);
+
+void *mg_ffi_http_begin(mg_lua_task_t *t, int count);
+int mg_ffi_http_add(void *group, int index, mg_req_t *r, const char *upstream,
+                    size_t ulen, const char *addr, size_t alen,
+                    const char *raw, size_t rawlen, double timeout);
 ]]
 
 return _M

@@ -183,6 +183,12 @@ function _M.sleep(seconds)
     return true
 end
 
+--- gw.http.request{ upstream = "users", path = "/users/1" } -> res or nil, err
+-- gw.http.request_multi{ req1, req2 } -> responses, errors (in parallel).
+-- See lua/moongate/http.lua.
+_M.http = require("moongate.http")
+_M.http.tasks = tasks
+
 --- gw.json.encode(t) -> string or nil, err; gw.json.decode(s) -> value or nil, err.
 _M.json.encode = cjson.encode
 _M.json.decode = cjson.decode

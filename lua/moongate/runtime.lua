@@ -264,7 +264,9 @@ end
 function _M.handle(task, gen_id, route_idx, req)
     local route = generations[gen_id].routes[route_idx]
     local ctx = { _req = req, var = {}, route = route.info }
-    gw._tasks[co_running()] = task
+    local co = co_running()
+    gw._tasks[co] = task
+    gw.http.requests[co] = req
     local status, body, headers = run_phase(route.chains.rewrite, ctx, "rewrite")
     if status == nil then
         status, body, headers = run_phase(route.chains.access, ctx, "access")
