@@ -563,6 +563,22 @@ static void strip_prefix_true_needs_a_wildcard_path(void)
     CHECK_INT(count_lines(err), ==, 4);
 }
 
+static void handler_routes_need_no_upstream_and_a_function(void)
+{
+    mg_config_t *cfg;
+    CHECK_INT(load("return {" MINIMAL "routes = {\n"
+                   "  { path = \"/h\", handler = function() end },\n"
+                   "} }", &cfg), ==, 0);
+    CHECK_INT(cfg->routes[0].upstream, ==, -1);
+    CHECK_INT(cfg->routes[0].has_handler, ==, 1);
+    mg_config_free(cfg);
+    CHECK_INT(load("return {" MINIMAL "routes = {\n"
+                   "  { path = \"/h\", handler = 5 },\n"
+                   "} }", &cfg), ==, MG_ECONFIG);
+    CHECK(has_error("routes[1] \"/h\": handler: expected a function, got "
+                    "number"));
+}
+
 static void missing_route_fields_and_empty_lists_are_reported(void)
 {
     mg_config_t *cfg;
@@ -572,7 +588,7 @@ static void missing_route_fields_and_empty_lists_are_reported(void)
                    "  { path = \"/y\", upstream = \"u\", hosts = {} },\n"
                    "} }", &cfg), ==, MG_ECONFIG);
     CHECK(has_error("routes[1]: path: required"));
-    CHECK(has_error("routes[2] \"/x\": upstream: required"));
+    CHECK(has_error("routes[2] \"/x\": upstream: required (or a handler)"));
     CHECK(has_error("routes[2] \"/x\": methods: must not be empty (leave it "
                     "out for any method)"));
     CHECK(has_error("routes[2] \"/x\": hosts[1]: must not be empty"));
@@ -833,6 +849,7 @@ int main(void)
     RUN(upstream_without_targets_is_an_error);
     RUN(strip_prefix_true_needs_a_wildcard_path);
     RUN(missing_route_fields_and_empty_lists_are_reported);
+    RUN(handler_routes_need_no_upstream_and_a_function);
     RUN(lists_with_holes_or_keys_are_rejected);
     RUN(lua_syntax_error_names_the_file);
     RUN(lua_runtime_error_names_the_file);
