@@ -67,10 +67,11 @@ static const struct {
 static const char *const top_fields[] = {
     "listen", "workers", "pid_file", "error_log", "log_level",
     "trusted_proxies", "identity_headers", "limits", "upstreams", "routes",
-    NULL,
+    "shared", NULL,
 };
+/* plugin_paths and plugins are read by the Lua runtime (runtime.lua). */
 static const char *const top_reserved[] = {
-    "admin", "shared", "redis", "plugin_paths", "plugins", "watch", NULL,
+    "admin", "redis", "plugin_paths", "plugins", "watch", NULL,
 };
 static const char *const limits_fields[] = {
     "max_uri", "max_header_bytes", "max_header_fields", "max_body",
@@ -861,6 +862,57 @@ static int cmp_upstream(const void *a, const void *b)
  * depend on Lua's hash order. Every string-keyed entry gets a slot, even an
  * invalid one, so routes naming it get no second, misleading error.
  */
+static int cmp_zone(const void *a, const void *b)
+{
+    return strcmp(((const mg_zone_conf_t *)a)->name,
+                  ((const mg_zone_conf_t *)b)->name);
+}
+
+/* shared = { name = size, ... }: the shared-memory zones. */
+static void load_shared(ld_t *ld, int t)
+{
+    lua_State *L = ld->L;
+    mg_config_t *cfg = ld->cfg;
+    if (!push_field(ld, t, "shared"))
+        return;
+    if (lua_type(L, -1) != LUA_TTABLE) {
+        fail_type(ld, "shared", -1, "a table of name = size");
+        lua_pop(L, 1);
+        return;
+    }
+    size_t n = 0;
+    for (lua_pushnil(L); lua_next(L, -2); lua_pop(L, 1))
+        n++;
+    cfg->zones = mg_calloc(n ? n : 1, sizeof(*cfg->zones));
+    for (lua_pushnil(L); lua_next(L, -2); lua_pop(L, 1)) {
+        char v[80];
+        const char *name = lua_type(L, -2) == LUA_TSTRING
+                               ? lua_tostring(L, -2) : "";
+        size_t len = strlen(name);
+        int ok = len > 0 && len < 32;
+        for (size_t i = 0; i < len; i++)
+            ok &= isalnum((unsigned char)name[i]) || name[i] == '_';
+        if (!ok) {
+            fail(ld, "shared", "zone names are 1-31 letters, digits or _, "
+                 "got %s", show(L, -2, v, sizeof(v)));
+            continue;
+        }
+        char field[48];
+        snprintf(field, sizeof(field), "shared.%s", name);
+        mg_zone_conf_t *z = &cfg->zones[cfg->nzones];
+        if (to_size(ld, -1, field, &z->size) != 0)
+            continue;
+        if (z->size < (64u << 10)) {
+            fail(ld, field, "must be at least 64k");
+            continue;
+        }
+        z->name = mg_strndup(name, len);
+        cfg->nzones++;
+    }
+    qsort(cfg->zones, cfg->nzones, sizeof(*cfg->zones), cmp_zone);
+    lua_pop(L, 1);
+}
+
 static void load_upstreams(ld_t *ld, int t)
 {
     lua_State *L = ld->L;
@@ -1107,6 +1159,7 @@ static int convert(lua_State *L)
     load_trusted(ld, 1);
     load_identity(ld, 1);
     load_limits(ld, 1);
+    load_shared(ld, 1);
     load_upstreams(ld, 1);
     load_routes(ld, 1);
     return 0;
@@ -1214,6 +1267,9 @@ void mg_config_free(mg_config_t *cfg)
     for (size_t i = 0; i < cfg->nroutes; i++)
         free_route(&cfg->routes[i]);
     free(cfg->routes);
+    for (size_t i = 0; i < cfg->nzones; i++)
+        free(cfg->zones[i].name);
+    free(cfg->zones);
     free_strv(cfg->identity_headers, cfg->nidentity_headers);
     free(cfg->trusted_proxies);
     free(cfg->file);

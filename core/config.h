@@ -84,6 +84,12 @@ typedef struct {
     uint64_t drain_timeout_ms;   /* graceful stop / worker replacement, 30 s */
 } mg_limits_t;
 
+/* A shared-memory zone: `shared = { limits = "16m" }`. */
+typedef struct {
+    char *name;
+    uint64_t size;
+} mg_zone_conf_t;
+
 struct mg_config_s {
     char *file;                  /* path it was loaded from */
     mg_listen_conf_t *listen;
@@ -102,6 +108,8 @@ struct mg_config_s {
     size_t nupstreams;
     mg_route_conf_t *routes;
     size_t nroutes;
+    mg_zone_conf_t *zones;       /* sorted by name */
+    size_t nzones;
 };
 
 /*

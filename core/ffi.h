@@ -48,6 +48,24 @@ void mg_ffi_log(int level, const char *msg, size_t len);
 int mg_ffi_sleep(mg_lua_task_t *t, double seconds);
 double mg_ffi_now(void);
 
+/* gw.shared (zones.c). op: 0 set, 1 add, 2 replace. TTLs in seconds
+ * (0 = no expiry). Return codes as in shdict.h. */
+#include "shdict.h"
+mg_shdict_t *mg_ffi_shdict_find(const char *name, size_t len);
+int mg_ffi_shdict_get(mg_shdict_t *d, const char *k, size_t kl,
+                      mg_shdict_value_t *v, char *buf, size_t cap);
+int mg_ffi_shdict_store(mg_shdict_t *d, int op, const char *k, size_t kl,
+                        const mg_shdict_value_t *v, double ttl, int *evicted);
+int mg_ffi_shdict_incr(mg_shdict_t *d, const char *k, size_t kl, double delta,
+                       int has_init, double init, double init_ttl,
+                       double *out);
+int mg_ffi_shdict_delete(mg_shdict_t *d, const char *k, size_t kl);
+int mg_ffi_shdict_ttl(mg_shdict_t *d, const char *k, size_t kl, double *out);
+int mg_ffi_shdict_expire(mg_shdict_t *d, const char *k, size_t kl,
+                         double ttl);
+void mg_ffi_shdict_flush_all(mg_shdict_t *d);
+void mg_ffi_shdict_stats(mg_shdict_t *d, double *out);
+
 /* gw.http (client.c): a group of `count` requests for task t; then each
  * added by index (raw = the whole request; upstream name, or an
  * "ip:port" address); the task yields and wakes with (results, errors). */

@@ -24,6 +24,7 @@
 #include "generation.h"
 #include "log.h"
 #include "worker.h"
+#include "zones.h"
 
 #define RESTART_BACKOFF_MS 1000
 
@@ -217,6 +218,22 @@ static void replace_workers(master_t *m, mg_config_t *cfg)
         mg_config_free(cfg);
         return;
     }
+    /* Zones kept by name and size keep their contents; the new workers
+     * map the new set. */
+    int rc = mg_zones_apply(cfg);
+    if (rc < 0) {
+        mg_log_error("reload refused: shared zones: %s", strerror(-rc));
+        for (size_t i = 0; i < cfg->nlisten; i++) {
+            int reused = 0;
+            for (size_t k = 0; k < m->nfds; k++)
+                reused |= m->fds[k] == fds[i];
+            if (!reused)
+                close(fds[i]);
+        }
+        free(fds);
+        mg_config_free(cfg);
+        return;
+    }
     for (size_t i = 0; i < m->nslots; i++) {
         if (!m->slots[i].pid)
             continue;
@@ -253,7 +270,8 @@ static void reload(master_t *m)
                      "reload refused, the running config keeps serving: ", err);
         return;
     }
-    if (cfg->workers != m->cfg->workers || !same_listeners(cfg, m->cfg)) {
+    if (cfg->workers != m->cfg->workers || !same_listeners(cfg, m->cfg)
+        || !mg_zones_same(cfg)) {
         replace_workers(m, cfg);
         return;
     }
@@ -318,6 +336,11 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
 
     if (open_listeners(cfg, NULL, NULL, &m.fds) < 0)
         return 1;
+    int rc = mg_zones_apply(cfg);
+    if (rc < 0) {
+        mg_log_error("cannot create the shared zones: %s", strerror(-rc));
+        return 1;
+    }
     m.nfds = cfg->nlisten;
     if (write_pid_file(cfg->pid_file) < 0)
         return 1;

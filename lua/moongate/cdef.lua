@@ -35,6 +35,27 @@ void mg_ffi_log(int level, const char *msg, size_t len);
 int mg_ffi_sleep(mg_lua_task_t *t, double seconds);
 double mg_ffi_now(void);
 
+typedef struct mg_shdict_s mg_shdict_t;
+typedef struct {
+    int type;            /* 0 nil, 1 number, 2 string, 3 boolean */
+    double number;
+    const char *str;
+    size_t len;
+    uint32_t flags;
+} mg_shdict_value_t;
+mg_shdict_t *mg_ffi_shdict_find(const char *name, size_t len);
+int mg_ffi_shdict_get(mg_shdict_t *d, const char *k, size_t kl,
+                      mg_shdict_value_t *v, char *buf, size_t cap);
+int mg_ffi_shdict_store(mg_shdict_t *d, int op, const char *k, size_t kl,
+                        const mg_shdict_value_t *v, double ttl, int *evicted);
+int mg_ffi_shdict_incr(mg_shdict_t *d, const char *k, size_t kl, double delta,
+                       int has_init, double init, double init_ttl, double *out);
+int mg_ffi_shdict_delete(mg_shdict_t *d, const char *k, size_t kl);
+int mg_ffi_shdict_ttl(mg_shdict_t *d, const char *k, size_t kl, double *out);
+int mg_ffi_shdict_expire(mg_shdict_t *d, const char *k, size_t kl, double ttl);
+void mg_ffi_shdict_flush_all(mg_shdict_t *d);
+void mg_ffi_shdict_stats(mg_shdict_t *d, double *out);
+
 void *mg_ffi_http_begin(mg_lua_task_t *t, int count);
 int mg_ffi_http_add(void *group, int index, mg_req_t *r, const char *upstream,
                     size_t ulen, const char *addr, size_t alen,

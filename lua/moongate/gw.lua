@@ -189,6 +189,9 @@ end
 _M.http = require("moongate.http")
 _M.http.tasks = tasks
 
+--- gw.shared.<zone>: shared-memory dicts (lua/moongate/shared.lua).
+_M.shared = require("moongate.shared")
+
 --- gw.json.encode(t) -> string or nil, err; gw.json.decode(s) -> value or nil, err.
 _M.json.encode = cjson.encode
 _M.json.decode = cjson.decode
