@@ -30,6 +30,19 @@ Behaviour is chosen by query parameters on any path:
   kill_next=1     the next request on this connection is read and dropped:
                   the connection closes without an answer (an upstream that
                   closed a pooled connection just as it was reused)
+  extra=1         after the response, sends a whole second, unrequested
+                  response ("HTTP/1.1 200 OK ... evil") on the connection
+  resp_cl_te=1    the response has both Content-Length and
+                  Transfer-Encoding: chunked (response smuggling)
+  resp_two_cl=1   the response has two different Content-Length headers
+  resp_fold=1     the response has an obs-folded header line
+  bighdr=N        adds a response header X-Big with N bytes of value
+  early=1         answers (with Connection: close) right after the request
+                  head, before reading the body; then reads and discards
+                  the body and closes
+  headbody=1      sends the body even for HEAD (a broken upstream)
+  interim=1       sends "103 Early Hints" and "100 Continue" interim
+                  responses before the final one
 
 By default the answer is JSON describing the request:
   {"method", "path" (raw request target), "version", "headers": [[name,
@@ -272,10 +285,14 @@ class Connection:
 
     # ------------------------------------------------------------ writing
 
-    def send_head(self, status, headers):
+    @staticmethod
+    def head_bytes(status, headers):
         lines = ["HTTP/1.1 %d %s" % (status, REASONS.get(status, "Unknown"))]
         lines += ["%s: %s" % (n, v) for n, v in headers]
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def send_head(self, status, headers):
+        self.sock.sendall(self.head_bytes(status, headers))
 
     def send_json(self, status, obj, close=False):
         body = json.dumps(obj).encode()
@@ -352,6 +369,14 @@ class Connection:
 
         if p("stall"):
             time.sleep(float(p("stall")))
+        if p("early"):
+            self.send_json(int(p("status", "200")), {"early": True, "path": target}, close=True)
+            try:
+                self.sock.settimeout(5)
+                self.read_body(headers, lambda d: None)
+            except (BadRequest, Closed, OSError):
+                pass
+            raise Closed()
 
         sha = hashlib.sha256()
         kept = bytearray()
@@ -393,6 +418,8 @@ class Connection:
         if p("hop"):
             extra += [("Connection", "X-Hop"), ("X-Hop", "1"), ("Keep-Alive", "timeout=5"),
                       ("Proxy-Authenticate", "x"), ("Trailer", "X"), ("Upgrade", "foo")]
+        if p("bighdr"):
+            extra.append(("X-Big", "b" * int(p("bighdr"))))
         if close:
             extra.append(("Connection", "close"))
 
@@ -424,6 +451,24 @@ class Connection:
         no_body_status = status < 200 or status in (204, 304)
         hdrs = [("Content-Type", ctype)]
         framing = "length"
+        if p("resp_cl_te") or p("resp_two_cl") or p("resp_fold"):
+            # Deliberately broken framing: the body is sent chunked after a
+            # head that makes its length ambiguous.
+            if p("resp_cl_te"):
+                hdrs += [("Content-Length", str(total)), ("Transfer-Encoding", "chunked")]
+            elif p("resp_two_cl"):
+                hdrs += [("Content-Length", str(total)), ("Content-Length", str(total + 5))]
+            else:
+                hdrs += [("Content-Length", str(total)), ("X-Folded", "a\r\n b")]
+            self.send_head(status, hdrs + extra)
+            if p("resp_cl_te"):
+                for piece in body_iter(total):
+                    self.sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.sock.sendall(b"0\r\n\r\n")
+            else:
+                for piece in body_iter(total):
+                    self.sock.sendall(piece)
+            raise Closed()
         if no_body_status:
             framing = "none"
         elif p("chunked"):
@@ -433,22 +478,50 @@ class Connection:
             framing = "close"
         else:
             hdrs.append(("Content-Length", str(total)))
+        if p("interim"):
+            self.sock.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+                              b"HTTP/1.1 100 Continue\r\n\r\n")
+        if (p("extra") or p("headbody")) and framing == "length":
+            # A broken upstream's stray bytes go out in the same write as
+            # the response they follow, so they reach the gateway with it:
+            # that is what a proxy can detect and must refuse to reuse.
+            # (Stray bytes sent later, after the gateway reused the
+            # connection, look exactly like the next response: no HTTP/1.1
+            # proxy can tell them apart, so the test does not pretend to.)
+            data = self.head_bytes(status, hdrs + extra) + b"".join(body_iter(total))
+            if p("extra"):
+                data += (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                         b"Content-Length: 4\r\n\r\nevil")
+            self.sock.sendall(data)
+            return not close
         self.send_head(status, hdrs + extra)
-        if method == "HEAD" or no_body_status:
+        if (method == "HEAD" and not p("headbody")) or no_body_status:
             return not close
         limit = int(p("truncate")) if p("truncate") is not None else None
+        # extra=1: the unrequested response goes out in the same send as the
+        # end of the body, so it is in the peer's socket buffer together
+        # with it (no scheduling gap between the two).
+        tail = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: 4\r\n\r\nevil") if p("extra") else b""
+        if framing == "chunked":
+            tail = b"0\r\n\r\n" + tail
         sent = 0
-        for piece in body_iter(total):
+        pieces = body_iter(total)
+        piece = next(pieces, None)
+        while piece is not None:
+            following = next(pieces, None)
             if limit is not None and sent + len(piece) > limit:
                 self.sock.sendall(piece[:limit - sent])
                 raise Closed()
             if framing == "chunked":
-                self.sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                data = b"%x\r\n%s\r\n" % (len(piece), piece)
             else:
-                self.sock.sendall(piece)
+                data = piece
+            self.sock.sendall(data + tail if following is None else data)
             sent += len(piece)
-        if framing == "chunked":
-            self.sock.sendall(b"0\r\n\r\n")
+            piece = following
+        if sent == 0 and tail:
+            self.sock.sendall(tail)
         return not close
 
 
