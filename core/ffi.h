@@ -48,6 +48,11 @@ void mg_ffi_log(int level, const char *msg, size_t len);
 int mg_ffi_sleep(mg_lua_task_t *t, double seconds);
 double mg_ffi_now(void);
 
+/* gw.timer (lua.c): id chosen by the Lua side; interval 0 = once. */
+int mg_ffi_timer_start(mg_lua_task_t *t, int id, double delay,
+                       double interval);
+void mg_ffi_timer_cancel(mg_lua_task_t *t, int id);
+
 /* gw.shared (zones.c). op: 0 set, 1 add, 2 replace. TTLs in seconds
  * (0 = no expiry). Return codes as in shdict.h. */
 #include "shdict.h"

@@ -20,9 +20,12 @@
 
 #include "log.h"
 
+typedef struct lua_timer_s lua_timer_t;
+
 struct mg_lua_s {
     lua_State *L;
     uv_loop_t *loop;
+    lua_timer_t *timers;  /* gw.timer: pending ones, by id */
     int ref_runtime;     /* the runtime module table */
     mg_lua_ext_t ext[MG_LUA_EXT_MAX];
 };
@@ -119,8 +122,11 @@ mg_lua_t *mg_lua_task_vm(mg_lua_task_t *t)
     return t->vm;
 }
 
+static void timers_close_all(mg_lua_t *vm);
+
 void mg_lua_close_ext(mg_lua_t *vm)
 {
+    timers_close_all(vm);
     for (int i = 0; i < MG_LUA_EXT_MAX; i++) {
         if (vm->ext[i].close)
             vm->ext[i].close(vm->ext[i].state);
@@ -164,11 +170,22 @@ int mg_lua_gen_load(mg_lua_t *vm, unsigned id, const char *path,
     return 0;
 }
 
+static void timer_cancel(mg_lua_t *vm, int id);
+
 void mg_lua_gen_free(mg_lua_t *vm, unsigned id)
 {
     push_runtime_fn(vm, "free_generation");
     lua_pushinteger(vm->L, id);
-    lua_pcall(vm->L, 1, 0, 0);
+    /* It returns the ids of the generation's timers: cancelled with it. */
+    if (lua_pcall(vm->L, 1, 1, 0) == 0 && lua_istable(vm->L, -1)) {
+        size_t n = lua_objlen(vm->L, -1);
+        for (size_t i = 1; i <= n; i++) {
+            lua_rawgeti(vm->L, -1, (int)i);
+            timer_cancel(vm, (int)lua_tointeger(vm->L, -1));
+            lua_pop(vm->L, 1);
+        }
+    }
+    lua_pop(vm->L, 1);
     /* Plugin modules of the old generation become garbage: collect now
      * rather than let many reloads pile up. */
     lua_gc(vm->L, LUA_GCCOLLECT, 0);
@@ -343,18 +360,123 @@ int mg_ffi_sleep(mg_lua_task_t *t, double seconds)
 }
 
 /* ------------------------------------------------------------------ */
+/* gw.timer                                                           */
+
+/*
+ * A timer runs its Lua function in a coroutine of its own (a task with no
+ * request), so the function may wait like a request can. The Lua side
+ * keeps id -> function; C keeps id -> libuv timer.
+ */
+struct lua_timer_s {
+    uv_timer_t h;
+    mg_lua_t *vm;
+    int id;
+    lua_timer_t *next;
+};
+
+static void on_lua_timer_closed(uv_handle_t *h)
+{
+    free(h);
+}
+
+static void timer_unlink(mg_lua_t *vm, lua_timer_t *lt)
+{
+    for (lua_timer_t **pp = &vm->timers; *pp; pp = &(*pp)->next)
+        if (*pp == lt) {
+            *pp = lt->next;
+            return;
+        }
+}
+
+static void timer_cancel(mg_lua_t *vm, int id)
+{
+    for (lua_timer_t *lt = vm->timers; lt; lt = lt->next)
+        if (lt->id == id) {
+            timer_unlink(vm, lt);
+            uv_close((uv_handle_t *)&lt->h, on_lua_timer_closed);
+            return;
+        }
+}
+
+static void on_timer_task(mg_lua_task_t *t, int what, void *data)
+{
+    if (what != MG_LUA_WAIT)
+        mg_lua_task_free(t);
+}
+
+static void on_lua_timer(uv_timer_t *h)
+{
+    lua_timer_t *lt = (lua_timer_t *)h;
+    mg_lua_t *vm = lt->vm;
+    int id = lt->id;
+    if (!uv_timer_get_repeat(h)) {
+        timer_unlink(vm, lt);
+        uv_close((uv_handle_t *)h, on_lua_timer_closed);
+    }
+    mg_lua_task_t *t = mg_calloc(1, sizeof(*t));
+    t->vm = vm;
+    t->cb = on_timer_task;
+    t->co = lua_newthread(vm->L);
+    t->co_ref = luaL_ref(vm->L, LUA_REGISTRYINDEX);
+    push_runtime_fn(vm, "run_timer");
+    lua_xmove(vm->L, t->co, 1);
+    lua_pushlightuserdata(t->co, t);
+    lua_pushinteger(t->co, id);
+    int what = resume(t, 2);
+    on_timer_task(t, what, NULL);
+}
+
+int mg_ffi_timer_start(mg_lua_task_t *t, int id, double delay,
+                       double interval)
+{
+    mg_lua_t *vm = t->vm;
+    if (!vm->loop)
+        return -1;
+    lua_timer_t *lt = mg_calloc(1, sizeof(*lt));
+    lt->vm = vm;
+    lt->id = id;
+    uv_timer_init(vm->loop, &lt->h);
+    uint64_t first = (uint64_t)(delay * 1000.0);
+    uint64_t every = (uint64_t)(interval * 1000.0);
+    uv_timer_start(&lt->h, on_lua_timer, first, interval > 0 && !every ? 1
+                                                                       : every);
+    lt->next = vm->timers;
+    vm->timers = lt;
+    return 0;
+}
+
+void mg_ffi_timer_cancel(mg_lua_task_t *t, int id)
+{
+    timer_cancel(t->vm, id);
+}
+
+/* Timers keep no loop alive once the worker stops: closed with the VM's
+ * extensions. */
+static void timers_close_all(mg_lua_t *vm)
+{
+    while (vm->timers)
+        timer_cancel(vm, vm->timers->id);
+}
+
+/* ------------------------------------------------------------------ */
 /* moongate lua FILE                                                  */
 
 typedef struct {
     int status;
     int finished;
+    uv_loop_t *loop;
 } script_state_t;
 
 static void on_script(mg_lua_task_t *t, int what, void *data)
 {
     script_state_t *s = data;
+    if (what == MG_LUA_WAIT)
+        return;
     s->finished = 1;
     s->status = what == MG_LUA_DONE ? 0 : 1;
+    /* Like `resty`: the script's end is the program's end; pending timers
+     * are dropped. */
+    uv_stop(s->loop);
 }
 
 int mg_lua_run_script(const char *file, int argc, char **argv)
@@ -367,7 +489,7 @@ int mg_lua_run_script(const char *file, int argc, char **argv)
         fprintf(stderr, "moongate: %s\n", err);
         return 1;
     }
-    script_state_t state = { 0, 0 };
+    script_state_t state = { 0, 0, &loop };
     mg_lua_task_t *t = mg_calloc(1, sizeof(*t));
     t->vm = vm;
     t->cb = on_script;
@@ -381,10 +503,9 @@ int mg_lua_run_script(const char *file, int argc, char **argv)
     for (int i = 0; i < argc; i++)
         lua_pushstring(t->co, argv[i]);
     int what = resume(t, 2 + argc);
-    if (what == MG_LUA_WAIT)
+    on_script(t, what, &state);
+    if (!state.finished)
         uv_run(&loop, UV_RUN_DEFAULT);
-    else
-        on_script(t, what, &state);
     if (!state.finished) {
         fprintf(stderr, "moongate: %s: stopped waiting with nothing left to "
                         "wake it\n", file);

@@ -35,6 +35,9 @@ void mg_ffi_log(int level, const char *msg, size_t len);
 int mg_ffi_sleep(mg_lua_task_t *t, double seconds);
 double mg_ffi_now(void);
 
+int mg_ffi_timer_start(mg_lua_task_t *t, int id, double delay, double interval);
+void mg_ffi_timer_cancel(mg_lua_task_t *t, int id);
+
 typedef struct mg_shdict_s mg_shdict_t;
 typedef struct {
     int type;            /* 0 nil, 1 number, 2 string, 3 boolean */

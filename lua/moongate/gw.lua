@@ -189,6 +189,11 @@ end
 _M.http = require("moongate.http")
 _M.http.tasks = tasks
 
+--- gw.timer.at(delay, fn, ...) / gw.timer.every(interval, fn, ...) /
+-- gw.timer.cancel(id): see lua/moongate/timer.lua.
+_M.timer = require("moongate.timer")
+_M.timer.tasks = tasks
+
 --- gw.shared.<zone>: shared-memory dicts (lua/moongate/shared.lua).
 _M.shared = require("moongate.shared")
 

@@ -210,8 +210,15 @@ function _M.load_generation(id, path)
     return masks
 end
 
+--- Forgets generation `id`; returns the ids of its timers (C cancels them).
 function _M.free_generation(id)
     generations[id] = nil
+    return gw.timer.drop_generation(id)
+end
+
+--- A gw.timer fired: runs its function in this (fresh) coroutine.
+function _M.run_timer(task, id)
+    return gw.timer.run(task, id)
 end
 
 -- Turns a phase's early exit into what C sends: a status, a string body
@@ -267,6 +274,7 @@ function _M.handle(task, gen_id, route_idx, req)
     local co = co_running()
     gw._tasks[co] = task
     gw.http.requests[co] = req
+    gw.timer.gens[co] = gen_id
     local status, body, headers = run_phase(route.chains.rewrite, ctx, "rewrite")
     if status == nil then
         status, body, headers = run_phase(route.chains.access, ctx, "access")
