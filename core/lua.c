@@ -426,6 +426,22 @@ static void on_lua_timer(uv_timer_t *h)
     on_timer_task(t, what, NULL);
 }
 
+void mg_lua_gen_init_worker(mg_lua_t *vm, unsigned id)
+{
+    if (!vm->loop)
+        return;
+    mg_lua_task_t *t = mg_calloc(1, sizeof(*t));
+    t->vm = vm;
+    t->cb = on_timer_task;
+    t->co = lua_newthread(vm->L);
+    t->co_ref = luaL_ref(vm->L, LUA_REGISTRYINDEX);
+    push_runtime_fn(vm, "init_worker");
+    lua_xmove(vm->L, t->co, 1);
+    lua_pushlightuserdata(t->co, t);
+    lua_pushinteger(t->co, id);
+    on_timer_task(t, resume(t, 2), NULL);
+}
+
 int mg_ffi_timer_start(mg_lua_task_t *t, int id, double delay,
                        double interval)
 {

@@ -62,6 +62,10 @@ int mg_lua_gen_load(mg_lua_t *vm, unsigned id, const char *path,
                     uint8_t *masks, size_t nroutes, char *err, size_t errlen);
 void mg_lua_gen_free(mg_lua_t *vm, unsigned id);
 
+/* Runs the plugins' init_worker() for a generation just made current, in a
+ * coroutine of its own. Loop thread only. */
+void mg_lua_gen_init_worker(mg_lua_t *vm, unsigned id);
+
 /* Validates the Lua part of a config in a throwaway VM (master, check). */
 int mg_lua_check(const char *path, size_t nroutes, char *err, size_t errlen);
 

@@ -213,6 +213,7 @@ static void reload(mg_worker_t *w)
     /* Requests in flight keep their own references to the old one. */
     mg_gen_unref(old);
     mg_log_info("generation %u active (%zu routes)", g->id, g->cfg->nroutes);
+    mg_lua_gen_init_worker(w->lua, g->id);
 }
 
 static void on_close_noop(uv_handle_t *h)
@@ -345,6 +346,7 @@ int mg_worker_run(const mg_worker_opts_t *opts, mg_config_t *cfg)
     if (listen_all(&w) < 0)
         return 1;
     mg_log_info("generation 1 active (%zu routes)", w.gen->cfg->nroutes);
+    mg_lua_gen_init_worker(w.lua, 1);
 
     uv_run(&w.loop, UV_RUN_DEFAULT);
 

@@ -194,6 +194,10 @@ _M.http.tasks = tasks
 _M.timer = require("moongate.timer")
 _M.timer.tasks = tasks
 
+--- gw.crypto: digest, hmac, equal, random, base64(url), load_public_key,
+-- verify (RSA/PSS/ECDSA/EdDSA). See lua/moongate/crypto.lua.
+_M.crypto = require("moongate.crypto")
+
 --- gw.shared.<zone>: shared-memory dicts (lua/moongate/shared.lua).
 _M.shared = require("moongate.shared")
 

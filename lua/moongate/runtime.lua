@@ -206,6 +206,7 @@ function _M.load_generation(id, path)
         end
     end
     if #errors > 0 then return nil, concat(errors, "\n") end
+    gen.modules = cache
     generations[id] = gen
     return masks
 end
@@ -214,6 +215,28 @@ end
 function _M.free_generation(id)
     generations[id] = nil
     return gw.timer.drop_generation(id)
+end
+
+--- Runs every loaded plugin module's init_worker() once for generation
+-- `id`, in its own coroutine (it may start timers, wait, use gw.http).
+-- Plugins are run in name order; one failing does not stop the others.
+function _M.init_worker(task, id)
+    local gen = generations[id]
+    if not gen then return end
+    local co = co_running()
+    gw._tasks[co] = task
+    gw.timer.gens[co] = id
+    local names = {}
+    for name, mod in pairs(gen.modules) do
+        if type(mod.init_worker) == "function" then names[#names + 1] = name end
+    end
+    sort(names)
+    for _, name in ipairs(names) do
+        local ok, err = pcall(gen.modules[name].init_worker)
+        if not ok then
+            gw.log("error", "init_worker of plugin ", name, ": ", tostring(err))
+        end
+    end
 end
 
 --- A gw.timer fired: runs its function in this (fresh) coroutine.
