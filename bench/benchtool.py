@@ -12,11 +12,13 @@ session: "SID" below is that pid.
 
 Subcommands:
   port                    print a free TCP port on 127.0.0.1
+  busy SECONDS            print how busy the machine is (% of all cores)
   alive SID               print how many live (non-zombie) processes the
                           session has; 0 once the server has fully exited
   members SID             print the session's live pids, leader first
-  snapshot SID            print one token: the session's CPU ticks and the
-                          per-core busy/total ticks of /proc/stat
+  snapshot SID PCORE LCORE
+                          print one token: the session's CPU ticks and the
+                          /proc/stat ticks of the proxy and load cores
   record SCENARIO PROXY ROUND WRK_OUTPUT SNAP_BEFORE SNAP_AFTER
                           print one tab-separated results line (COLUMNS);
                           exit 2 if WRK_OUTPUT cannot be parsed
@@ -25,6 +27,7 @@ Subcommands:
 """
 
 import os
+import time
 import re
 import socket
 import statistics
@@ -68,15 +71,33 @@ def session(sid, procs):
 
 
 def core_ticks():
-    """[(busy, total)] per core from /proc/stat (busy = not idle/iowait)."""
-    out = []
+    """{core: (task, irq, total)} ticks per core from /proc/stat.
+
+    task is user+nice+system, irq is irq+softirq. Softirq work done in a
+    process's context (much of the loopback TCP stack) is booked as irq
+    here yet also shows in that process's own times, so only task+irq is
+    meaningful, as the core's busy time.
+    """
+    out = {}
     with open("/proc/stat") as f:
         for line in f:
             m = re.match(r"cpu(\d+)\s+(.*)", line)
             if m:
                 v = [int(x) for x in m.group(2).split()[:8]]
-                out.append((sum(v) - v[3] - v[4], sum(v)))
+                out[int(m.group(1))] = (v[0] + v[1] + v[2], v[5] + v[6],
+                                        sum(v))
     return out
+
+
+def cmd_busy(seconds):
+    """Print how busy the whole machine is over SECONDS, in % of all cores."""
+    before = core_ticks()
+    time.sleep(float(seconds))
+    after = core_ticks()
+    busy = sum(a[0] + a[1] - b[0] - b[1]
+               for a, b in zip(after.values(), before.values()))
+    total = sum(a[2] - b[2] for a, b in zip(after.values(), before.values()))
+    print("%.0f" % (100.0 * busy / total if total else 0.0))
 
 
 def cmd_port():
@@ -97,11 +118,12 @@ def cmd_members(sid):
                    if procs[p][1] != "Z"))
 
 
-def cmd_snapshot(sid):
+def cmd_snapshot(sid, proxy_core, load_core):
     procs = read_procs()
     ticks = sum(procs[p][2] for p in session(sid, procs))
-    cores = ["%d:%d" % bt for bt in core_ticks()]
-    print(",".join([str(ticks)] + cores))
+    cores = core_ticks()
+    print(",".join([str(ticks)] + ["%d:%d:%d" % cores[c]
+                                   for c in (proxy_core, load_core)]))
 
 
 # ---------------------------------------------------------------------- wrk
@@ -130,33 +152,44 @@ def parse_wrk(text):
     rps = float(need(r"^Requests/sec:\s+([0-9.]+)").group(1))
     p50 = to_us(need(r"^\s+50%\s+(\S+)").group(1))
     p99 = to_us(need(r"^\s+99%\s+(\S+)").group(1))
-    requests = int(need(r"^\s+(\d+) requests in ").group(1))
+    done = need(r"^\s+(\d+) requests in ([0-9.]+\w+),")
+    requests, seconds = int(done.group(1)), to_us(done.group(2)) / 1e6
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), "
                      r"write (\d+), timeout (\d+)", text)
     socket_errors = sum(int(g) for g in sock.groups()) if sock else 0
     non2 = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     non2xx = int(non2.group(1)) if non2 else 0
-    return rps, p50, p99, requests, socket_errors, non2xx
+    return rps, p50, p99, requests, seconds, socket_errors, non2xx
 
 
 def cmd_record(scenario, proxy, rnd, wrk_output, before, after):
     try:
         with open(wrk_output) as f:
-            rps, p50, p99, requests, sock, non2 = parse_wrk(f.read())
+            rps, p50, p99, requests, secs, sock, non2 = parse_wrk(f.read())
     except ValueError as e:
         print("benchtool: %s: %s" % (wrk_output, e), file=sys.stderr)
         return 2
     b, a = before.split(","), after.split(",")
-    cpu_us = (int(a[0]) - int(b[0])) * 1e6 / CLK_TCK
-    busy = []
-    for cb, ca in zip(b[1:], a[1:]):
-        (bb, bt), (ab, at) = (map(int, cb.split(":")),
-                              map(int, ca.split(":")))
-        busy.append(100.0 * (ab - bb) / (at - bt) if at > bt else 0.0)
-    busy += [0.0] * (2 - len(busy))
+    ticks = int(a[0]) - int(b[0])
+    cpu_us = ticks * 1e6 / CLK_TCK
+    pc = [y - x for x, y in zip(map(int, b[1].split(":")),
+                                 map(int, a[1].split(":")))]
+    lc = [y - x for x, y in zip(map(int, b[2].split(":")),
+                                 map(int, a[2].split(":")))]
+
+    def pct(n, total):
+        return "%.1f" % (100.0 * n / total if total > 0 else 0.0)
+    # On the proxy's core: the proxy's share, and everything else that kept
+    # the core busy (other processes; the proxy is the only one pinned
+    # there, so this is noise). The process times of /proc/<pid>/stat
+    # already include most of the softirq work done in the proxy's context,
+    # which /proc/stat books as irq, so "other" is busy minus proxy, not
+    # task time minus proxy. On the load core: its busy share.
     print("\t".join([scenario, proxy, rnd, "%.2f" % rps, "%.1f" % p50,
                      "%.1f" % p99, str(requests), str(sock), str(non2),
-                     "%.0f" % cpu_us, "%.1f" % busy[0], "%.1f" % busy[1]]))
+                     "%.0f" % cpu_us, pct(ticks, pc[2]),
+                     pct(max(0, pc[0] + pc[1] - ticks), pc[2]),
+                     pct(pc[1], pc[2]), pct(lc[0] + lc[1], lc[2])]))
     return 0
 
 
@@ -164,14 +197,21 @@ def cmd_record(scenario, proxy, rnd, wrk_output, before, after):
 
 # Columns of the results file, one line per measurement (see cmd_record).
 COLUMNS = ("scenario", "proxy", "round", "rps", "p50_us", "p99_us",
-           "requests", "socket_errors", "non2xx", "cpu_us", "core0_busy",
-           "core1_busy")
+           "requests", "socket_errors", "non2xx", "cpu_us", "proxy_pct",
+           "other_pct", "irq_pct", "load_busy_pct")
 
 # (key in the machine-readable lines, table heading)
 METRICS = (("req_per_s", "req/s"),
            ("p50_ms", "p50 ms"),
            ("p99_ms", "p99 ms"),
            ("cpu_us_per_req", "CPU us/req"))
+
+# Per-core columns shown after the metrics (medians, percent of a core).
+CORE_COLUMNS = ("proxy_pct", "other_pct", "load_busy_pct")
+
+# A measurement where other processes took more than this share of the
+# proxy's core is flagged: something else ran on the machine.
+NOISY_PCT = 5.0
 
 # Ratios candidate/baseline printed per scenario: (metric, which is better).
 RATIOS = (("req_per_s", "higher"),
@@ -198,8 +238,10 @@ def load(path):
                                    else float("nan")),
                 "socket_errors": int(rec["socket_errors"]),
                 "non2xx": int(rec["non2xx"]),
-                "core0_busy": float(rec["core0_busy"]),
-                "core1_busy": float(rec["core1_busy"]),
+                "proxy_pct": float(rec["proxy_pct"]),
+                "other_pct": float(rec["other_pct"]),
+                "irq_pct": float(rec["irq_pct"]),
+                "load_busy_pct": float(rec["load_busy_pct"]),
             })
     return rows
 
@@ -222,7 +264,7 @@ def spread(vals):
                             fmt(max(vals)))
 
 
-def report_scenario(sc, rows, machine, bad):
+def report_scenario(sc, rows, machine, bad, noisy):
     names = []
     for r in rows:
         if r["proxy"] not in names:
@@ -231,7 +273,7 @@ def report_scenario(sc, rows, machine, bad):
     print("\nscenario %s: %d round(s); median [min..max] over rounds"
           % (sc, rounds))
     head = "  %-9s" % "proxy" + "".join("%24s" % h for _, h in METRICS)
-    print(head + "%15s%6s" % ("core0/1 busy%", "err"))
+    print(head + "%22s%6s" % ("proxy/other/load %", "err"))
     medians = {}
     for proxy in names:
         runs = [r for r in rows if r["proxy"] == proxy]
@@ -242,11 +284,15 @@ def report_scenario(sc, rows, machine, bad):
             line += "%24s" % spread(vals)
             machine.append("median %s %s %s %s"
                            % (sc, proxy, key, fmt(medians[(proxy, key)])))
-        busy = "%.0f/%.0f" % (statistics.median(r["core0_busy"] for r in runs),
-                              statistics.median(r["core1_busy"] for r in runs))
+        busy = "/".join("%.0f" % statistics.median(r[k] for r in runs)
+                        for k in CORE_COLUMNS)
         errors = sum(r["socket_errors"] + r["non2xx"] for r in runs)
-        print(line + "%15s%6d" % (busy, errors))
+        print(line + "%22s%6d" % (busy, errors))
         for r in runs:
+            if r["other_pct"] > NOISY_PCT:
+                noisy.append("%s/%s round %s: other processes took %.0f%% "
+                             "of the proxy's core" % (sc, proxy, r["round"],
+                                                      r["other_pct"]))
             if r["socket_errors"] or r["non2xx"]:
                 bad.append("%s/%s round %s: %d socket errors, %d non-2xx"
                            % (sc, proxy, r["round"], r["socket_errors"],
@@ -269,10 +315,17 @@ def cmd_report(path):
     for r in rows:
         if r["scenario"] not in scenarios:
             scenarios.append(r["scenario"])
-    machine, bad = [], []
+    machine, bad, noisy = [], [], []
     for sc in scenarios:
         report_scenario(sc, [r for r in rows if r["scenario"] == sc],
-                        machine, bad)
+                        machine, bad, noisy)
+    print("\n(proxy/other/load %: the proxy's CPU and other work on the "
+          "proxy's core, and\n how busy the load core (upstream + wrk) was, "
+          "in % of one core)")
+    if noisy:
+        print()
+        for line in noisy:
+            print("NOTE: noisy: " + line)
     print()
     for line in machine:
         print(line)
@@ -288,8 +341,8 @@ def cmd_report(path):
 
 def main(argv):
     commands = {
-        "port": (cmd_port, 0), "alive": (cmd_alive, 1),
-        "members": (cmd_members, 1), "snapshot": (cmd_snapshot, 1),
+        "port": (cmd_port, 0), "busy": (cmd_busy, 1), "alive": (cmd_alive, 1),
+        "members": (cmd_members, 1), "snapshot": (cmd_snapshot, 3),
         "record": (cmd_record, 6), "report": (cmd_report, 1),
     }
     if len(argv) < 2 or argv[1] not in commands:
@@ -300,7 +353,7 @@ def main(argv):
         sys.exit("benchtool: %s takes %d argument(s)\n%s"
                  % (argv[1], nargs, __doc__))
     if argv[1] in ("alive", "members", "snapshot"):
-        args = [int(args[0])]
+        args = [int(a) for a in args]
     return func(*args) or 0
 
 
