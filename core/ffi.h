@@ -48,6 +48,13 @@ void mg_ffi_log(int level, const char *msg, size_t len);
 int mg_ffi_sleep(mg_lua_task_t *t, double seconds);
 double mg_ffi_now(void);
 
+/* gw.request.get_body / set_body (proxy.c): read_body returns 0 (the body
+ * is at hand: mg_ffi_req_body), MG_AGAIN (yield; woken when read) or -1
+ * (not in rewrite/access/handler). set_body needs the body read first. */
+int mg_ffi_req_read_body(mg_lua_task_t *t, mg_req_t *r);
+mg_str_t mg_ffi_req_body(mg_req_t *r);
+int mg_ffi_req_set_body(mg_req_t *r, const char *s, size_t len);
+
 /* gw.timer (lua.c): id chosen by the Lua side; interval 0 = once. */
 int mg_ffi_timer_start(mg_lua_task_t *t, int id, double delay,
                        double interval);

@@ -54,6 +54,9 @@ struct mg_proxy_s {
     size_t pos;                /* parsed up to, in uc->rbuf */
     unsigned up_writes;        /* writes queued on the upstream conn */
     unsigned client_writes;    /* writes to the client borrowing uc->rbuf */
+    char *body;                /* the body read by gw.request.get_body */
+    size_t body_len, body_cap;
+    mg_lua_task_t *body_waiter; /* the task waiting for it */
     uv_buf_t *pending;         /* body pieces parsed but not yet written,
                                   with two free slots in front and room
                                   for two more behind (see flush) */
@@ -68,6 +71,10 @@ struct mg_proxy_s {
     unsigned head_sent : 1;
     unsigned body_end : 1;     /* client body complete (mg_proxy_on_body_end) */
     unsigned end_sent : 1;     /* the last chunk went upstream */
+    unsigned buffering : 1;    /* reading the body into `body` */
+    unsigned buffered : 1;     /* `body` holds the whole body */
+    unsigned reading_now : 1;  /* inside mg_ffi_req_read_body: the task is
+                                  running, so it is not woken */
     unsigned resp_bytes : 1;   /* any response byte received */
     unsigned resp_complete : 1;
     unsigned chunk_client : 1; /* re-chunk the response to the client */
@@ -84,6 +91,7 @@ static llhttp_settings_t up_settings;
 static void free_proxy(mg_proxy_t *p)
 {
     mg_lua_task_free(p->task);
+    free(p->body);
     free(p->pending);
     free(p);
 }
@@ -583,8 +591,9 @@ static void on_ready(mg_proxy_t *p)
     up_read_start(p);
     if (p->r->body_complete) {
         up_write_t *wr = mg_calloc(1, sizeof(*wr));
+        uv_buf_t b[2] = { p->head, uv_buf_init(p->body, (unsigned)p->body_len) };
         p->head_sent = 1;
-        up_write(p, wr, &p->head, 1);
+        up_write(p, wr, b, p->buffered && p->body_len ? 2 : 1);
     } else {
         mg_conn_body_open(p->r);
     }
@@ -611,6 +620,16 @@ void mg_proxy_on_body(mg_req_t *r, const char *data, size_t n)
     mg_proxy_t *p = r->proxy;
     if (!p || p->resp_complete || n == 0)
         return;
+    if (p->buffering) {
+        /* Bounded by the route's max_body, which http1 enforces. */
+        if (p->body_len + n > p->body_cap) {
+            p->body_cap = (p->body_len + n) * 2;
+            p->body = mg_realloc(p->body, p->body_cap);
+        }
+        memcpy(p->body + p->body_len, data, n);
+        p->body_len += n;
+        return;
+    }
     if (p->npending == p->cpending) {
         p->cpending = p->cpending ? p->cpending * 2 : 8;
         p->pending = mg_realloc(p->pending,
@@ -624,14 +643,71 @@ void mg_proxy_on_body(mg_req_t *r, const char *data, size_t n)
 void mg_proxy_on_body_end(mg_req_t *r)
 {
     mg_proxy_t *p = r->proxy;
-    if (p)
-        p->body_end = 1;
+    if (!p)
+        return;
+    p->body_end = 1;
+    if (p->buffering) {
+        /* gw.request.get_body's wait is over: the body goes upstream, if
+         * it does, with a Content-Length. */
+        p->buffering = 0;
+        p->buffered = 1;
+        r->chunked = 0;
+        r->content_length = (int64_t)p->body_len;
+        mg_lua_task_t *t = p->body_waiter;
+        p->body_waiter = NULL;
+        if (!p->reading_now) {
+            mg_lua_task_prepare_wake(t);
+            mg_lua_task_wake(t, 0);
+        }
+    }
+}
+
+/* gw.request.get_body: 0 when the body is at hand, MG_AGAIN when the task
+ * must wait for it (woken by mg_proxy_on_body_end), -1 outside the phases
+ * that may read it. */
+int mg_ffi_req_read_body(mg_lua_task_t *t, mg_req_t *r)
+{
+    mg_proxy_t *p = r->proxy;
+    if (!p || !r->req_mutable || p->connected || p->buffering)
+        return -1;
+    if (p->buffered || r->body_complete) {
+        p->buffered = 1;
+        return 0;
+    }
+    p->buffering = 1;
+    p->body_waiter = t;
+    p->reading_now = 1;
+    mg_conn_body_open(r); /* may read all of it at once */
+    p->reading_now = 0;
+    if (r->proxy != p)
+        return -1; /* refused (413) meanwhile */
+    return p->buffered ? 0 : MG_AGAIN;
+}
+
+mg_str_t mg_ffi_req_body(mg_req_t *r)
+{
+    mg_proxy_t *p = r->proxy;
+    return p && p->buffered ? (mg_str_t){ p->body ? p->body : "", p->body_len }
+                            : MG_NULL_STR;
+}
+
+/* gw.request.set_body: replaces the body sent upstream (after get_body). */
+int mg_ffi_req_set_body(mg_req_t *r, const char *s, size_t len)
+{
+    mg_proxy_t *p = r->proxy;
+    if (!p || !r->req_mutable || !p->buffered)
+        return -1;
+    p->body = mg_realloc(p->body, len + 1);
+    memcpy(p->body, s, len);
+    p->body_len = p->body_cap = len;
+    r->content_length = (int64_t)len;
+    return 0;
 }
 
 void mg_proxy_flush(mg_req_t *r)
 {
     mg_proxy_t *p = r->proxy;
-    if (!p || p->dead || !p->connected || p->resp_complete)
+    if (!p || p->dead || !p->connected || p->resp_complete || p->buffering)
         return;
     int need_end = r->chunked && p->body_end && !p->end_sent;
     if (p->npending == 0 && !need_end)

@@ -35,6 +35,10 @@ void mg_ffi_log(int level, const char *msg, size_t len);
 int mg_ffi_sleep(mg_lua_task_t *t, double seconds);
 double mg_ffi_now(void);
 
+int mg_ffi_req_read_body(mg_lua_task_t *t, mg_req_t *r);
+mg_str_t mg_ffi_req_body(mg_req_t *r);
+int mg_ffi_req_set_body(mg_req_t *r, const char *s, size_t len);
+
 int mg_ffi_timer_start(mg_lua_task_t *t, int id, double delay, double interval);
 void mg_ffi_timer_cancel(mg_lua_task_t *t, int id);
 

@@ -125,6 +125,36 @@ local function header_set(resp, replace)
     end
 end
 
+--- gw.request.get_body(ctx) -> the whole request body ("" when none), or
+-- nil, err. rewrite/access/handler; waits until it is read (bounded by the
+-- route's max_body: over it the client gets 413). The body then goes
+-- upstream with a Content-Length.
+function _M.request.get_body(ctx)
+    local r = req_of(ctx)
+    local co = co_running()
+    local task = co and tasks[co]
+    if not task then error("gw.request.get_body cannot wait here", 2) end
+    local rc = C.mg_ffi_req_read_body(task, r)
+    if rc < 0 then return nil, "the body cannot be read in this phase" end
+    if rc == 1 then co_yield("wait") end
+    if ctx._done then return nil, "the request has ended" end
+    local s = C.mg_ffi_req_body(r)
+    if s.p == nil then return nil, "the body could not be read" end
+    return ffi_string(s.p, s.len)
+end
+
+--- gw.request.set_body(ctx, "new body"): replaces the body sent upstream.
+-- Reads (and drops) the client's body first if needed.
+function _M.request.set_body(ctx, body)
+    if type(body) ~= "string" then error("body must be a string", 2) end
+    local ok, err = _M.request.get_body(ctx)
+    if not ok then return nil, err end
+    if C.mg_ffi_req_set_body(req_of(ctx), body, #body) ~= 0 then
+        return nil, "the body cannot be set in this phase"
+    end
+    return true
+end
+
 --- gw.request.get_header(ctx, "x-api-key") -> first value or nil.
 _M.request.get_header = header_get(0)
 --- gw.request.get_headers(ctx) -> { ["lower-name"] = "v" or { "v1", "v2" } }.
