@@ -49,7 +49,7 @@ mg_str_t mg_ffi_req_id(mg_req_t *r)
 int mg_ffi_req_set_path(mg_req_t *r, const char *p, size_t len)
 {
     if (!r->req_mutable)
-        return -1;
+        return -2;
     char *out = mg_arena_alloc(r->arena, len + 1);
     size_t n;
     if (mg_path_normalize(p, len, out, &n))

@@ -22,7 +22,8 @@ mg_str_t mg_ffi_req_query(mg_req_t *r);
 mg_str_t mg_ffi_req_host(mg_req_t *r);
 mg_str_t mg_ffi_req_client_ip(mg_req_t *r);
 mg_str_t mg_ffi_req_id(mg_req_t *r);
-/* 0, or -1 for a path that does not normalize (it must stay canonical). */
+/* 0, -1 for a path that does not normalize (it must stay canonical), -2
+ * outside rewrite/access/handler. */
 int mg_ffi_req_set_path(mg_req_t *r, const char *p, size_t len);
 int mg_ffi_req_set_query(mg_req_t *r, const char *p, size_t len);
 /* 0 and *value, or MG_DECLINED. */

@@ -451,10 +451,21 @@ static void lua_respond(mg_proxy_t *p)
     r->resp_status = status;
     r->resp_headers = headers;
     r->nresp_headers = r->resp_headers_cap = n;
+    if (p->mask & MG_LUA_HEADER_FILTER) {
+        /* Plugins see a handler's answer as they see an upstream's. */
+        r->resp_mutable = 1;
+        int what = mg_lua_task_phase(p->task, "header_filter");
+        r->resp_mutable = 0;
+        if (what == MG_LUA_ERROR) {
+            fail(p, 500, "header_filter failed");
+            return;
+        }
+    }
     run_log_phase(p);
     r->proxy = NULL;
     free_proxy(p);
-    mg_conn_respond(r, status, headers, n, body, 0);
+    mg_conn_respond(r, r->resp_status, r->resp_headers, r->nresp_headers,
+                    body, 0);
 }
 
 /* What the request's coroutine decided, now or after a wait. */

@@ -64,16 +64,18 @@ function _M.request.set_path(ctx, path)
     if type(path) ~= "string" or path:sub(1, 1) ~= "/" then
         error("path must be a string starting with '/'", 2)
     end
-    if C.mg_ffi_req_set_path(req_of(ctx), path, #path) ~= 0 then
-        return nil, "invalid path"
-    end
+    local rc = C.mg_ffi_req_set_path(req_of(ctx), path, #path)
+    if rc == -2 then error("the path cannot be changed in this phase", 2) end
+    if rc ~= 0 then return nil, "invalid path" end
     return true
 end
 
 --- gw.request.set_query(ctx, "a=1") replaces the query string sent upstream.
 function _M.request.set_query(ctx, query)
     if type(query) ~= "string" then error("query must be a string", 2) end
-    C.mg_ffi_req_set_query(req_of(ctx), query, #query)
+    if C.mg_ffi_req_set_query(req_of(ctx), query, #query) ~= 0 then
+        error("the query cannot be changed in this phase", 2)
+    end
 end
 
 local function header_get(resp)
@@ -114,7 +116,9 @@ local function header_set(resp, replace)
             error("invalid header name", 2)
         end
         if value == nil then
-            C.mg_ffi_header_set(r, resp, name, #name, nil, 0, 1)
+            if C.mg_ffi_header_set(r, resp, name, #name, nil, 0, 1) ~= 0 then
+                error("headers cannot be changed in this phase", 2)
+            end
             return
         end
         value = tostring(value)

@@ -91,7 +91,8 @@ local function make_entry(name, value, paths, cache, where, errors)
     local conf, errs = schema.validate(mod.schema, value == true and {} or value)
     if not conf then
         for _, e in ipairs(errs) do
-            errors[#errors + 1] = where .. ": plugins." .. name .. "." .. e
+            local sep = e:sub(1, 2) == ": " and "" or "."
+            errors[#errors + 1] = where .. ": plugins." .. name .. sep .. e
         end
         return nil
     end
@@ -214,6 +215,10 @@ end
 --- Forgets generation `id`; returns the ids of its timers (C cancels them).
 function _M.free_generation(id)
     generations[id] = nil
+    -- Compiled traces hold on to the prototypes they start in: without a
+    -- flush, every reload's plugin code would stay reachable through the
+    -- JIT until its trace cache filled up.
+    if jit then jit.flush() end
     return gw.timer.drop_generation(id)
 end
 
@@ -252,13 +257,21 @@ local function response(status, body, headers)
     end
     local flat = {}
     local has_type = false
+    local function add(name, value)
+        value = tostring(value)
+        if type(name) ~= "string" or not name:find("^[%w!#$%%&'*+.^_`|~-]+$")
+            or value:find("[\r\n%z]") then
+            error("invalid response header " .. tostring(name), 0)
+        end
+        flat[#flat + 1] = name
+        flat[#flat + 1] = value
+    end
     for name, value in pairs(headers or {}) do
-        if name:lower() == "content-type" then has_type = true end
+        if type(name) == "string" and name:lower() == "content-type" then has_type = true end
         if type(value) == "table" then
-            for _, v in ipairs(value) do flat[#flat + 1] = name; flat[#flat + 1] = tostring(v) end
+            for _, v in ipairs(value) do add(name, v) end
         else
-            flat[#flat + 1] = name
-            flat[#flat + 1] = tostring(value)
+            add(name, value)
         end
     end
     if type(body) == "table" then

@@ -173,13 +173,14 @@ end
 -- nil and a list of error strings (each "field.path: why").
 function _M.validate(schema, conf)
     local errors = {}
+    -- Errors about the whole config (not one field) start with ": ".
     if type(conf) ~= "table" then
-        return nil, { "expected a table, got " .. type(conf) }
+        return nil, { ": expected a table, got " .. type(conf) }
     end
     local out = check_fields(schema, conf, "", errors)
     if #errors == 0 and schema.check then
         local ok, err = schema.check(out)
-        if not ok then errors[#errors + 1] = tostring(err or "invalid") end
+        if not ok then errors[#errors + 1] = ": " .. tostring(err or "invalid") end
     end
     if #errors > 0 then return nil, errors end
     return out

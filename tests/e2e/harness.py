@@ -422,7 +422,12 @@ class Gateway:
     # -- life cycle
 
     def __enter__(self):
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            # __exit__ is not called when __enter__ raises: clean up here.
+            self.__exit__(*sys.exc_info())
+            raise
         return self
 
     def start(self):
@@ -452,7 +457,11 @@ class Gateway:
                     c.send(b"GET /__never__ HTTP/1.1\r\nHost: localhost\r\n"
                            b"Connection: close\r\n\r\n")
                     c.read_response()
-                    if len(children(self.pid)) >= self.workers:
+                    # Ready when every worker has its first generation (a
+                    # worker builds its Lua VM after the fork: the first
+                    # one can answer while another is still starting).
+                    if (len(children(self.pid)) >= self.workers
+                            and len(self.generations()) >= self.workers):
                         return
                 finally:
                     c.close()
