@@ -5,7 +5,7 @@ the limit passes), so a gateway refusing everything cannot pass."""
 
 import time
 
-from harness import Client, assert_gateway_error, build_request, chunked, proxied, route, \
+from harness import Client, assert_gateway_error, build_request, chunked, proxied, request, route, \
     upstream_saw
 
 LIMITS = {"max_uri": "1k", "max_header_bytes": "4k", "max_header_fields": 20,
@@ -221,3 +221,25 @@ def test_limits_are_not_applied_across_pipelined_requests():
             c.send(b"".join(build_request("GET", "/p%d" % i, headers=hdrs) for i in range(15)))
             for i in range(15):
                 assert upstream_saw(c.read_response())["path"] == "/p%d" % i
+
+
+def test_connections_beyond_max_connections_are_refused_and_the_rest_keep_working():
+    with limited(max_connections=3, keepalive_timeout=30, header_timeout=30) as (gw, up):
+        held = [Client(gw.port) for _ in range(3)]
+        try:
+            for c in held:
+                assert c.request("GET", "/held").status == 200
+            with Client(gw.port) as extra:
+                try:
+                    r = extra.request("GET", "/extra")
+                    assert r.status != 200, "a 4th connection was served with max_connections = 3"
+                except Exception:  # noqa: BLE001 - closed without an answer
+                    assert extra.eof, "the 4th connection was neither answered nor closed"
+            for c in held:
+                assert c.request("GET", "/still").status == 200
+            held.pop().close()
+            time.sleep(0.2)
+            assert upstream_saw(request(gw.port, "GET", "/room"))["path"] == "/room"
+        finally:
+            for c in held:
+                c.close()

@@ -11,7 +11,7 @@ import threading
 import time
 
 from harness import Client, Gateway, Upstream, WRK_COUNT_SCRIPT, assert_gateway_error, \
-    children, moongate_bin, pid_alive, request, route, run_wrk, spawn, upstream_conf, \
+    children, free_port, moongate_bin, pid_alive, request, route, run_wrk, spawn, upstream_conf, \
     upstream_saw, wait_until, write_file, SANITIZER_MARKS
 
 
@@ -502,3 +502,43 @@ def test_sigterm_gives_up_on_a_request_longer_than_drain_timeout():
             assert not t.is_alive(), "the client of the cut request was left hanging"
             if "r" in result:
                 assert result["r"].status != 200, result["r"]
+
+
+def test_burst_of_reloads_ends_on_the_last_config():
+    with Upstream() as up:
+        with Gateway(base_conf(up), workers=2) as gw:
+            pids = gw.worker_pids()
+            for i in range(10):
+                gw.write_config(base_conf(up, [route("/users/*"), route("/r%d" % i)]))
+                gw.signal(signal.SIGHUP)
+                time.sleep(0.02)
+
+            def final():
+                try:
+                    return request(gw.port, "GET", "/r9").status == 200
+                except Exception:  # noqa: BLE001
+                    return False
+            wait_until(final, 10, interval=0.1, what="the last config to serve /r9")
+            time.sleep(0.5)
+            for _ in range(4):   # every worker, whichever takes the connection
+                assert request(gw.port, "GET", "/r9").status == 200
+                assert_gateway_error(request(gw.port, "GET", "/r8"), 404)
+            assert gw.worker_pids() == pids
+
+
+def test_reload_adding_a_listener_serves_on_it_and_keeps_the_old_one():
+    with Upstream() as up:
+        with Gateway(base_conf(up)) as gw:
+            extra = free_port()
+            conf = base_conf(up)
+            conf["listen"] = ["127.0.0.1:%d" % gw.port, "127.0.0.1:%d" % extra]
+            gw.write_config(conf)
+            gw.signal(signal.SIGHUP)
+
+            def on_new():
+                try:
+                    return request(extra, "GET", "/users/new").status == 200
+                except OSError:
+                    return False
+            wait_until(on_new, 10, interval=0.1, what="the added listener to answer")
+            assert request(gw.port, "GET", "/users/old").status == 200

@@ -31,7 +31,8 @@ Behaviour is chosen by query parameters on any path:
                   the connection closes without an answer (an upstream that
                   closed a pooled connection just as it was reused)
   extra=1         after the response, sends a whole second, unrequested
-                  response ("HTTP/1.1 200 OK ... evil") on the connection
+                  response ("HTTP/1.1 200 OK ... evil") on the connection,
+                  in the same send as the end of the body
   resp_cl_te=1    the response has both Content-Length and
                   Transfer-Encoding: chunked (response smuggling)
   resp_two_cl=1   the response has two different Content-Length headers
