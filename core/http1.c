@@ -838,8 +838,8 @@ mg_worker_t *mg_conn_worker(const mg_conn_t *c)
 static void on_shutdown(uv_shutdown_t *req, int status)
 {
     mg_conn_t *c = req->data;
-    if (status < 0 || c->closing) {
-        conn_close(c);
+    if (status < 0 || c->closing || c->eof) {
+        conn_close(c); /* nothing left to drain after the client's EOF */
         return;
     }
     /* Drain what the client still sends so our response is not lost to a
