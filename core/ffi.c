@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <sys/time.h>
 
+#include "generation.h"
 #include "log.h"
 #include "path.h"
 
@@ -36,9 +37,60 @@ mg_str_t mg_ffi_req_host(mg_req_t *r)
     return r->host;
 }
 
+static int ip_trusted(const mg_config_t *cfg, const char *ip)
+{
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof(ss));
+    if (uv_ip4_addr(ip, 0, (struct sockaddr_in *)&ss)
+        && uv_ip6_addr(ip, 0, (struct sockaddr_in6 *)&ss))
+        return -1; /* not an address */
+    return mg_cidr_match(cfg->trusted_proxies, cfg->ntrusted_proxies,
+                         (const struct sockaddr *)&ss);
+}
+
+/*
+ * The client's address: the TCP peer, unless the peer is a trusted proxy;
+ * then X-Forwarded-For is walked from the right, past trusted proxies, to
+ * the first address that is not one (nginx's real_ip_recursive). A
+ * malformed entry stops the walk: what is left of it cannot be believed.
+ */
 mg_str_t mg_ffi_req_client_ip(mg_req_t *r)
 {
-    return mg_str_from_cstr(r->client_ip);
+    if (r->real_ip.p)
+        return r->real_ip;
+    r->real_ip = mg_str_from_cstr(r->client_ip);
+    if (!mg_proxy_peer_trusted(r))
+        return r->real_ip;
+    const mg_config_t *cfg = r->gen->cfg;
+    for (size_t i = r->nheaders; i-- > 0;) {
+        if (!mg_str_caseeq(r->headers[i].name, MG_STR("x-forwarded-for")))
+            continue;
+        mg_str_t v = r->headers[i].value;
+        size_t end = v.len;
+        while (end > 0) {
+            size_t start = end;
+            while (start > 0 && v.p[start - 1] != ',')
+                start--;
+            size_t a = start, b = end;
+            while (a < b && (v.p[a] == ' ' || v.p[a] == '	'))
+                a++;
+            while (b > a && (v.p[b - 1] == ' ' || v.p[b - 1] == '	'))
+                b--;
+            char ip[46];
+            if (b - a == 0 || b - a >= sizeof(ip))
+                return r->real_ip;
+            memcpy(ip, v.p + a, b - a);
+            ip[b - a] = '\0';
+            int trusted = ip_trusted(cfg, ip);
+            if (trusted < 0)
+                return r->real_ip;
+            r->real_ip = mg_arena_strdup(r->arena, (mg_str_t){ ip, b - a });
+            if (!trusted)
+                return r->real_ip;
+            end = start ? start - 1 : 0;
+        }
+    }
+    return r->real_ip;
 }
 
 mg_str_t mg_ffi_req_id(mg_req_t *r)

@@ -64,6 +64,8 @@ struct mg_req_s {
     uint64_t body_received;
     uint64_t max_body;        /* the route's limit, set by the pipeline */
     char client_ip[46];       /* textual TCP peer address */
+    mg_str_t real_ip;         /* the client as trusted_proxies decide it
+                                 (mg_ffi_req_client_ip), computed once */
     uint64_t start_ns;        /* uv_hrtime() when the headers were complete */
     mg_proxy_t *proxy;        /* the pipeline's per-request state */
 };
@@ -151,6 +153,10 @@ void mg_proxy_on_body_end(mg_req_t *r);
 /* The client connection is going away: drop everything for this request.
  * After this call the pipeline must not touch `r` or the connection. */
 void mg_proxy_abort(mg_req_t *r);
+
+/* True when the TCP peer is in trusted_proxies (its X-Forwarded-For and
+ * X-Request-Id are believed). */
+int mg_proxy_peer_trusted(const mg_req_t *r);
 
 /* Standard reason phrase, "Unknown" when none. */
 const char *mg_http_reason(int status);

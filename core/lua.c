@@ -27,6 +27,9 @@ struct mg_lua_s {
     uv_loop_t *loop;
     lua_timer_t *timers;  /* gw.timer: pending ones, by id */
     int ref_runtime;     /* the runtime module table */
+    int idle_refs[64];   /* parked request coroutines, ready for reuse */
+    lua_State *idle[64];
+    unsigned nidle;
     mg_lua_ext_t ext[MG_LUA_EXT_MAX];
 };
 
@@ -38,6 +41,7 @@ struct mg_lua_task_s {
     mg_lua_task_cb cb;
     void *data;
     int nresults;        /* values the last yield left on co's stack */
+    unsigned parked : 1; /* finished its request: reusable */
     void (*cancel)(void *arg); /* drops a pending wait (see lua.h) */
     void *cancel_arg;
 };
@@ -232,6 +236,10 @@ static int resume(mg_lua_task_t *t, int nargs)
         return MG_LUA_RESPOND;
     if (what && strcmp(what, "next") == 0)
         return MG_LUA_NEXT;
+    if (what && strcmp(what, "park") == 0) {
+        t->parked = 1;
+        return MG_LUA_DONE;
+    }
     mg_log_error("lua: a plugin yielded outside the gw API (coroutine.yield "
                  "in a phase?)");
     return MG_LUA_ERROR;
@@ -253,11 +261,19 @@ int mg_lua_request_start(mg_lua_t *vm, mg_req_t *r, unsigned gen_id,
     t->vm = vm;
     t->cb = cb;
     t->data = data;
-    t->co = lua_newthread(L);
-    t->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
     *out = t;
-    push_runtime_fn(vm, "handle");
-    lua_xmove(L, t->co, 1);
+    if (vm->nidle) {
+        /* A parked runner: its yield("park") returns these arguments. */
+        vm->nidle--;
+        t->co = vm->idle[vm->nidle];
+        t->co_ref = vm->idle_refs[vm->nidle];
+        lua_settop(t->co, 0);
+    } else {
+        t->co = lua_newthread(L);
+        t->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+        push_runtime_fn(vm, "runner");
+        lua_xmove(L, t->co, 1);
+    }
     lua_pushlightuserdata(t->co, t);
     lua_pushinteger(t->co, gen_id);
     lua_pushinteger(t->co, (lua_Integer)route_idx + 1);
@@ -309,7 +325,13 @@ void mg_lua_task_free(mg_lua_task_t *t)
         t->cancel(t->cancel_arg);
     if (t->timer)
         uv_close((uv_handle_t *)t->timer, on_timer_closed);
-    luaL_unref(t->vm->L, LUA_REGISTRYINDEX, t->co_ref);
+    mg_lua_t *vm = t->vm;
+    if (t->parked && vm->nidle < MG_ARRAY_SIZE(vm->idle)) {
+        vm->idle[vm->nidle] = t->co;
+        vm->idle_refs[vm->nidle++] = t->co_ref;
+    } else {
+        luaL_unref(vm->L, LUA_REGISTRYINDEX, t->co_ref);
+    }
     free(t);
 }
 

@@ -157,7 +157,7 @@ static int listed_in_connection(const mg_header_t *hs, size_t n,
     return 0;
 }
 
-static int peer_trusted(const mg_req_t *r)
+int mg_proxy_peer_trusted(const mg_req_t *r)
 {
     const mg_config_t *cfg = r->gen->cfg;
     if (cfg->ntrusted_proxies == 0)
@@ -286,7 +286,7 @@ static mg_str_t upstream_path(mg_req_t *r, const mg_route_conf_t *rt,
 static void build_head(mg_proxy_t *p, mg_str_t path, mg_str_t query)
 {
     mg_req_t *r = p->r;
-    int trusted = peer_trusted(r);
+    int trusted = mg_proxy_peer_trusted(r);
     size_t xff_len = 0;
     size_t cap = 256 + r->request_id.len + r->method_name.len + path.len
                  + query.len
@@ -386,7 +386,7 @@ static void attach(mg_proxy_t *p, mg_upconn_t *uc);
 /* X-Request-Id: a trusted peer's own, or a fresh one. */
 static void set_request_id(mg_req_t *r)
 {
-    if (peer_trusted(r))
+    if (mg_proxy_peer_trusted(r))
         for (size_t i = 0; i < r->nheaders; i++)
             if (mg_str_caseeq(r->headers[i].name, MG_STR("x-request-id"))
                 && r->headers[i].value.len
@@ -432,11 +432,12 @@ static void go_upstream(mg_proxy_t *p)
     }
 }
 
-/* Runs the route's log phase, if any (the response is fully decided). */
+/* Runs the route's log phase, if any (the response is fully decided), and
+ * lets the request's coroutine finish so it can serve another request. */
 static void run_log_phase(mg_proxy_t *p)
 {
-    if (p->task && (p->mask & MG_LUA_LOG))
-        mg_lua_task_phase(p->task, "log");
+    if (p->task)
+        mg_lua_task_phase(p->task, (p->mask & MG_LUA_LOG) ? "log" : "finish");
 }
 
 /* A phase (or the handler) answered the request itself. */
@@ -954,6 +955,10 @@ static int up_on_headers_complete(llhttp_t *parser)
         APPEND_LIT(&w, "\r\n");
     }
     for (size_t i = 0; filtered && i < r->nresp_headers; i++) {
+        /* Framing stays the gateway's, whatever a plugin set. */
+        if (is_hop_by_hop(r->resp_headers[i].name)
+            || mg_str_caseeq(r->resp_headers[i].name, MG_STR("x-request-id")))
+            continue;
         append_str(&w, r->resp_headers[i].name);
         APPEND_LIT(&w, ": ");
         append_str(&w, r->resp_headers[i].value);

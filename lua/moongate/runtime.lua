@@ -330,12 +330,22 @@ function _M.handle(task, gen_id, route_idx, req)
     while true do
         if phase == "header_filter" then
             run_phase(route.chains.header_filter, ctx, phase)
-        elseif phase == "log" then
-            run_phase(route.chains.log, ctx, phase)
+        elseif phase == "log" or phase == "finish" then
+            if phase == "log" then run_phase(route.chains.log, ctx, phase) end
             ctx._done = true
             return "done"
         end
         phase = co_yield("next")
+    end
+end
+
+--- The body of a pooled request coroutine: serves one request, parks
+-- (yield "park"), and is resumed with the next request's arguments. Saves
+-- creating and collecting a coroutine per request.
+function _M.runner(task, gen_id, route_idx, req)
+    while true do
+        _M.handle(task, gen_id, route_idx, req)
+        task, gen_id, route_idx, req = co_yield("park")
     end
 end
 
