@@ -46,7 +46,7 @@ typedef struct {
     size_t pos;              /* parsed up to, in uc->rbuf */
     const char *error;       /* NULL while fine */
     unsigned done : 1, complete : 1, in_field : 1, keepalive : 1,
-        writing : 1;
+        writing : 1, too_large : 1, got_bytes : 1, retried : 1;
 } item_t;
 
 struct group_s {
@@ -258,8 +258,10 @@ static int on_headers_complete(llhttp_t *p)
 static int on_body(llhttp_t *p, const char *at, size_t n)
 {
     item_t *it = item_of(p);
-    if (it->body_len + n > MAX_BODY)
+    if (it->body_len + n > MAX_BODY) {
+        it->too_large = 1;
         return -1;
+    }
     if (it->body_len + n > it->body_cap) {
         it->body_cap = (it->body_len + n) * 2;
         it->body = mg_realloc(it->body, it->body_cap);
@@ -285,9 +287,43 @@ static void on_timeout(uv_timer_t *t)
     item_done(uc->owner, "timeout");
 }
 
+static void send_request(item_t *it);
+static void on_connect(mg_upconn_t *uc, int status);
+
+/* A pooled connection the upstream closed just as it was reused: an
+ * idempotent request that got no byte back is sent once more on a fresh
+ * connection, as the proxy does. */
+static int retry(item_t *it)
+{
+    static const char *const idempotent[] = { "GET ", "HEAD ", "PUT ",
+                                              "DELETE ", "OPTIONS ",
+                                              "TRACE " };
+    mg_upconn_t *uc = it->uc;
+    int ok = 0;
+    for (size_t i = 0; i < MG_ARRAY_SIZE(idempotent); i++)
+        ok |= strncmp(it->out.base, idempotent[i], strlen(idempotent[i])) == 0;
+    if (!ok || it->retried || it->got_bytes || !uc->reused || it->writing)
+        return 0;
+    it->retried = 1;
+    it->uc = NULL;
+    uc->owner = NULL;
+    mg_upconn_close(uc);
+    int rc = mg_upconn_get(it->target, it, it->timeout_ms, on_connect, &uc);
+    if (rc != 0 && rc != MG_AGAIN)
+        return 0;
+    it->uc = uc;
+    if (rc == 0)
+        send_request(it);
+    return 1;
+}
+
 static void on_data(mg_upconn_t *uc, ssize_t nread)
 {
     item_t *it = uc->owner;
+    if (nread > 0)
+        it->got_bytes = 1;
+    if (nread < 0 && !it->got_bytes && retry(it))
+        return;
     if (nread < 0) {
         if (nread == UV_EOF && llhttp_finish(&it->parser) != HPE_USER
             && it->complete) {
@@ -306,8 +342,8 @@ static void on_data(mg_upconn_t *uc, ssize_t nread)
     else if (err == HPE_OK)
         it->pos = uc->rlen = 0; /* everything is copied out */
     else {
-        item_done(it, it->body_len >= MAX_BODY ? "response too large"
-                                               : "invalid response");
+        item_done(it, it->too_large ? "response too large"
+                                    : "invalid response");
         return;
     }
     if (it->complete) {

@@ -334,16 +334,21 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
         sigaddset(&set, sigs[i]);
     sigprocmask(SIG_BLOCK, &set, NULL);
 
-    if (open_listeners(cfg, NULL, NULL, &m.fds) < 0)
-        return 1;
-    int rc = mg_zones_apply(cfg);
-    if (rc < 0) {
-        mg_log_error("cannot create the shared zones: %s", strerror(-rc));
+    if (open_listeners(cfg, NULL, NULL, &m.fds) < 0) {
+        mg_config_free(cfg);
         return 1;
     }
     m.nfds = cfg->nlisten;
-    if (write_pid_file(cfg->pid_file) < 0)
+    int rc = mg_zones_apply(cfg);
+    if (rc < 0)
+        mg_log_error("cannot create the shared zones: %s", strerror(-rc));
+    if (rc < 0 || write_pid_file(cfg->pid_file) < 0) {
+        for (size_t i = 0; i < m.nfds; i++)
+            close(m.fds[i]);
+        free(m.fds);
+        mg_config_free(cfg);
         return 1;
+    }
     mg_log_info("moongate %s starting %u workers", MG_VERSION, cfg->workers);
     start_workers(&m);
 
