@@ -87,4 +87,23 @@ int mg_ffi_http_add(void *group, int index, mg_req_t *r, const char *upstream,
                     size_t ulen, const char *addr, size_t alen,
                     const char *raw, size_t rawlen, double timeout);
 
+/* -- gw.redis (redis.c, lua/moongate/redis.lua) --
+ * configure: the worker's Redis settings, version `serial` (host: an IP
+ * literal or a name; user/pass empty = no AUTH; db 0 = no SELECT;
+ * timeouts in seconds). Returns 0, -1 without an event loop.
+ * send: n commands of kind MG_REDIS_* (redis.h), argc[i] arguments each,
+ * flattened into argv/lens (copied); script = the EVAL fallback of an
+ * EVALSHA. Returns MG_AGAIN (yield; woken with two values), MG_DECLINED
+ * (settings not at `serial`: configure, then send again) or -1 with a
+ * static reason in *err (nothing was sent: fail fast).
+ * sha1: the hex SHA1 of s into out[41]. */
+int mg_ffi_redis_configure(mg_lua_task_t *t, int serial, const char *host,
+                           size_t hlen, int port, const char *user,
+                           size_t ulen, const char *pass, size_t plen, int db,
+                           double connect_timeout, double timeout);
+int mg_ffi_redis_send(mg_lua_task_t *t, int serial, int kind, int n,
+                      const int *argc, const char **argv, const size_t *lens,
+                      const char *script, size_t slen, const char **err);
+void mg_ffi_redis_sha1(const char *s, size_t len, char *out);
+
 #endif

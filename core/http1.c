@@ -254,6 +254,21 @@ const char *mg_http_reason(int status)
     }
 }
 
+static int gateway_owned(mg_str_t name)
+{
+    static const mg_str_t owned[] = {
+        { "content-length", 14 }, { "transfer-encoding", 17 },
+        { "connection", 10 },     { "keep-alive", 10 },
+        { "upgrade", 7 },         { "te", 2 },
+        { "trailer", 7 },         { "proxy-connection", 16 },
+        { "x-request-id", 12 },
+    };
+    for (size_t i = 0; i < MG_ARRAY_SIZE(owned); i++)
+        if (mg_str_caseeq(name, owned[i]))
+            return 1;
+    return 0;
+}
+
 void mg_conn_respond(mg_req_t *r, int status, const mg_header_t *headers,
                      size_t n, mg_str_t body, int close)
 {
@@ -275,10 +290,9 @@ void mg_conn_respond(mg_req_t *r, int status, const mg_header_t *headers,
     w += sprintf(w, "HTTP/1.%d %d %s\r\n", r->http_minor == 0 ? 0 : 1,
                  status, mg_http_reason(status));
     for (size_t i = 0; i < n; i++) {
-        /* Framing is ours: a plugin's Content-Length could smuggle. */
-        if (mg_str_caseeq(headers[i].name, MG_STR("content-length"))
-            || mg_str_caseeq(headers[i].name, MG_STR("transfer-encoding"))
-            || mg_str_caseeq(headers[i].name, MG_STR("connection")))
+        /* Framing and hop-by-hop headers are the gateway's: a plugin's
+         * Content-Length could smuggle, its X-Request-Id would lie. */
+        if (gateway_owned(headers[i].name))
             continue;
         w += sprintf(w, "%.*s: %.*s\r\n", (int)headers[i].name.len,
                      headers[i].name.p, (int)headers[i].value.len,

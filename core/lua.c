@@ -326,6 +326,14 @@ void mg_lua_task_free(mg_lua_task_t *t)
     if (t->timer)
         uv_close((uv_handle_t *)t->timer, on_timer_closed);
     mg_lua_t *vm = t->vm;
+    if (!t->parked) {
+        /* Ended early (client gone, gateway error): its ctx must refuse
+         * use from a timer that kept it, the request's memory is gone. */
+        push_runtime_fn(vm, "abandon");
+        lua_pushthread(t->co);
+        lua_xmove(t->co, vm->L, 1);
+        lua_pcall(vm->L, 1, 0, 0);
+    }
     if (t->parked && vm->nidle < MG_ARRAY_SIZE(vm->idle)) {
         vm->idle[vm->nidle] = t->co;
         vm->idle_refs[vm->nidle++] = t->co_ref;
@@ -377,6 +385,9 @@ int mg_ffi_sleep(mg_lua_task_t *t, double seconds)
         uv_timer_init(t->vm->loop, t->timer);
         t->timer->data = t;
     }
+    /* The loop's cached clock may be old (Lua ran since the poll): a
+     * timer armed on it would fire early. */
+    uv_update_time(t->vm->loop);
     uv_timer_start(t->timer, on_sleep_done, (uint64_t)(seconds * 1000.0), 0);
     return 0;
 }

@@ -84,6 +84,8 @@ struct mg_proxy_s {
     unsigned interim : 1;      /* current upstream message is a 1xx */
     unsigned counted : 1;      /* counted in upstream->inflight */
     unsigned plugin_failed : 1; /* header_filter raised an error */
+    unsigned lua_failed : 1;   /* the request's coroutine died */
+    unsigned logged : 1;       /* the log phase ran */
 };
 
 static llhttp_settings_t up_settings;
@@ -98,6 +100,7 @@ static void free_proxy(mg_proxy_t *p)
 
 static void up_read_start(mg_proxy_t *p);
 static void finish(mg_proxy_t *p);
+static void run_log_phase(mg_proxy_t *p);
 
 /* ------------------------------------------------------------------ */
 /* Small helpers                                                      */
@@ -196,6 +199,12 @@ static void fail(mg_proxy_t *p, int status, const char *reason)
         mg_log_error("%.*s %.*s: route %s: %s", (int)r->method_name.len,
                      r->method_name.p, (int)r->target.len, r->target.p,
                      p->route->name, reason);
+    /* Log plugins see failed requests too (not when Lua itself failed:
+     * its coroutine is gone). */
+    if (!p->lua_failed) {
+        r->resp_status = status;
+        run_log_phase(p);
+    }
     /* Detach first: respond_error would otherwise call mg_proxy_abort. */
     r->proxy = NULL;
     p->r = NULL;
@@ -436,8 +445,10 @@ static void go_upstream(mg_proxy_t *p)
  * lets the request's coroutine finish so it can serve another request. */
 static void run_log_phase(mg_proxy_t *p)
 {
-    if (p->task)
+    if (p->task && !p->logged) {
+        p->logged = 1;
         mg_lua_task_phase(p->task, (p->mask & MG_LUA_LOG) ? "log" : "finish");
+    }
 }
 
 /* A phase (or the handler) answered the request itself. */
@@ -458,6 +469,7 @@ static void lua_respond(mg_proxy_t *p)
         int what = mg_lua_task_phase(p->task, "header_filter");
         r->resp_mutable = 0;
         if (what == MG_LUA_ERROR) {
+            p->lua_failed = 1;
             fail(p, 500, "header_filter failed");
             return;
         }
@@ -477,12 +489,14 @@ static void on_lua_decision(mg_lua_task_t *t, int what, void *data)
     if (what == MG_LUA_WAIT)
         return;
     r->req_mutable = 0;
-    if (what == MG_LUA_PROXY)
+    if (what == MG_LUA_PROXY) {
         go_upstream(p);
-    else if (what == MG_LUA_RESPOND)
+    } else if (what == MG_LUA_RESPOND) {
         lua_respond(p);
-    else
+    } else {
+        p->lua_failed = 1;
         fail(p, 500, "plugin error");
+    }
 }
 
 /* Copies what the route matched into the request (plugins read it). */
@@ -925,7 +939,7 @@ static int up_on_headers_complete(llhttp_t *parser)
     r->resp_status = status;
     int filtered = p->task && (p->mask & MG_LUA_HEADER_FILTER);
     if (filtered && filter_head(p) < 0) {
-        p->plugin_failed = 1;
+        p->plugin_failed = p->lua_failed = 1;
         return -1;
     }
     int head = r->method == HTTP_HEAD;

@@ -1,7 +1,7 @@
 #!/bin/sh
 # The top-level test runner behind `make test`:
 #
-#   sh tests/run-all.sh [unit] [unit-asan] [e2e] [e2e-asan]
+#   sh tests/run-all.sh [unit] [unit-asan] [lua] [e2e] [e2e-asan]
 #
 #   unit      every build/tests/test_* binary, each under `timeout 60`; each
 #             prints "PASS name" / "FAIL name" lines. A binary that crashes,
@@ -9,12 +9,18 @@
 #             failure named after the binary.
 #   unit-asan the same from build/asan/tests/, with leak detection on and
 #             sanitizer reports fatal.
+#   lua       the busted specs in spec/, run inside the runtime:
+#             build/moongate lua /usr/bin/busted -o TAP spec/ (under
+#             `timeout 120`); each "ok" / "not ok" line is one test. A run
+#             that ends without its "1..N" plan, or with fewer results than
+#             planned, or exits non-zero without a failure, counts as one
+#             more failure.
 #   e2e       tests/e2e/run.py against build/moongate.
 #   e2e-asan  tests/e2e/run.py against build/asan/moongate; sanitizer
 #             reports are fatal and the harness fails any test whose gateway
 #             printed one.
 #
-# Without arguments it runs all four; the two asan suites are skipped, with
+# Without arguments it runs all five; the two asan suites are skipped, with
 # a notice, when build/asan/moongate does not exist. Each suite's output is
 # shown as it comes. The last line printed is "N passed, N failed" summed
 # over the suites; the exit status is non-zero when any test failed or a
@@ -85,6 +91,47 @@ run_unit() {
     total_fail=$((total_fail + f))
 }
 
+# run_lua BIN: the busted specs through `BIN lua`, TAP output counted.
+run_lua() {
+    bin=$1
+    echo "== lua: busted specs in spec/ inside $bin"
+    if [ ! -x "$bin" ]; then
+        echo "lua: cannot run: $bin does not exist (build it first)"
+        broken=1
+        total_fail=$((total_fail + 1))
+        return
+    fi
+    if [ ! -x /usr/bin/busted ]; then
+        echo "lua: cannot run: /usr/bin/busted is missing (lua-busted)"
+        broken=1
+        total_fail=$((total_fail + 1))
+        return
+    fi
+    out="$tmp/lua.out"
+    timeout 120 "$bin" lua /usr/bin/busted -o TAP spec/ >"$out" 2>"$tmp/lua.err"
+    rc=$?
+    cat "$out"
+    p=$(grep -c '^ok ' "$out")
+    f=$(grep -c '^not ok ' "$out")
+    plan=$(sed -n 's/^1\.\.\([0-9][0-9]*\)$/\1/p' "$out" | tail -n 1)
+    why=""
+    if [ -z "$plan" ]; then
+        why="busted ended without its plan line (exit status $rc)"
+    elif [ $((p + f)) -ne "$plan" ]; then
+        why="busted planned $plan tests but reported $((p + f))"
+    elif [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+        why="busted exited with status $rc without a failing test"
+    fi
+    if [ -n "$why" ]; then
+        echo "not ok lua: $why"
+        sed 's/^/    /' "$tmp/lua.err"
+        f=$((f + 1))
+    fi
+    echo "lua: $p passed, $f failed"
+    total_pass=$((total_pass + p))
+    total_fail=$((total_fail + f))
+}
+
 # run_e2e BIN LABEL [ENV...]
 run_e2e() {
     bin=$1
@@ -120,9 +167,9 @@ run_e2e() {
 
 suites="$*"
 if [ -z "$suites" ]; then
-    suites="unit e2e"
+    suites="unit lua e2e"
     if [ -x build/asan/moongate ]; then
-        suites="unit unit-asan e2e e2e-asan"
+        suites="unit unit-asan lua e2e e2e-asan"
     else
         echo "notice: build/asan/moongate does not exist: skipping unit-asan and e2e-asan"
     fi
@@ -132,10 +179,11 @@ for s in $suites; do
     case $s in
         unit) run_unit build/tests unit ;;
         unit-asan) run_unit build/asan/tests unit-asan "$ASAN_ENV" "$UBSAN_ENV" ;;
+        lua) run_lua build/moongate ;;
         e2e) run_e2e build/moongate e2e ;;
         e2e-asan) run_e2e build/asan/moongate e2e-asan "$ASAN_ENV" "$UBSAN_ENV" ;;
         *)
-            echo "unknown suite: $s (suites: unit unit-asan e2e e2e-asan)"
+            echo "unknown suite: $s (suites: unit unit-asan lua e2e e2e-asan)"
             broken=1
             total_fail=$((total_fail + 1))
             ;;

@@ -67,6 +67,15 @@ void *mg_ffi_http_begin(mg_lua_task_t *t, int count);
 int mg_ffi_http_add(void *group, int index, mg_req_t *r, const char *upstream,
                     size_t ulen, const char *addr, size_t alen,
                     const char *raw, size_t rawlen, double timeout);
+
+/* gw.redis */
+int mg_ffi_redis_configure(mg_lua_task_t *t, int serial, const char *host, size_t hlen,
+                           int port, const char *user, size_t ulen, const char *pass,
+                           size_t plen, int db, double connect_timeout, double timeout);
+int mg_ffi_redis_send(mg_lua_task_t *t, int serial, int kind, int n, const int *argc,
+                      const char **argv, const size_t *lens, const char *script,
+                      size_t slen, const char **err);
+void mg_ffi_redis_sha1(const char *s, size_t len, char *out);
 ]]
 
 return _M

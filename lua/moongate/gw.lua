@@ -240,4 +240,8 @@ _M.json.encode = cjson.encode
 _M.json.decode = cjson.decode
 _M.json.null = cjson.null
 
+--- gw.redis.command/pipeline/eval/configure: Redis, yielding
+-- (lua/moongate/redis.lua, docs/redis.md).
+_M.redis = require("moongate.redis")
+
 return _M

@@ -21,6 +21,7 @@ local HANDLER_BIT = 32
 _M.PHASE_BIT, _M.HANDLER_BIT = PHASE_BIT, HANDLER_BIT
 
 local generations = {}
+local ctxs = setmetatable({}, { __mode = "k" }) -- coroutine -> its ctx
 
 local function file_exists(path)
     local f = io_open(path, "r")
@@ -206,7 +207,10 @@ function _M.load_generation(id, path)
             masks[i] = gen.routes[i].mask
         end
     end
+    local rok, rerr = gw.redis.check_config(conf.redis)
+    if not rok then errors[#errors + 1] = path .. ": top level: redis: " .. rerr end
     if #errors > 0 then return nil, concat(errors, "\n") end
+    gw.redis.use_config(conf.redis)
     gen.modules = cache
     generations[id] = gen
     return masks
@@ -308,6 +312,7 @@ function _M.handle(task, gen_id, route_idx, req)
     local route = generations[gen_id].routes[route_idx]
     local ctx = { _req = req, var = {}, route = route.info }
     local co = co_running()
+    ctxs[co] = ctx
     gw._tasks[co] = task
     gw.http.requests[co] = req
     gw.timer.gens[co] = gen_id
@@ -337,6 +342,13 @@ function _M.handle(task, gen_id, route_idx, req)
         end
         phase = co_yield("next")
     end
+end
+
+--- A request's coroutine was dropped before its request finished: its
+-- ctx now refuses every gw call (the request's memory is gone).
+function _M.abandon(co)
+    local ctx = ctxs[co]
+    if ctx then ctx._done = true end
 end
 
 --- The body of a pooled request coroutine: serves one request, parks

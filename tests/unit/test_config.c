@@ -810,14 +810,20 @@ static void demo_config_loads_without_error(void)
     int rc = mg_config_load(file, &cfg, err, sizeof(err));
     if (rc != 0)
         FAIL_AT("%s", err);
+    /* One process: public routes proxied back to this gateway, where Lua
+     * handlers play the demo services. */
     CHECK_INT(cfg->nlisten, ==, 1);
     CHECK_STR(cfg->listen[0].text, "0.0.0.0:8080");
-    CHECK_INT(cfg->nupstreams, ==, 3);
-    CHECK_INT(cfg->nroutes, ==, 3);
+    CHECK_INT(cfg->nupstreams, ==, 1);
+    CHECK_STR(cfg->upstreams[0].name, "demo");
+    CHECK_INT(port_of(&cfg->upstreams[0].targets[0].addr), ==, 8080);
+    CHECK_INT(cfg->nzones, ==, 1);
     CHECK_STR(cfg->routes[0].path, "/users/*");
-    CHECK_STR(cfg->upstreams[cfg->routes[0].upstream].name, "users");
-    CHECK_INT(port_of(&cfg->upstreams[cfg->routes[0].upstream].targets[0]
-                           .addr), ==, 9101);
+    CHECK_INT(cfg->routes[0].upstream, ==, 0);
+    size_t handlers = 0;
+    for (size_t i = 0; i < cfg->nroutes; i++)
+        handlers += cfg->routes[i].has_handler;
+    CHECK_INT(handlers, >=, 4);
     mg_config_free(cfg);
 }
 
