@@ -77,7 +77,10 @@ struct mg_conn_s {
     unsigned closing : 1;
     unsigned reading : 1;
     unsigned eof : 1;           /* the client will send nothing more */
-    unsigned send_timer : 1;    /* the timer is the send timeout */
+    unsigned send_timer : 1;    /* the deadline is the send timeout */
+    unsigned timer_armed : 1;   /* the libuv timer is set, for timer_due */
+    uint64_t deadline;          /* loop time the current wait ends; 0: none */
+    uint64_t timer_due;
     unsigned parsing : 1;
     unsigned stop_parse : 1;    /* a callback ended the request */
     unsigned saw_http : 1;      /* request line had " HTTP/1.x" */
@@ -124,9 +127,15 @@ static const mg_limits_t *limits(mg_conn_t *c)
 /* ------------------------------------------------------------------ */
 /* Timers                                                             */
 
-static void on_timeout(uv_timer_t *t)
+/*
+ * One deadline per connection, kept in the connection. The libuv timer is
+ * moved only when a deadline comes earlier than the one it is set for; a
+ * later or cleared deadline is noticed when the timer fires. A request
+ * thus costs no timer-heap work in the common case (header, body and
+ * keep-alive deadlines follow each other, each later than the last).
+ */
+static void on_timeout(mg_conn_t *c)
 {
-    mg_conn_t *c = t->data;
     switch (c->state) {
     case C_IDLE:
         conn_close(c);
@@ -152,10 +161,37 @@ static void on_timeout(uv_timer_t *t)
     }
 }
 
+static void on_timer(uv_timer_t *t)
+{
+    mg_conn_t *c = t->data;
+    uint64_t now = uv_now(t->loop);
+    c->timer_armed = 0;
+    if (!c->deadline)
+        return;
+    if (now < c->deadline) {
+        c->timer_armed = 1;
+        c->timer_due = c->deadline;
+        uv_timer_start(&c->timer, on_timer, c->deadline - now, 0);
+        return;
+    }
+    c->deadline = 0;
+    on_timeout(c);
+}
+
 static void arm_timer(mg_conn_t *c, uint64_t ms)
 {
     c->send_timer = 0;
-    uv_timer_start(&c->timer, on_timeout, ms, 0);
+    c->deadline = uv_now(c->timer.loop) + ms;
+    if (!c->timer_armed || c->timer_due > c->deadline) {
+        c->timer_armed = 1;
+        c->timer_due = c->deadline;
+        uv_timer_start(&c->timer, on_timer, ms, 0);
+    }
+}
+
+static void stop_timer(mg_conn_t *c)
+{
+    c->deadline = 0; /* the timer, if set, fires and finds nothing to do */
 }
 
 /* ------------------------------------------------------------------ */
@@ -181,7 +217,7 @@ static void on_write(mg_wreq_t *wr, int status)
         c->write_bytes = 0;
         if (c->send_timer) {
             c->send_timer = 0;
-            uv_timer_stop(&c->timer);
+            stop_timer(c);
         }
         if (c->active && c->resp_done)
             finish_request(c);
@@ -570,7 +606,7 @@ static int on_headers_complete(llhttp_t *p)
     memcpy(r->client_ip, c->peer, sizeof(r->client_ip));
     c->active = 1;
     c->resp_done = 0;
-    uv_timer_stop(&c->timer);
+    stop_timer(c);
 
     const char *why;
     int status = build_request(c, r, &why);
@@ -613,7 +649,7 @@ static int on_message_complete(llhttp_t *p)
     mg_req_t *r = &c->req;
     r->body_complete = 1;
     c->state = C_DONE;
-    uv_timer_stop(&c->timer);
+    stop_timer(c);
     if (r->proxy)
         mg_proxy_on_body_end(r);
     /* One request at a time: pipelined ones wait in the buffer. */

@@ -86,6 +86,10 @@ struct mg_proxy_s {
     unsigned plugin_failed : 1; /* header_filter raised an error */
     unsigned lua_failed : 1;   /* the request's coroutine died */
     unsigned logged : 1;       /* the log phase ran */
+    unsigned conn_fields : 1;  /* the response has a Connection header */
+    unsigned timer_armed : 1;  /* uc->timer is set for timer_due */
+    uint64_t deadline;         /* loop time the upstream wait ends; 0: none */
+    uint64_t timer_due;
 };
 
 static llhttp_settings_t up_settings;
@@ -313,10 +317,14 @@ static void build_head(mg_proxy_t *p, mg_str_t path, mg_str_t query)
         append_str(&w, query);
     }
     APPEND_LIT(&w, " HTTP/1.1\r\n");
+    int has_connection = 0;
+    for (size_t i = 0; i < r->nheaders; i++)
+        has_connection |= mg_str_caseeq(r->headers[i].name, MG_STR("connection"));
     for (size_t i = 0; i < r->nheaders; i++) {
         const mg_header_t *h = &r->headers[i];
         if (is_hop_by_hop(h->name)
-            || listed_in_connection(r->headers, r->nheaders, h->name))
+            || (has_connection
+                && listed_in_connection(r->headers, r->nheaders, h->name)))
             continue;
         if (mg_str_caseeq(h->name, MG_STR("x-forwarded-for"))) {
             xff_len += trusted ? h->value.len + 2 : 0;
@@ -768,18 +776,44 @@ void mg_proxy_flush(mg_req_t *r)
 /* ------------------------------------------------------------------ */
 /* Response: parse the upstream, stream to the client                 */
 
+/*
+ * The upstream deadline is kept in the proxy state and the connection's
+ * timer moved only when a deadline comes earlier than the one it is set
+ * for (see the same scheme in http1.c): re-arming per read or write would
+ * cost a timer-heap operation each.
+ */
 static void on_up_timeout(uv_timer_t *t)
 {
     mg_upconn_t *uc = t->data;
     mg_proxy_t *p = uc->owner;
     if (!p || p->dead || !p->r)
         return;
+    p->timer_armed = 0;
+    if (!p->deadline)
+        return;
+    uint64_t now = uv_now(t->loop);
+    if (now < p->deadline) {
+        p->timer_armed = 1;
+        p->timer_due = p->deadline;
+        uv_timer_start(t, on_up_timeout, p->deadline - now, 0);
+        return;
+    }
     fail(p, 504, "read timeout");
 }
 
 static void up_timer(mg_proxy_t *p, uint64_t ms)
 {
-    uv_timer_start(&p->uc->timer, on_up_timeout, ms, 0);
+    p->deadline = uv_now(p->uc->timer.loop) + ms;
+    if (!p->timer_armed || p->timer_due > p->deadline) {
+        p->timer_armed = 1;
+        p->timer_due = p->deadline;
+        uv_timer_start(&p->uc->timer, on_up_timeout, ms, 0);
+    }
+}
+
+static void up_timer_stop(mg_proxy_t *p)
+{
+    p->deadline = 0;
 }
 
 static void on_client_write(void *arg, int status)
@@ -883,6 +917,8 @@ static mg_str_t field(mg_proxy_t *p, unsigned i, int v)
 
 static int field_listed_in_connection(mg_proxy_t *p, mg_str_t name)
 {
+    if (!p->conn_fields)
+        return 0; /* the common case: no Connection header to look through */
     for (unsigned i = 0; i < p->nfields; i++)
         if (mg_str_caseeq(field(p, i, 0), MG_STR("connection"))
             && token_listed(field(p, i, 1), name))
@@ -937,6 +973,10 @@ static int up_on_headers_complete(llhttp_t *parser)
     p->interim = 0;
     p->status = status;
     r->resp_status = status;
+    p->conn_fields = 0;
+    for (unsigned i = 0; i < p->nfields; i++)
+        if (mg_str_caseeq(field(p, i, 0), MG_STR("connection")))
+            p->conn_fields = 1;
     int filtered = p->task && (p->mask & MG_LUA_HEADER_FILTER);
     if (filtered && filter_head(p) < 0) {
         p->plugin_failed = p->lua_failed = 1;
@@ -1052,7 +1092,8 @@ static void finish(mg_proxy_t *p)
     r->proxy = NULL;
     p->upstream->inflight--;
     p->counted = 0;
-    uv_timer_stop(&uc->timer);
+    /* No timer stop: the pool re-arms it for the idle timeout, or the
+     * close stops it. */
     if (reusable) {
         const mg_upstream_conf_t *uconf = p->upstream->conf;
         mg_upconn_release(uc, uconf->keepalive_max_idle,
@@ -1073,6 +1114,7 @@ static void attach(mg_proxy_t *p, mg_upconn_t *uc)
 {
     p->uc = uc;
     p->pos = 0;
+    p->timer_armed = 0; /* whatever the pool set, the first arm replaces */
     uc->on_close = on_uc_closed;
     uc->on_read = on_up_data;
     uc->rmax = UP_MAX_HEAD; /* the response head may grow the buffer */
@@ -1141,7 +1183,7 @@ static void parse_response(mg_proxy_t *p)
         }
         /* Full of bytes the client has yet to take: wait for it. */
         mg_upconn_read_pause(uc);
-        uv_timer_stop(&uc->timer);
+        up_timer_stop(p);
     }
 }
 

@@ -198,7 +198,8 @@ int mg_upconn_get(mg_target_t *t, void *owner, uint64_t connect_ms,
             mg_upconn_close(uc);
             continue;
         }
-        uv_timer_stop(&uc->timer);
+        /* The idle timer is left to fire (it ignores an owned connection)
+         * or to be replaced by the owner's first deadline. */
         uc->owner = owner;
         uc->reused = 1;
         *out = uc;
@@ -226,7 +227,9 @@ int mg_upconn_get(mg_target_t *t, void *owner, uint64_t connect_ms,
 
 static void on_idle_timeout(uv_timer_t *t)
 {
-    mg_upconn_close(t->data);
+    mg_upconn_t *uc = t->data;
+    if (!uc->owner) /* owned meanwhile: the owner's deadline rules now */
+        mg_upconn_close(uc);
 }
 
 void mg_upconn_release(mg_upconn_t *uc, unsigned max_idle, uint64_t idle_ms)
