@@ -48,7 +48,7 @@ mg_str_t mg_arena_strdup(mg_arena_t *a, mg_str_t s)
     if (s.len)
         memcpy(p, s.p, s.len);
     p[s.len] = '\0';
-    return (mg_str_t){ p, s.len };
+    return (mg_str_t){p, s.len};
 }
 
 void mg_arena_reset(mg_arena_t *a)

@@ -13,8 +13,8 @@
 typedef struct mg_arena_block_s mg_arena_block_t;
 
 typedef struct {
-    mg_arena_block_t *head;  /* current block; older blocks chained behind */
-    size_t used;             /* bytes used in head */
+    mg_arena_block_t *head; /* current block; older blocks chained behind */
+    size_t used;            /* bytes used in head */
 } mg_arena_t;
 
 void mg_arena_init(mg_arena_t *a);

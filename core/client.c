@@ -26,7 +26,7 @@
 #include "log.h"
 #include "upstream.h"
 
-#define MAX_BODY (16u << 20)     /* a response larger than this fails */
+#define MAX_BODY (16u << 20) /* a response larger than this fails */
 #define MAX_HEAD 65536
 
 typedef struct group_s group_t;
@@ -36,23 +36,23 @@ typedef struct {
     mg_upconn_t *uc;
     mg_target_t *target;
     llhttp_t parser;
-    uv_buf_t out;            /* request bytes (owned) */
+    uv_buf_t out; /* request bytes (owned) */
     uint64_t timeout_ms;
     int status;
-    char *head;              /* "name\0value\0..." (owned) */
+    char *head; /* "name\0value\0..." (owned) */
     size_t head_len, head_cap;
-    char *body;              /* (owned) */
+    char *body; /* (owned) */
     size_t body_len, body_cap;
-    size_t pos;              /* parsed up to, in uc->rbuf */
-    const char *error;       /* NULL while fine */
-    unsigned done : 1, complete : 1, in_field : 1, keepalive : 1,
-        writing : 1, too_large : 1, got_bytes : 1, retried : 1;
+    size_t pos;        /* parsed up to, in uc->rbuf */
+    const char *error; /* NULL while fine */
+    unsigned done : 1, complete : 1, in_field : 1, keepalive : 1, writing : 1,
+        too_large : 1, got_bytes : 1, retried : 1;
 } item_t;
 
 struct group_s {
-    mg_lua_task_t *task;     /* NULL once orphaned */
+    mg_lua_task_t *task; /* NULL once orphaned */
     size_t n, remaining;
-    uv_timer_t kick;         /* delivers results not tied to I/O */
+    uv_timer_t kick; /* delivers results not tied to I/O */
     item_t *items;
 };
 
@@ -174,8 +174,7 @@ static void item_done(item_t *it, const char *error)
         mg_upconn_t *uc = it->uc;
         it->uc = NULL;
         uv_timer_stop(&uc->timer);
-        if (!error && it->keepalive && !it->writing
-            && it->pos == uc->rlen)
+        if (!error && it->keepalive && !it->writing && it->pos == uc->rlen)
             mg_upconn_release(uc, 64, 60000);
         else {
             uc->owner = NULL;
@@ -295,9 +294,8 @@ static void on_connect(mg_upconn_t *uc, int status);
  * connection, as the proxy does. */
 static int retry(item_t *it)
 {
-    static const char *const idempotent[] = { "GET ", "HEAD ", "PUT ",
-                                              "DELETE ", "OPTIONS ",
-                                              "TRACE " };
+    static const char *const idempotent[] = {"GET ",    "HEAD ",    "PUT ",
+                                             "DELETE ", "OPTIONS ", "TRACE "};
     mg_upconn_t *uc = it->uc;
     int ok = 0;
     for (size_t i = 0; i < MG_ARRAY_SIZE(idempotent); i++)
@@ -335,15 +333,15 @@ static void on_data(mg_upconn_t *uc, ssize_t nread)
                                       : uv_strerror((int)nread));
         return;
     }
-    llhttp_errno_t err = llhttp_execute(&it->parser, uc->rbuf + it->pos,
-                                        uc->rlen - it->pos);
+    llhttp_errno_t err =
+        llhttp_execute(&it->parser, uc->rbuf + it->pos, uc->rlen - it->pos);
     if (err == HPE_PAUSED)
         it->pos = (size_t)(llhttp_get_error_pos(&it->parser) - uc->rbuf);
     else if (err == HPE_OK)
         it->pos = uc->rlen = 0; /* everything is copied out */
     else {
-        item_done(it, it->too_large ? "response too large"
-                                    : "invalid response");
+        item_done(it,
+                  it->too_large ? "response too large" : "invalid response");
         return;
     }
     if (it->complete) {
@@ -394,8 +392,8 @@ static void send_request(item_t *it)
     w->it = it;
     it->writing = 1;
     uv_timer_start(&uc->timer, on_timeout, it->timeout_ms, 0);
-    int rc = uv_write(&w->req, (uv_stream_t *)&uc->tcp, &it->out, 1,
-                      on_written);
+    int rc =
+        uv_write(&w->req, (uv_stream_t *)&uc->tcp, &it->out, 1, on_written);
     if (rc < 0) {
         free(w);
         it->writing = 0;
@@ -500,23 +498,21 @@ static mg_target_t *literal_target(mg_lua_task_t *t, const char *addr,
     return s->targets[s->ntargets++];
 }
 
-static mg_target_t *upstream_target(mg_req_t *r, const char *name,
-                                    size_t nlen)
+static mg_target_t *upstream_target(mg_req_t *r, const char *name, size_t nlen)
 {
     if (!r)
         return NULL;
     mg_gen_t *g = r->gen;
     for (size_t i = 0; i < g->cfg->nupstreams; i++)
         if (mg_str_eq(mg_str_from_cstr(g->cfg->upstreams[i].name),
-                      (mg_str_t){ name, nlen }))
+                      (mg_str_t){name, nlen}))
             return mg_upstream_pick(&g->upstreams[i]);
     return NULL;
 }
 
-int mg_ffi_http_add(void *group, int index, mg_req_t *r,
-                    const char *upstream, size_t ulen, const char *addr,
-                    size_t alen, const char *raw, size_t rawlen,
-                    double timeout)
+int mg_ffi_http_add(void *group, int index, mg_req_t *r, const char *upstream,
+                    size_t ulen, const char *addr, size_t alen, const char *raw,
+                    size_t rawlen, double timeout)
 {
     group_t *g = group;
     if (!g || !g->task || index < 0 || (size_t)index >= g->n)

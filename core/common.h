@@ -16,8 +16,8 @@ typedef struct {
     size_t len;
 } mg_str_t;
 
-#define MG_STR(lit) ((mg_str_t){ (lit), sizeof(lit) - 1 })
-#define MG_NULL_STR ((mg_str_t){ NULL, 0 })
+#define MG_STR(lit) ((mg_str_t){(lit), sizeof(lit) - 1})
+#define MG_NULL_STR ((mg_str_t){NULL, 0})
 
 /*
  * Return codes. 0 is success, negative values are errors: libuv's UV_E* for
@@ -28,11 +28,11 @@ typedef struct {
 #define MG_AGAIN 1    /* would block: caller yields and is called back */
 #define MG_DECLINED 2 /* not mine / not found */
 
-#define MG_EBADPATH (-4001)   /* path cannot be normalized unambiguously */
-#define MG_ECONFIG (-4002)    /* configuration is invalid */
-#define MG_ETOOLARGE (-4003)  /* a configured limit was exceeded */
-#define MG_EPROTO (-4004)     /* peer violated the protocol */
-#define MG_ETIMEOUT (-4005)   /* a configured timeout fired */
+#define MG_EBADPATH (-4001)  /* path cannot be normalized unambiguously */
+#define MG_ECONFIG (-4002)   /* configuration is invalid */
+#define MG_ETOOLARGE (-4003) /* a configured limit was exceeded */
+#define MG_EPROTO (-4004)    /* peer violated the protocol */
+#define MG_ETIMEOUT (-4005)  /* a configured timeout fired */
 
 /* Human-readable text for any moongate or libuv error code. */
 const char *mg_strerror(int err);
@@ -53,7 +53,7 @@ int mg_str_caseeq(mg_str_t a, mg_str_t b);
 
 static inline mg_str_t mg_str_from_cstr(const char *s)
 {
-    return (mg_str_t){ s, s ? strlen(s) : 0 };
+    return (mg_str_t){s, s ? strlen(s) : 0};
 }
 
 #define MG_VERSION "0.1.0"

@@ -43,7 +43,7 @@
 
 /* Always stripped from client requests, whatever the config says. */
 static const char *const builtin_identity[] = {
-    "x-user-id",      "x-user-roles",         "x-consumer-id",
+    "x-user-id",           "x-user-roles",     "x-consumer-id",
     "x-consumer-username", "x-consumer-roles", "x-consumer-custom-id",
 };
 
@@ -51,11 +51,11 @@ static const struct {
     const char *name;
     unsigned bit;
 } methods[] = {
-    { "GET", HTTP_GET },         { "HEAD", HTTP_HEAD },
-    { "POST", HTTP_POST },       { "PUT", HTTP_PUT },
-    { "DELETE", HTTP_DELETE },   { "CONNECT", HTTP_CONNECT },
-    { "OPTIONS", HTTP_OPTIONS }, { "TRACE", HTTP_TRACE },
-    { "PATCH", HTTP_PATCH },
+    {"GET", HTTP_GET},         {"HEAD", HTTP_HEAD},
+    {"POST", HTTP_POST},       {"PUT", HTTP_PUT},
+    {"DELETE", HTTP_DELETE},   {"CONNECT", HTTP_CONNECT},
+    {"OPTIONS", HTTP_OPTIONS}, {"TRACE", HTTP_TRACE},
+    {"PATCH", HTTP_PATCH},
 };
 
 /*
@@ -65,48 +65,58 @@ static const struct {
  * ignored for now, so configs written for them already load.
  */
 static const char *const top_fields[] = {
-    "listen", "workers", "pid_file", "error_log", "log_level",
-    "trusted_proxies", "identity_headers", "limits", "upstreams", "routes",
-    "shared", NULL,
+    "listen",    "workers",         "pid_file",         "error_log",
+    "log_level", "trusted_proxies", "identity_headers", "limits",
+    "upstreams", "routes",          "shared",           NULL,
 };
 /* plugin_paths and plugins are read by the Lua runtime (runtime.lua). */
 static const char *const top_reserved[] = {
     "admin", "redis", "plugin_paths", "plugins", "watch", NULL,
 };
 static const char *const limits_fields[] = {
-    "max_uri", "max_header_bytes", "max_header_fields", "max_body",
-    "header_timeout", "body_timeout", "keepalive_timeout",
-    "max_connections", "drain_timeout", NULL,
+    "max_uri",           "max_header_bytes",
+    "max_header_fields", "max_body",
+    "header_timeout",    "body_timeout",
+    "keepalive_timeout", "max_connections",
+    "drain_timeout",     NULL,
 };
 static const char *const upstream_fields[] = {
     "targets", "balance", "timeouts", "keepalive", "max_pending", NULL,
 };
-static const char *const upstream_reserved[] = { "health", "breaker", NULL };
+static const char *const upstream_reserved[] = {"health", "breaker", NULL};
 static const char *const timeouts_fields[] = {
-    "connect", "send", "read", NULL,
+    "connect",
+    "send",
+    "read",
+    NULL,
 };
 static const char *const keepalive_fields[] = {
-    "max_idle", "idle_timeout", NULL,
+    "max_idle",
+    "idle_timeout",
+    NULL,
 };
 static const char *const route_fields[] = {
-    "path", "upstream", "name", "methods", "hosts", "strip_prefix",
-    "rewrite", "timeouts", "max_body", NULL,
+    "path",         "upstream", "name",     "methods",  "hosts",
+    "strip_prefix", "rewrite",  "timeouts", "max_body", NULL,
 };
 static const char *const route_reserved[] = {
-    "plugins", "handler", "order", NULL,
+    "plugins",
+    "handler",
+    "order",
+    NULL,
 };
-static const char *const target_fields[] = { "weight", NULL };
+static const char *const target_fields[] = {"weight", NULL};
 
 /* The loader's state: the Lua state, the error collector, the context. */
 typedef struct {
     lua_State *L;
     const char *file;
-    char *err;          /* caller's buffer, may be NULL */
+    char *err; /* caller's buffer, may be NULL */
     size_t errlen;
-    size_t errpos;      /* bytes written, always < errlen */
+    size_t errpos; /* bytes written, always < errlen */
     unsigned nerrors;
-    char where[160];    /* "top level", "upstreams.users", "routes[2] ..." */
-    char prefix[64];    /* prepended to field names: "limits.", ... */
+    char where[160]; /* "top level", "upstreams.users", "routes[2] ..." */
+    char prefix[64]; /* prepended to field names: "limits.", ... */
     mg_config_t *cfg;
 } ld_t;
 
@@ -203,14 +213,11 @@ static const char *show(lua_State *L, int idx, char *buf, size_t len)
     case LUA_TSTRING:
         snprintf(buf, len, "\"%.60s\"", lua_tostring(L, idx));
         break;
-    case LUA_TNUMBER:
-        snprintf(buf, len, "%.14g", lua_tonumber(L, idx));
-        break;
+    case LUA_TNUMBER: snprintf(buf, len, "%.14g", lua_tonumber(L, idx)); break;
     case LUA_TBOOLEAN:
         snprintf(buf, len, "%s", lua_toboolean(L, idx) ? "true" : "false");
         break;
-    default:
-        snprintf(buf, len, "%s", type_of(L, idx));
+    default: snprintf(buf, len, "%s", type_of(L, idx));
     }
     return buf;
 }
@@ -251,9 +258,9 @@ static void check_fields_pos(ld_t *ld, int t, const char *const *known,
             const char *k = lua_tostring(L, -1);
             if (!in_list(k, known) && !in_list(k, reserved))
                 fail(ld, k, "unknown field");
-        } else if (lua_type(L, -1) != LUA_TNUMBER ||
-                   lua_tonumber(L, -1) < 1 || lua_tonumber(L, -1) > npos ||
-                   lua_tonumber(L, -1) != floor(lua_tonumber(L, -1))) {
+        } else if (lua_type(L, -1) != LUA_TNUMBER || lua_tonumber(L, -1) < 1
+                   || lua_tonumber(L, -1) > npos
+                   || lua_tonumber(L, -1) != floor(lua_tonumber(L, -1))) {
             char v[80], f[96];
             snprintf(f, sizeof(f), "[%s]", show(L, -1, v, sizeof(v)));
             fail(ld, f, "unknown field");
@@ -386,8 +393,10 @@ static int to_size(ld_t *ld, int idx, const char *field, uint64_t *out)
         fail_type(ld, field, idx, "a size (bytes, or a string like \"8k\")");
         return -1;
     }
-    fail(ld, field, "invalid size %s (expected bytes, or \"<n>k\", "
-         "\"<n>m\", \"<n>g\")", show(L, idx, buf, sizeof(buf)));
+    fail(ld, field,
+         "invalid size %s (expected bytes, or \"<n>k\", "
+         "\"<n>m\", \"<n>g\")",
+         show(L, idx, buf, sizeof(buf)));
     return -1;
 }
 
@@ -425,14 +434,14 @@ static int push_field(ld_t *ld, int t, const char *key)
     return 1;
 }
 
-#define GETTER(name, conv, type)                                           \
-    static int name(ld_t *ld, int t, const char *key, type *out)           \
-    {                                                                      \
-        if (!push_field(ld, t, key))                                       \
-            return 0;                                                      \
-        int rc = conv(ld, -1, key, out);                                   \
-        lua_pop(ld->L, 1);                                                 \
-        return rc < 0 ? -1 : 1;                                            \
+#define GETTER(name, conv, type)                                               \
+    static int name(ld_t *ld, int t, const char *key, type *out)               \
+    {                                                                          \
+        if (!push_field(ld, t, key))                                           \
+            return 0;                                                          \
+        int rc = conv(ld, -1, key, out);                                       \
+        lua_pop(ld->L, 1);                                                     \
+        return rc < 0 ? -1 : 1;                                                \
     }
 
 GETTER(get_string, to_string, char *)
@@ -479,9 +488,8 @@ static int push_record(ld_t *ld, int t, const char *key,
  * Parses "host:port", "[v6]:port" or (listen only) ":port" and resolves the
  * host with getaddrinfo (first result). Reports errors naming `field`.
  */
-static int parse_addr(ld_t *ld, const char *field, const char *text,
-                      int listen, struct sockaddr_storage *ss,
-                      socklen_t *sslen)
+static int parse_addr(ld_t *ld, const char *field, const char *text, int listen,
+                      struct sockaddr_storage *ss, socklen_t *sslen)
 {
     char host[256];
     const char *colon = strrchr(text, ':'), *port = colon ? colon + 1 : NULL;
@@ -501,13 +509,13 @@ static int parse_addr(ld_t *ld, const char *field, const char *text,
 
     char *end;
     long p = strtol(port, &end, 10);
-    if (!isdigit((unsigned char)*port) || *end || strlen(port) > 5 ||
-        p > 65535 || (p == 0 && !listen)) {
+    if (!isdigit((unsigned char)*port) || *end || strlen(port) > 5 || p > 65535
+        || (p == 0 && !listen)) {
         fail(ld, field, "invalid port \"%s\"", port);
         return -1;
     }
 
-    struct addrinfo hints = { 0 }, *res;
+    struct addrinfo hints = {0}, *res;
     hints.ai_family = v6 ? AF_INET6 : AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
     hints.ai_flags = AI_NUMERICSERV | (v6 ? AI_NUMERICHOST : 0);
@@ -543,8 +551,8 @@ static int parse_cidr(const char *text, mg_cidr_t *c)
         char *end;
         const char *p = slash + 1;
         long bits = strtol(p, &end, 10);
-        if (!isdigit((unsigned char)*p) || *end || end - p > 3 ||
-            bits > (long)c->prefix)
+        if (!isdigit((unsigned char)*p) || *end || end - p > 3
+            || bits > (long)c->prefix)
             return -1;
         c->prefix = (unsigned)bits;
     }
@@ -634,8 +642,10 @@ static void load_log(ld_t *ld, int t)
     if (get_string(ld, t, "log_level", &level) == 1) {
         int lv = mg_log_level_parse(level);
         if (lv < 0)
-            fail(ld, "log_level", "expected one of error, warn, info, debug, "
-                 "got \"%s\"", level);
+            fail(ld, "log_level",
+                 "expected one of error, warn, info, debug, "
+                 "got \"%s\"",
+                 level);
         else
             cfg->log_level = lv;
     }
@@ -713,8 +723,8 @@ static void load_identity(ld_t *ld, int t)
     mg_config_t *cfg = ld->cfg;
     size_t nb = MG_ARRAY_SIZE(builtin_identity);
     long n = push_list(ld, t, "identity_headers");
-    cfg->identity_headers = mg_calloc(nb + (n > 0 ? (size_t)n : 0),
-                                      sizeof(char *));
+    cfg->identity_headers =
+        mg_calloc(nb + (n > 0 ? (size_t)n : 0), sizeof(char *));
     for (size_t i = 0; i < nb; i++)
         add_identity(cfg, builtin_identity[i]);
     if (n < 0)
@@ -830,16 +840,15 @@ static void load_targets(ld_t *ld, int t, mg_upstream_conf_t *u)
 static void load_upstream(ld_t *ld, mg_upstream_conf_t *u)
 {
     u->balance = mg_strndup("round_robin", 11);
-    u->timeouts = (mg_timeouts_t){ 5000, 60000, 60000 };
+    u->timeouts = (mg_timeouts_t){5000, 60000, 60000};
     u->keepalive_max_idle = 64;
     u->keepalive_idle_ms = 60000;
     u->max_pending = 1024;
     check_fields(ld, -1, upstream_fields, upstream_reserved);
     load_targets(ld, -1, u);
-    if (get_string(ld, -1, "balance", &u->balance) == 1 &&
-        strcmp(u->balance, "round_robin") != 0)
-        fail(ld, "balance", "expected \"round_robin\", got \"%s\"",
-             u->balance);
+    if (get_string(ld, -1, "balance", &u->balance) == 1
+        && strcmp(u->balance, "round_robin") != 0)
+        fail(ld, "balance", "expected \"round_robin\", got \"%s\"", u->balance);
     load_timeouts(ld, -1, &u->timeouts);
     if (push_record(ld, -1, "keepalive", keepalive_fields, NULL)) {
         set_prefix(ld, "keepalive.");
@@ -886,15 +895,17 @@ static void load_shared(ld_t *ld, int t)
     cfg->zones = mg_calloc(n ? n : 1, sizeof(*cfg->zones));
     for (lua_pushnil(L); lua_next(L, -2); lua_pop(L, 1)) {
         char v[80];
-        const char *name = lua_type(L, -2) == LUA_TSTRING
-                               ? lua_tostring(L, -2) : "";
+        const char *name =
+            lua_type(L, -2) == LUA_TSTRING ? lua_tostring(L, -2) : "";
         size_t len = strlen(name);
         int ok = len > 0 && len < 32;
         for (size_t i = 0; i < len; i++)
             ok &= isalnum((unsigned char)name[i]) || name[i] == '_';
         if (!ok) {
-            fail(ld, "shared", "zone names are 1-31 letters, digits or _, "
-                 "got %s", show(L, -2, v, sizeof(v)));
+            fail(ld, "shared",
+                 "zone names are 1-31 letters, digits or _, "
+                 "got %s",
+                 show(L, -2, v, sizeof(v)));
             continue;
         }
         char field[48];
@@ -974,15 +985,17 @@ static void load_methods(ld_t *ld, mg_route_conf_t *r)
         if (lua_type(L, -1) != LUA_TSTRING) {
             fail_type(ld, f, -1, "a string");
         } else {
-            while (k < MG_ARRAY_SIZE(methods) &&
-                   strcmp(methods[k].name, lua_tostring(L, -1)) != 0)
+            while (k < MG_ARRAY_SIZE(methods)
+                   && strcmp(methods[k].name, lua_tostring(L, -1)) != 0)
                 k++;
             if (k < MG_ARRAY_SIZE(methods))
                 r->methods |= 1ull << methods[k].bit;
             else
-                fail(ld, f, "unknown method \"%s\" (expected one of GET, "
+                fail(ld, f,
+                     "unknown method \"%s\" (expected one of GET, "
                      "HEAD, POST, PUT, DELETE, CONNECT, OPTIONS, TRACE, "
-                     "PATCH)", lua_tostring(L, -1));
+                     "PATCH)",
+                     lua_tostring(L, -1));
         }
         lua_pop(L, 1);
     }
@@ -1023,8 +1036,8 @@ static void load_strip(ld_t *ld, mg_route_conf_t *r)
     if (!push_field(ld, -1, "strip_prefix"))
         return;
     if (lua_type(L, -1) == LUA_TSTRING) {
-        if (to_string(ld, -1, "strip_prefix", &r->strip_prefix) == 0 &&
-            r->strip_prefix[0] != '/')
+        if (to_string(ld, -1, "strip_prefix", &r->strip_prefix) == 0
+            && r->strip_prefix[0] != '/')
             fail(ld, "strip_prefix", "must start with '/'");
     } else if (lua_type(L, -1) != LUA_TBOOLEAN) {
         fail_type(ld, "strip_prefix", -1, "a string or true");
@@ -1033,7 +1046,8 @@ static void load_strip(ld_t *ld, mg_route_conf_t *r)
         if (len < 2 || strcmp(r->path + len - 2, "/*") != 0)
             fail(ld, "strip_prefix", "true needs a path ending in \"/*\"");
         else if (memchr(r->path, '{', len))
-            fail(ld, "strip_prefix", "true needs a literal path, but the "
+            fail(ld, "strip_prefix",
+                 "true needs a literal path, but the "
                  "path has parameters");
         else if (len > 2)
             r->strip_prefix = mg_strndup(r->path, len - 2);
@@ -1093,11 +1107,10 @@ static void load_route(ld_t *ld, size_t i, mg_route_conf_t *r)
     load_methods(ld, r);
     load_hosts(ld, r);
     load_strip(ld, r);
-    if (get_string(ld, -1, "rewrite", &r->rewrite) == 1 &&
-        r->rewrite[0] != '/')
+    if (get_string(ld, -1, "rewrite", &r->rewrite) == 1 && r->rewrite[0] != '/')
         fail(ld, "rewrite", "must start with '/'");
     r->timeouts = r->upstream >= 0 ? cfg->upstreams[r->upstream].timeouts
-                                   : (mg_timeouts_t){ 5000, 60000, 60000 };
+                                   : (mg_timeouts_t){5000, 60000, 60000};
     load_timeouts(ld, -1, &r->timeouts);
     r->max_body = cfg->limits.max_body;
     get_size(ld, -1, "max_body", &r->max_body);
@@ -1208,7 +1221,7 @@ static void run(ld_t *ld)
 int mg_config_load(const char *path, mg_config_t **out, char *err,
                    size_t errlen)
 {
-    ld_t ld = { .file = path, .err = err, .errlen = errlen };
+    ld_t ld = {.file = path, .err = err, .errlen = errlen};
     *out = NULL;
     if (err && errlen)
         err[0] = '\0';
@@ -1283,8 +1296,8 @@ static int prefix_match(const uint8_t *a, const uint8_t *net, unsigned bits)
     unsigned whole = bits / 8, rest = bits % 8;
     if (memcmp(a, net, whole) != 0)
         return 0;
-    return rest == 0 ||
-           ((a[whole] ^ net[whole]) & (uint8_t)(0xff00u >> rest)) == 0;
+    return rest == 0
+           || ((a[whole] ^ net[whole]) & (uint8_t)(0xff00u >> rest)) == 0;
 }
 
 /*
@@ -1310,8 +1323,8 @@ int mg_cidr_match(const mg_cidr_t *blocks, size_t n,
         return 0;
     }
     for (size_t i = 0; i < n; i++)
-        if (blocks[i].family == family &&
-            prefix_match(a, blocks[i].addr, blocks[i].prefix))
+        if (blocks[i].family == family
+            && prefix_match(a, blocks[i].addr, blocks[i].prefix))
             return 1;
     return 0;
 }

@@ -17,16 +17,16 @@ typedef struct mg_config_s mg_config_t;
 
 /* A listen address: "0.0.0.0:8080", "127.0.0.1:0", "[::1]:8080", ":8080". */
 typedef struct {
-    char *text;                   /* as written in the config */
+    char *text; /* as written in the config */
     struct sockaddr_storage addr;
     socklen_t addrlen;
 } mg_listen_conf_t;
 
 /* An IPv4 or IPv6 CIDR block; an IPv4 block also matches v4-mapped v6. */
 typedef struct {
-    int family;           /* AF_INET or AF_INET6 */
-    uint8_t addr[16];     /* network byte order, host bits cleared */
-    unsigned prefix;      /* bits */
+    int family;       /* AF_INET or AF_INET6 */
+    uint8_t addr[16]; /* network byte order, host bits cleared */
+    unsigned prefix;  /* bits */
 } mg_cidr_t;
 
 /* All durations are milliseconds, all sizes bytes. */
@@ -38,50 +38,50 @@ typedef struct {
     char *text;                   /* "127.0.0.1:9001" as written */
     struct sockaddr_storage addr; /* resolved at load time */
     socklen_t addrlen;
-    unsigned weight;              /* default 1 */
+    unsigned weight; /* default 1 */
 } mg_target_conf_t;
 
 typedef struct {
     char *name;
     mg_target_conf_t *targets;
     size_t ntargets;
-    char *balance;                /* "round_robin" (only one for now) */
-    mg_timeouts_t timeouts;       /* defaults 5 s connect, 60 s send/read */
-    unsigned keepalive_max_idle;  /* idle conns kept per target, default 64 */
-    uint64_t keepalive_idle_ms;   /* default 60 s */
-    unsigned max_pending;         /* requests waiting for a conn, default
-                                     1024; beyond: 503 */
+    char *balance;               /* "round_robin" (only one for now) */
+    mg_timeouts_t timeouts;      /* defaults 5 s connect, 60 s send/read */
+    unsigned keepalive_max_idle; /* idle conns kept per target, default 64 */
+    uint64_t keepalive_idle_ms;  /* default 60 s */
+    unsigned max_pending;        /* requests waiting for a conn, default
+                                    1024; beyond: 503 */
 } mg_upstream_conf_t;
 
 typedef struct {
-    char *name;               /* `name` field, or the path pattern */
-    char *path;               /* pattern, see router.h */
-    uint64_t methods;         /* bit (1 << llhttp method); 0 = any */
+    char *name;       /* `name` field, or the path pattern */
+    char *path;       /* pattern, see router.h */
+    uint64_t methods; /* bit (1 << llhttp method); 0 = any */
     char **hosts;
     size_t nhosts;
-    int upstream;             /* index into config->upstreams; -1 for a
-                                 route answered by its Lua handler */
-    int has_handler;          /* `handler` is a Lua function */
-    char *strip_prefix;       /* NULL = none; literal prefix removed from the
-                                 proxied path when it starts with it. `true`
-                                 in the config means the pattern's literal
-                                 part before a trailing '*'. */
-    char *rewrite;            /* NULL = none; template, "{name}" replaced by
-                                 a path parameter, "{*}" by the wildcard */
-    mg_timeouts_t timeouts;   /* the upstream's, overridden per field */
-    uint64_t max_body;        /* the global limit unless set per route */
+    int upstream;           /* index into config->upstreams; -1 for a
+                               route answered by its Lua handler */
+    int has_handler;        /* `handler` is a Lua function */
+    char *strip_prefix;     /* NULL = none; literal prefix removed from the
+                               proxied path when it starts with it. `true`
+                               in the config means the pattern's literal
+                               part before a trailing '*'. */
+    char *rewrite;          /* NULL = none; template, "{name}" replaced by
+                               a path parameter, "{*}" by the wildcard */
+    mg_timeouts_t timeouts; /* the upstream's, overridden per field */
+    uint64_t max_body;      /* the global limit unless set per route */
 } mg_route_conf_t;
 
 typedef struct {
-    uint64_t max_uri;            /* 8 KiB -> 414 */
-    uint64_t max_header_bytes;   /* 32 KiB -> 431 */
-    unsigned max_header_fields;  /* 100 -> 431 */
-    uint64_t max_body;           /* 1 MiB -> 413, default for routes */
-    uint64_t header_timeout_ms;  /* 10 s -> 408 and close */
-    uint64_t body_timeout_ms;    /* 10 s between body reads -> 408 */
+    uint64_t max_uri;              /* 8 KiB -> 414 */
+    uint64_t max_header_bytes;     /* 32 KiB -> 431 */
+    unsigned max_header_fields;    /* 100 -> 431 */
+    uint64_t max_body;             /* 1 MiB -> 413, default for routes */
+    uint64_t header_timeout_ms;    /* 10 s -> 408 and close */
+    uint64_t body_timeout_ms;      /* 10 s between body reads -> 408 */
     uint64_t keepalive_timeout_ms; /* 60 s idle keep-alive */
-    unsigned max_connections;    /* per worker, default 10000 */
-    uint64_t drain_timeout_ms;   /* graceful stop / worker replacement, 30 s */
+    unsigned max_connections;      /* per worker, default 10000 */
+    uint64_t drain_timeout_ms; /* graceful stop / worker replacement, 30 s */
 } mg_limits_t;
 
 /* A shared-memory zone: `shared = { limits = "16m" }`. */
@@ -91,24 +91,24 @@ typedef struct {
 } mg_zone_conf_t;
 
 struct mg_config_s {
-    char *file;                  /* path it was loaded from */
+    char *file; /* path it was loaded from */
     mg_listen_conf_t *listen;
     size_t nlisten;
-    unsigned workers;            /* "auto" resolves to the number of cores */
-    char *pid_file;              /* default "moongate.pid" beside the config */
-    char *error_log;             /* path, or "stderr" (default) */
-    int log_level;               /* MG_LOG_* from log.h, default info */
+    unsigned workers; /* "auto" resolves to the number of cores */
+    char *pid_file;   /* default "moongate.pid" beside the config */
+    char *error_log;  /* path, or "stderr" (default) */
+    int log_level;    /* MG_LOG_* from log.h, default info */
     mg_cidr_t *trusted_proxies;
     size_t ntrusted_proxies;
-    char **identity_headers;     /* stripped from every client request:
-                                    the built-in list plus configured ones */
+    char **identity_headers; /* stripped from every client request:
+                                the built-in list plus configured ones */
     size_t nidentity_headers;
     mg_limits_t limits;
     mg_upstream_conf_t *upstreams;
     size_t nupstreams;
     mg_route_conf_t *routes;
     size_t nroutes;
-    mg_zone_conf_t *zones;       /* sorted by name */
+    mg_zone_conf_t *zones; /* sorted by name */
     size_t nzones;
 };
 

@@ -84,7 +84,7 @@ mg_str_t mg_ffi_req_client_ip(mg_req_t *r)
             int trusted = ip_trusted(cfg, ip);
             if (trusted < 0)
                 return r->real_ip;
-            r->real_ip = mg_arena_strdup(r->arena, (mg_str_t){ ip, b - a });
+            r->real_ip = mg_arena_strdup(r->arena, (mg_str_t){ip, b - a});
             if (!trusted)
                 return r->real_ip;
             end = start ? start - 1 : 0;
@@ -106,7 +106,7 @@ int mg_ffi_req_set_path(mg_req_t *r, const char *p, size_t len)
     size_t n;
     if (mg_path_normalize(p, len, out, &n))
         return -1;
-    r->path = (mg_str_t){ out, n };
+    r->path = (mg_str_t){out, n};
     r->path_set = 1;
     return 0;
 }
@@ -115,7 +115,7 @@ int mg_ffi_req_set_query(mg_req_t *r, const char *p, size_t len)
 {
     if (!r->req_mutable)
         return -1;
-    r->query = mg_arena_strdup(r->arena, (mg_str_t){ p, len });
+    r->query = mg_arena_strdup(r->arena, (mg_str_t){p, len});
     return 0;
 }
 
@@ -123,7 +123,7 @@ int mg_ffi_req_param(mg_req_t *r, const char *name, size_t nlen,
                      mg_str_t *value)
 {
     for (size_t i = 0; i < r->nparams; i++)
-        if (mg_str_eq(r->param_names[i], (mg_str_t){ name, nlen })) {
+        if (mg_str_eq(r->param_names[i], (mg_str_t){name, nlen})) {
             *value = r->param_values[i];
             return 0;
         }
@@ -138,9 +138,9 @@ typedef struct {
 static header_list_t list_of(mg_req_t *r, int resp)
 {
     if (resp)
-        return (header_list_t){ &r->resp_headers, &r->nresp_headers,
-                                &r->resp_headers_cap };
-    return (header_list_t){ &r->headers, &r->nheaders, &r->headers_cap };
+        return (header_list_t){&r->resp_headers, &r->nresp_headers,
+                               &r->resp_headers_cap};
+    return (header_list_t){&r->headers, &r->nheaders, &r->headers_cap};
 }
 
 int mg_ffi_header_count(mg_req_t *r, int resp)
@@ -164,7 +164,7 @@ int mg_ffi_header_get(mg_req_t *r, int resp, const char *name, size_t nlen,
 {
     header_list_t l = list_of(r, resp);
     for (size_t i = 0; i < *l.n; i++)
-        if (mg_str_caseeq((*l.list)[i].name, (mg_str_t){ name, nlen })) {
+        if (mg_str_caseeq((*l.list)[i].name, (mg_str_t){name, nlen})) {
             *value = (*l.list)[i].value;
             return 0;
         }
@@ -177,7 +177,7 @@ int mg_ffi_header_set(mg_req_t *r, int resp, const char *name, size_t nlen,
     if (resp ? !r->resp_mutable : !r->req_mutable)
         return -1;
     header_list_t l = list_of(r, resp);
-    mg_str_t key = { name, nlen };
+    mg_str_t key = {name, nlen};
     if (replace) {
         size_t k = 0;
         for (size_t i = 0; i < *l.n; i++)
@@ -198,7 +198,7 @@ int mg_ffi_header_set(mg_req_t *r, int resp, const char *name, size_t nlen,
     }
     mg_header_t *h = &(*l.list)[(*l.n)++];
     h->name = mg_arena_strdup(r->arena, key);
-    h->value = mg_arena_strdup(r->arena, (mg_str_t){ value, vlen });
+    h->value = mg_arena_strdup(r->arena, (mg_str_t){value, vlen});
     if (!resp && mg_str_caseeq(key, MG_STR("host")))
         r->host = h->value;
     return 0;

@@ -57,8 +57,7 @@ mg_str_t mg_ffi_req_body(mg_req_t *r);
 int mg_ffi_req_set_body(mg_req_t *r, const char *s, size_t len);
 
 /* gw.timer (lua.c): id chosen by the Lua side; interval 0 = once. */
-int mg_ffi_timer_start(mg_lua_task_t *t, int id, double delay,
-                       double interval);
+int mg_ffi_timer_start(mg_lua_task_t *t, int id, double delay, double interval);
 void mg_ffi_timer_cancel(mg_lua_task_t *t, int id);
 
 /* gw.shared (zones.c). op: 0 set, 1 add, 2 replace. TTLs in seconds
@@ -70,12 +69,10 @@ int mg_ffi_shdict_get(mg_shdict_t *d, const char *k, size_t kl,
 int mg_ffi_shdict_store(mg_shdict_t *d, int op, const char *k, size_t kl,
                         const mg_shdict_value_t *v, double ttl, int *evicted);
 int mg_ffi_shdict_incr(mg_shdict_t *d, const char *k, size_t kl, double delta,
-                       int has_init, double init, double init_ttl,
-                       double *out);
+                       int has_init, double init, double init_ttl, double *out);
 int mg_ffi_shdict_delete(mg_shdict_t *d, const char *k, size_t kl);
 int mg_ffi_shdict_ttl(mg_shdict_t *d, const char *k, size_t kl, double *out);
-int mg_ffi_shdict_expire(mg_shdict_t *d, const char *k, size_t kl,
-                         double ttl);
+int mg_ffi_shdict_expire(mg_shdict_t *d, const char *k, size_t kl, double ttl);
 void mg_ffi_shdict_flush_all(mg_shdict_t *d);
 void mg_ffi_shdict_stats(mg_shdict_t *d, double *out);
 
@@ -84,8 +81,8 @@ void mg_ffi_shdict_stats(mg_shdict_t *d, double *out);
  * "ip:port" address); the task yields and wakes with (results, errors). */
 void *mg_ffi_http_begin(mg_lua_task_t *t, int count);
 int mg_ffi_http_add(void *group, int index, mg_req_t *r, const char *upstream,
-                    size_t ulen, const char *addr, size_t alen,
-                    const char *raw, size_t rawlen, double timeout);
+                    size_t ulen, const char *addr, size_t alen, const char *raw,
+                    size_t rawlen, double timeout);
 
 /* -- gw.redis (redis.c, lua/moongate/redis.lua) --
  * configure: the worker's Redis settings, version `serial` (host: an IP
@@ -98,8 +95,8 @@ int mg_ffi_http_add(void *group, int index, mg_req_t *r, const char *upstream,
  * static reason in *err (nothing was sent: fail fast).
  * sha1: the hex SHA1 of s into out[41]. */
 int mg_ffi_redis_configure(mg_lua_task_t *t, int serial, const char *host,
-                           size_t hlen, int port, const char *user,
-                           size_t ulen, const char *pass, size_t plen, int db,
+                           size_t hlen, int port, const char *user, size_t ulen,
+                           const char *pass, size_t plen, int db,
                            double connect_timeout, double timeout);
 int mg_ffi_redis_send(mg_lua_task_t *t, int serial, int kind, int n,
                       const int *argc, const char **argv, const size_t *lens,

@@ -22,11 +22,11 @@ static int build_router(const mg_config_t *cfg, mg_router_t **out, char *err,
         hosts[i] = mg_calloc(rc->nhosts + 1, sizeof(mg_str_t));
         for (size_t k = 0; k < rc->nhosts; k++)
             hosts[i][k] = mg_str_from_cstr(rc->hosts[k]);
-        specs[i] = (mg_route_spec_t){ .pattern = mg_str_from_cstr(rc->path),
-                                      .methods = rc->methods,
-                                      .hosts = hosts[i],
-                                      .nhosts = rc->nhosts,
-                                      .data = rc };
+        specs[i] = (mg_route_spec_t){.pattern = mg_str_from_cstr(rc->path),
+                                     .methods = rc->methods,
+                                     .hosts = hosts[i],
+                                     .nhosts = rc->nhosts,
+                                     .data = rc};
     }
     char why[512];
     int rc = mg_router_new(specs, cfg->nroutes, out, why, sizeof(why));
@@ -58,8 +58,9 @@ mg_gen_t *mg_gen_new(mg_worker_t *w, mg_lua_t *lua, mg_config_t *cfg,
         return NULL;
     }
     uint8_t *masks = mg_calloc(cfg->nroutes + 1, 1);
-    if (lua && mg_lua_gen_load(lua, id, cfg->file, masks, cfg->nroutes, err,
-                               errlen)) {
+    if (lua
+        && mg_lua_gen_load(lua, id, cfg->file, masks, cfg->nroutes, err,
+                           errlen)) {
         free(masks);
         mg_router_free(router);
         mg_config_free(cfg);

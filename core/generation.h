@@ -14,13 +14,13 @@
 #include "upstream.h"
 
 struct mg_gen_s {
-    unsigned id;            /* 1 for the config a worker starts with */
-    unsigned refs;          /* the worker's own + one per request */
-    mg_config_t *cfg;       /* owned */
-    mg_router_t *router;    /* owned; route data -> mg_route_conf_t */
+    unsigned id;              /* 1 for the config a worker starts with */
+    unsigned refs;            /* the worker's own + one per request */
+    mg_config_t *cfg;         /* owned */
+    mg_router_t *router;      /* owned; route data -> mg_route_conf_t */
     mg_upstream_t *upstreams; /* parallel to cfg->upstreams */
-    mg_lua_t *lua;          /* borrowed: the worker's VM (NULL: no Lua) */
-    uint8_t *route_masks;   /* per route: MG_LUA_* phases with plugins */
+    mg_lua_t *lua;            /* borrowed: the worker's VM (NULL: no Lua) */
+    uint8_t *route_masks;     /* per route: MG_LUA_* phases with plugins */
 };
 
 /*

@@ -32,42 +32,42 @@ typedef struct {
 
 struct mg_req_s {
     mg_conn_t *conn;
-    mg_arena_t *arena;        /* request-scoped memory, freed at request end */
-    mg_gen_t *gen;            /* config generation, referenced for the
-                                 request's whole life */
-    unsigned method;          /* llhttp method */
-    uint8_t http_minor;       /* HTTP/1.x */
+    mg_arena_t *arena;  /* request-scoped memory, freed at request end */
+    mg_gen_t *gen;      /* config generation, referenced for the
+                           request's whole life */
+    unsigned method;    /* llhttp method */
+    uint8_t http_minor; /* HTTP/1.x */
     mg_str_t method_name;
-    mg_str_t target;          /* raw request target as received */
-    mg_str_t host;            /* Host header (may be empty on HTTP/1.0) */
-    mg_str_t path;            /* normalized path (arena), set by the pipeline */
-    mg_str_t request_id;      /* X-Request-Id sent upstream and returned */
+    mg_str_t target;     /* raw request target as received */
+    mg_str_t host;       /* Host header (may be empty on HTTP/1.0) */
+    mg_str_t path;       /* normalized path (arena), set by the pipeline */
+    mg_str_t request_id; /* X-Request-Id sent upstream and returned */
     const mg_route_conf_t *route; /* matched route, NULL before routing */
-    mg_header_t *headers;     /* client headers after identity/underscore
-                                 removal; names and values borrow the arena */
+    mg_header_t *headers;         /* client headers after identity/underscore
+                                     removal; names and values borrow the arena */
     size_t nheaders, headers_cap;
-    mg_str_t query;           /* raw query string without '?' (arena) */
-    size_t nparams;           /* route parameters (arena copies) */
+    mg_str_t query; /* raw query string without '?' (arena) */
+    size_t nparams; /* route parameters (arena copies) */
     mg_str_t *param_names, *param_values;
-    unsigned path_set : 1;    /* a plugin chose the upstream path */
-    unsigned req_mutable : 1; /* rewrite/access/handler may edit the request */
-    unsigned resp_mutable : 1;/* header_filter may edit the response head */
-    int resp_status;          /* 0 until the response head is known */
+    unsigned path_set : 1;     /* a plugin chose the upstream path */
+    unsigned req_mutable : 1;  /* rewrite/access/handler may edit the request */
+    unsigned resp_mutable : 1; /* header_filter may edit the response head */
+    int resp_status;           /* 0 until the response head is known */
     mg_header_t *resp_headers; /* response head as sent to the client */
     size_t nresp_headers, resp_headers_cap;
-    int64_t content_length;   /* -1: none */
-    unsigned chunked : 1;     /* Transfer-Encoding: chunked */
+    int64_t content_length; /* -1: none */
+    unsigned chunked : 1;   /* Transfer-Encoding: chunked */
     unsigned expect_continue : 1;
     unsigned client_keepalive : 1; /* client allows keep-alive */
     unsigned body_complete : 1;    /* the whole body has been parsed */
     unsigned response_started : 1; /* status line queued to the client */
     uint64_t body_received;
-    uint64_t max_body;        /* the route's limit, set by the pipeline */
-    char client_ip[46];       /* textual TCP peer address */
-    mg_str_t real_ip;         /* the client as trusted_proxies decide it
-                                 (mg_ffi_req_client_ip), computed once */
-    uint64_t start_ns;        /* uv_hrtime() when the headers were complete */
-    mg_proxy_t *proxy;        /* the pipeline's per-request state */
+    uint64_t max_body;  /* the route's limit, set by the pipeline */
+    char client_ip[46]; /* textual TCP peer address */
+    mg_str_t real_ip;   /* the client as trusted_proxies decide it
+                           (mg_ffi_req_client_ip), computed once */
+    uint64_t start_ns;  /* uv_hrtime() when the headers were complete */
+    mg_proxy_t *proxy;  /* the pipeline's per-request state */
 };
 
 typedef void (*mg_write_cb)(void *arg, int status);

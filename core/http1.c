@@ -27,18 +27,19 @@
 #include "worker.h"
 
 #define READ_CHUNK 16384
-#define SEND_TIMEOUT_MS 60000  /* a client that reads nothing for a minute */
-#define LINGER_MS 2000         /* read-and-discard before closing */
-#define DRAIN_GRACE_MS 1000    /* an idle connection's last chance to send
-                                  a request once its worker drains */
+#define SEND_TIMEOUT_MS 60000 /* a client that reads nothing for a minute */
+#define LINGER_MS 2000        /* read-and-discard before closing */
+#define DRAIN_GRACE_MS                                                         \
+    1000 /* an idle connection's last chance to send                           \
+            a request once its worker drains */
 
 enum conn_state {
-    C_IDLE,      /* between requests */
-    C_HEAD,      /* reading a request head */
-    C_GATED,     /* head done, body not yet wanted by the pipeline */
-    C_BODY,      /* passing the body on */
-    C_DONE,      /* request fully read, response in progress */
-    C_LINGER,    /* final response sent, discarding input before close */
+    C_IDLE,   /* between requests */
+    C_HEAD,   /* reading a request head */
+    C_GATED,  /* head done, body not yet wanted by the pipeline */
+    C_BODY,   /* passing the body on */
+    C_DONE,   /* request fully read, response in progress */
+    C_LINGER, /* final response sent, discarding input before close */
 };
 
 typedef struct {
@@ -54,42 +55,42 @@ typedef struct {
     mg_conn_t *conn;
     mg_write_cb cb;
     void *arg;
-    uint64_t serial;   /* request the write belongs to */
+    uint64_t serial; /* request the write belongs to */
 } wreq_t;
 
 struct mg_conn_s {
-    uv_tcp_t tcp;               /* tcp.data == this */
+    uv_tcp_t tcp; /* tcp.data == this */
     uv_timer_t timer;
     uv_shutdown_t shutdown_req;
     mg_worker_t *w;
-    mg_conn_t *prev, *next;     /* worker's connection list */
+    mg_conn_t *prev, *next; /* worker's connection list */
     llhttp_t parser;
     char *buf;
-    size_t cap, len, pos;       /* allocated, filled, parsed */
+    size_t cap, len, pos; /* allocated, filled, parsed */
     enum conn_state state;
     unsigned holds;
-    unsigned writes;            /* writes queued, not completed */
+    unsigned writes; /* writes queued, not completed */
     size_t write_bytes;
-    uint64_t serial;            /* increments per request */
-    unsigned active : 1;        /* a request is in progress */
-    unsigned resp_done : 1;     /* pipeline queued its last write */
-    unsigned close_after : 1;   /* close once the response is written */
+    uint64_t serial;          /* increments per request */
+    unsigned active : 1;      /* a request is in progress */
+    unsigned resp_done : 1;   /* pipeline queued its last write */
+    unsigned close_after : 1; /* close once the response is written */
     unsigned closing : 1;
     unsigned reading : 1;
-    unsigned eof : 1;           /* the client will send nothing more */
-    unsigned send_timer : 1;    /* the deadline is the send timeout */
-    unsigned timer_armed : 1;   /* the libuv timer is set, for timer_due */
-    uint64_t deadline;          /* loop time the current wait ends; 0: none */
+    unsigned eof : 1;         /* the client will send nothing more */
+    unsigned send_timer : 1;  /* the deadline is the send timeout */
+    unsigned timer_armed : 1; /* the libuv timer is set, for timer_due */
+    uint64_t deadline;        /* loop time the current wait ends; 0: none */
     uint64_t timer_due;
     unsigned parsing : 1;
-    unsigned stop_parse : 1;    /* a callback ended the request */
-    unsigned saw_http : 1;      /* request line had " HTTP/1.x" */
-    unsigned in_field : 1;      /* header-span state */
-    unsigned error_status;      /* set by callbacks for limit errors */
+    unsigned stop_parse : 1; /* a callback ended the request */
+    unsigned saw_http : 1;   /* request line had " HTTP/1.x" */
+    unsigned in_field : 1;   /* header-span state */
+    unsigned error_status;   /* set by callbacks for limit errors */
     const char *error_reason;
     hspan_t *hspans;
     unsigned nhspans, max_hspans;
-    uint32_t fields_off;        /* where the header fields begin */
+    uint32_t fields_off; /* where the header fields begin */
     span_t url;
     mg_arena_t arena;
     mg_req_t req;
@@ -137,9 +138,7 @@ static const mg_limits_t *limits(mg_conn_t *c)
 static void on_timeout(mg_conn_t *c)
 {
     switch (c->state) {
-    case C_IDLE:
-        conn_close(c);
-        break;
+    case C_IDLE: conn_close(c); break;
     case C_HEAD:
     case C_BODY:
     case C_GATED:
@@ -155,9 +154,7 @@ static void on_timeout(mg_conn_t *c)
     case C_DONE:
         conn_close(c); /* the client stopped reading the response */
         break;
-    case C_LINGER:
-        conn_close(c);
-        break;
+    case C_LINGER: conn_close(c); break;
     }
 }
 
@@ -293,11 +290,11 @@ const char *mg_http_reason(int status)
 static int gateway_owned(mg_str_t name)
 {
     static const mg_str_t owned[] = {
-        { "content-length", 14 }, { "transfer-encoding", 17 },
-        { "connection", 10 },     { "keep-alive", 10 },
-        { "upgrade", 7 },         { "te", 2 },
-        { "trailer", 7 },         { "proxy-connection", 16 },
-        { "x-request-id", 12 },
+        {"content-length", 14}, {"transfer-encoding", 17},
+        {"connection", 10},     {"keep-alive", 10},
+        {"upgrade", 7},         {"te", 2},
+        {"trailer", 7},         {"proxy-connection", 16},
+        {"x-request-id", 12},
     };
     for (size_t i = 0; i < MG_ARRAY_SIZE(owned); i++)
         if (mg_str_caseeq(name, owned[i]))
@@ -323,8 +320,8 @@ void mg_conn_respond(mg_req_t *r, int status, const mg_header_t *headers,
     for (size_t i = 0; i < n; i++)
         cap += headers[i].name.len + headers[i].value.len + 4;
     char *out = mg_arena_alloc(r->arena, cap), *w = out;
-    w += sprintf(w, "HTTP/1.%d %d %s\r\n", r->http_minor == 0 ? 0 : 1,
-                 status, mg_http_reason(status));
+    w += sprintf(w, "HTTP/1.%d %d %s\r\n", r->http_minor == 0 ? 0 : 1, status,
+                 mg_http_reason(status));
     for (size_t i = 0; i < n; i++) {
         /* Framing and hop-by-hop headers are the gateway's: a plugin's
          * Content-Length could smuggle, its X-Request-Id would lie. */
@@ -357,14 +354,14 @@ void mg_conn_respond(mg_req_t *r, int status, const mg_header_t *headers,
 void mg_conn_respond_error(mg_req_t *r, int status, const char *reason,
                            int close)
 {
-    static const mg_header_t json = { { "Content-Type", 12 },
-                                      { "application/json", 16 } };
+    static const mg_header_t json = {{"Content-Type", 12},
+                                     {"application/json", 16}};
     char body[256];
     int n = snprintf(body, sizeof(body), "{\"error\":\"%s\"}\n", reason);
     if (n >= (int)sizeof(body))
         n = sizeof(body) - 1;
     r->resp_status = status;
-    mg_conn_respond(r, status, &json, 1, (mg_str_t){ body, (size_t)n }, close);
+    mg_conn_respond(r, status, &json, 1, (mg_str_t){body, (size_t)n}, close);
 }
 
 /* ------------------------------------------------------------------ */
@@ -393,13 +390,13 @@ static int on_message_begin(llhttp_t *p)
 {
     mg_conn_t *c = conn_of(p);
     c->state = C_HEAD;
-    c->url = (span_t){ 0, 0 };
+    c->url = (span_t){0, 0};
     c->nhspans = 0;
     c->in_field = 0;
     c->saw_http = 0;
     c->max_hspans = limits(c)->max_header_fields;
-    c->hspans = mg_arena_alloc(&c->arena,
-                               sizeof(hspan_t) * (c->max_hspans + 1));
+    c->hspans =
+        mg_arena_alloc(&c->arena, sizeof(hspan_t) * (c->max_hspans + 1));
     arm_timer(c, limits(c)->header_timeout_ms);
     return 0;
 }
@@ -454,7 +451,7 @@ static int on_header_field(llhttp_t *p, const char *at, size_t n)
     if (!c->in_field) {
         if (c->nhspans == c->max_hspans)
             return fail(c, 431, "request header fields too large");
-        c->hspans[c->nhspans++] = (hspan_t){ { 0, 0 }, { 0, 0 } };
+        c->hspans[c->nhspans++] = (hspan_t){{0, 0}, {0, 0}};
         c->in_field = 1;
     }
     extend(c, &c->hspans[c->nhspans - 1].name, at, n);
@@ -479,7 +476,7 @@ static int on_header_value_complete(llhttp_t *p)
 
 static mg_str_t span_str(mg_conn_t *c, span_t s)
 {
-    return (mg_str_t){ c->buf + s.off, s.len };
+    return (mg_str_t){c->buf + s.off, s.len};
 }
 
 static mg_str_t trim_ows(mg_str_t s)
@@ -504,11 +501,15 @@ static int is_identity_header(const mg_config_t *cfg, mg_str_t name)
 static int method_allowed(unsigned m)
 {
     switch (m) {
-    case HTTP_GET: case HTTP_HEAD: case HTTP_POST: case HTTP_PUT:
-    case HTTP_DELETE: case HTTP_OPTIONS: case HTTP_PATCH: case HTTP_TRACE:
-        return 1;
-    default:
-        return 0;
+    case HTTP_GET:
+    case HTTP_HEAD:
+    case HTTP_POST:
+    case HTTP_PUT:
+    case HTTP_DELETE:
+    case HTTP_OPTIONS:
+    case HTTP_PATCH:
+    case HTTP_TRACE: return 1;
+    default: return 0;
     }
 }
 
@@ -536,8 +537,8 @@ static int build_request(mg_conn_t *c, mg_req_t *r, const char **why)
         *why = "invalid request target";
         return 400;
     }
-    r->headers = mg_arena_alloc(r->arena,
-                                sizeof(mg_header_t) * (c->nhspans + 1));
+    r->headers =
+        mg_arena_alloc(r->arena, sizeof(mg_header_t) * (c->nhspans + 1));
     r->headers_cap = c->nhspans + 1;
     r->nheaders = 0;
     r->content_length = -1;
@@ -753,8 +754,8 @@ static void parse(mg_conn_t *c)
 {
     c->parsing = 1;
     c->stop_parse = 0;
-    llhttp_errno_t err = llhttp_execute(&c->parser, c->buf + c->pos,
-                                        c->len - c->pos);
+    llhttp_errno_t err =
+        llhttp_execute(&c->parser, c->buf + c->pos, c->len - c->pos);
     c->parsing = 0;
     if (c->closing)
         return;
@@ -776,8 +777,8 @@ static void parse(mg_conn_t *c)
     const char *why = c->error_reason ? c->error_reason : "bad request";
     mg_log_debug("client %s: %s (%s)", c->peer, why,
                  llhttp_get_error_reason(&c->parser));
-    mg_conn_respond_error(c->active ? &c->req : bare_request(c),
-                          (int)status, why, 1);
+    mg_conn_respond_error(c->active ? &c->req : bare_request(c), (int)status,
+                          why, 1);
 }
 
 /* A head that cannot grow further is an error of its own. */
@@ -812,9 +813,7 @@ static void advance(mg_conn_t *c)
             }
             keep_reading(c);
             return;
-        case C_GATED:
-            keep_reading(c);
-            return;
+        case C_GATED: keep_reading(c); return;
         case C_BODY:
             if (c->pos < c->len) {
                 parse(c);
@@ -833,8 +832,7 @@ static void advance(mg_conn_t *c)
             }
             keep_reading(c);
             return;
-        case C_LINGER:
-            return;
+        case C_LINGER: return;
         }
     }
 }

@@ -18,7 +18,7 @@ static int log_fd = STDERR_FILENO;
 static int log_level = MG_LOG_INFO;
 static char log_who[32] = "moongate";
 
-static const char *const level_names[] = { "error", "warn", "info", "debug" };
+static const char *const level_names[] = {"error", "warn", "info", "debug"};
 
 int mg_log_init(const char *path, int level, const char *who)
 {
@@ -67,8 +67,9 @@ void mg_log(int level, const char *fmt, ...)
     gettimeofday(&tv, NULL);
     gmtime_r(&tv.tv_sec, &tm);
     int n = (int)strftime(line, sizeof(line), "%Y-%m-%dT%H:%M:%S", &tm);
-    n += snprintf(line + n, sizeof(line) - (size_t)n, ".%03dZ [%s] %s: ",
-                  (int)(tv.tv_usec / 1000), level_names[level], log_who);
+    n += snprintf(line + n, sizeof(line) - (size_t)n,
+                  ".%03dZ [%s] %s: ", (int)(tv.tv_usec / 1000),
+                  level_names[level], log_who);
     va_list ap;
     va_start(ap, fmt);
     int m = vsnprintf(line + n, sizeof(line) - (size_t)n, fmt, ap);

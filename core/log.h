@@ -33,7 +33,10 @@ void mg_log_lines(int level, const char *prefix, const char *text);
 #define mg_log_error(...) mg_log(MG_LOG_ERROR, __VA_ARGS__)
 #define mg_log_warn(...) mg_log(MG_LOG_WARN, __VA_ARGS__)
 #define mg_log_info(...) mg_log(MG_LOG_INFO, __VA_ARGS__)
-#define mg_log_debug(...) \
-    do { if (mg_log_enabled(MG_LOG_DEBUG)) mg_log(MG_LOG_DEBUG, __VA_ARGS__); } while (0)
+#define mg_log_debug(...)                                                      \
+    do {                                                                       \
+        if (mg_log_enabled(MG_LOG_DEBUG))                                      \
+            mg_log(MG_LOG_DEBUG, __VA_ARGS__);                                 \
+    } while (0)
 
 #endif

@@ -25,7 +25,7 @@ typedef struct lua_timer_s lua_timer_t;
 struct mg_lua_s {
     lua_State *L;
     uv_loop_t *loop;
-    lua_timer_t *timers;  /* gw.timer: pending ones, by id */
+    lua_timer_t *timers; /* gw.timer: pending ones, by id */
     int ref_runtime;     /* the runtime module table */
     int idle_refs[64];   /* parked request coroutines, ready for reuse */
     lua_State *idle[64];
@@ -37,11 +37,11 @@ struct mg_lua_task_s {
     mg_lua_t *vm;
     lua_State *co;
     int co_ref;
-    uv_timer_t *timer;   /* allocated on the first gw.sleep */
+    uv_timer_t *timer; /* allocated on the first gw.sleep */
     mg_lua_task_cb cb;
     void *data;
-    int nresults;        /* values the last yield left on co's stack */
-    unsigned parked : 1; /* finished its request: reusable */
+    int nresults;              /* values the last yield left on co's stack */
+    unsigned parked : 1;       /* finished its request: reusable */
     void (*cancel)(void *arg); /* drops a pending wait (see lua.h) */
     void *cancel_arg;
 };
@@ -148,8 +148,8 @@ void mg_lua_free(mg_lua_t *vm)
     free(vm);
 }
 
-int mg_lua_gen_load(mg_lua_t *vm, unsigned id, const char *path,
-                    uint8_t *masks, size_t nroutes, char *err, size_t errlen)
+int mg_lua_gen_load(mg_lua_t *vm, unsigned id, const char *path, uint8_t *masks,
+                    size_t nroutes, char *err, size_t errlen)
 {
     lua_State *L = vm->L;
     push_runtime_fn(vm, "load_generation");
@@ -220,7 +220,8 @@ static int resume(mg_lua_task_t *t, int nargs)
     }
     if (rc != LUA_YIELD) {
         const char *msg = lua_tostring(co, -1);
-        luaL_traceback(t->vm->L, co, msg ? msg : "(error object is not a string)", 0);
+        luaL_traceback(t->vm->L, co,
+                       msg ? msg : "(error object is not a string)", 0);
         mg_log_lines(MG_LOG_ERROR, "lua: ", lua_tostring(t->vm->L, -1));
         lua_pop(t->vm->L, 1);
         lua_settop(co, 0);
@@ -297,16 +298,16 @@ void mg_lua_task_response(mg_lua_task_t *t, mg_arena_t *arena, int *status,
     const char *s;
     *status = (int)lua_tointeger(co, 2);
     s = lua_tolstring(co, 3, &len);
-    *body = mg_arena_strdup(arena, (mg_str_t){ s ? s : "", s ? len : 0 });
+    *body = mg_arena_strdup(arena, (mg_str_t){s ? s : "", s ? len : 0});
     size_t count = lua_objlen(co, 4) / 2;
     *headers = mg_arena_alloc(arena, sizeof(mg_header_t) * (count + 1));
     for (size_t i = 0; i < count; i++) {
         lua_rawgeti(co, 4, (int)(2 * i + 1));
         s = lua_tolstring(co, -1, &len);
-        (*headers)[i].name = mg_arena_strdup(arena, (mg_str_t){ s, len });
+        (*headers)[i].name = mg_arena_strdup(arena, (mg_str_t){s, len});
         lua_rawgeti(co, 4, (int)(2 * i + 2));
         s = lua_tolstring(co, -1, &len);
-        (*headers)[i].value = mg_arena_strdup(arena, (mg_str_t){ s, len });
+        (*headers)[i].value = mg_arena_strdup(arena, (mg_str_t){s, len});
         lua_pop(co, 2);
     }
     *n = count;
@@ -475,8 +476,7 @@ void mg_lua_gen_init_worker(mg_lua_t *vm, unsigned id)
     on_timer_task(t, resume(t, 2), NULL);
 }
 
-int mg_ffi_timer_start(mg_lua_task_t *t, int id, double delay,
-                       double interval)
+int mg_ffi_timer_start(mg_lua_task_t *t, int id, double delay, double interval)
 {
     mg_lua_t *vm = t->vm;
     if (!vm->loop)
@@ -487,8 +487,8 @@ int mg_ffi_timer_start(mg_lua_task_t *t, int id, double delay,
     uv_timer_init(vm->loop, &lt->h);
     uint64_t first = (uint64_t)(delay * 1000.0);
     uint64_t every = (uint64_t)(interval * 1000.0);
-    uv_timer_start(&lt->h, on_lua_timer, first, interval > 0 && !every ? 1
-                                                                       : every);
+    uv_timer_start(&lt->h, on_lua_timer, first,
+                   interval > 0 && !every ? 1 : every);
     lt->next = vm->timers;
     vm->timers = lt;
     return 0;
@@ -538,7 +538,7 @@ int mg_lua_run_script(const char *file, int argc, char **argv)
         fprintf(stderr, "moongate: %s\n", err);
         return 1;
     }
-    script_state_t state = { 0, 0, &loop };
+    script_state_t state = {0, 0, &loop};
     mg_lua_task_t *t = mg_calloc(1, sizeof(*t));
     t->vm = vm;
     t->cb = on_script;
@@ -556,8 +556,10 @@ int mg_lua_run_script(const char *file, int argc, char **argv)
     if (!state.finished)
         uv_run(&loop, UV_RUN_DEFAULT);
     if (!state.finished) {
-        fprintf(stderr, "moongate: %s: stopped waiting with nothing left to "
-                        "wake it\n", file);
+        fprintf(stderr,
+                "moongate: %s: stopped waiting with nothing left to "
+                "wake it\n",
+                file);
         state.status = 1;
     }
     /* A script may end with os.exit(); this is the normal way out. */

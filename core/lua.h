@@ -31,12 +31,12 @@ enum {
 
 /* What a task's coroutine decided when it stopped. */
 enum {
-    MG_LUA_WAIT = 1,   /* suspended on I/O; the callback brings the rest */
-    MG_LUA_PROXY,      /* rewrite/access done: go upstream */
-    MG_LUA_RESPOND,    /* answer with mg_lua_task_response() */
-    MG_LUA_NEXT,       /* a later phase ran */
-    MG_LUA_DONE,       /* the coroutine finished */
-    MG_LUA_ERROR,      /* it raised an error (logged with its traceback) */
+    MG_LUA_WAIT = 1, /* suspended on I/O; the callback brings the rest */
+    MG_LUA_PROXY,    /* rewrite/access done: go upstream */
+    MG_LUA_RESPOND,  /* answer with mg_lua_task_response() */
+    MG_LUA_NEXT,     /* a later phase ran */
+    MG_LUA_DONE,     /* the coroutine finished */
+    MG_LUA_ERROR,    /* it raised an error (logged with its traceback) */
 };
 
 typedef void (*mg_lua_task_cb)(mg_lua_task_t *t, int what, void *data);
@@ -58,8 +58,8 @@ const char *mg_lua_root(void);
  * fills masks[0..nroutes) and returns 0; else MG_ECONFIG with every error
  * (one per line) in err.
  */
-int mg_lua_gen_load(mg_lua_t *vm, unsigned id, const char *path,
-                    uint8_t *masks, size_t nroutes, char *err, size_t errlen);
+int mg_lua_gen_load(mg_lua_t *vm, unsigned id, const char *path, uint8_t *masks,
+                    size_t nroutes, char *err, size_t errlen);
 void mg_lua_gen_free(mg_lua_t *vm, unsigned id);
 
 /* Runs the plugins' init_worker() for a generation just made current, in a

@@ -29,7 +29,7 @@
 #define RESTART_BACKOFF_MS 1000
 
 typedef struct {
-    pid_t pid;          /* 0: not running */
+    pid_t pid; /* 0: not running */
     unsigned slot;
     uint64_t started_ms;
     uint64_t restart_at_ms; /* 0: no restart pending */
@@ -38,11 +38,11 @@ typedef struct {
 typedef struct {
     const char *config_path;
     mg_config_t *cfg;
-    int *fds;               /* one per cfg->listen entry */
+    int *fds; /* one per cfg->listen entry */
     size_t nfds;
-    worker_slot_t *slots;   /* current workers */
+    worker_slot_t *slots; /* current workers */
     size_t nslots;
-    pid_t *retired;         /* old workers draining after a replacement */
+    pid_t *retired; /* old workers draining after a replacement */
     size_t nretired;
     int stopping;
     uint64_t stop_deadline_ms;
@@ -119,10 +119,10 @@ static pid_t spawn(master_t *m, unsigned slot)
         sigset_t none;
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
-        mg_worker_opts_t opts = { .listen_fds = m->fds,
-                                  .nlisten = m->nfds,
-                                  .slot = slot,
-                                  .config_path = m->config_path };
+        mg_worker_opts_t opts = {.listen_fds = m->fds,
+                                 .nlisten = m->nfds,
+                                 .slot = slot,
+                                 .config_path = m->config_path};
         /* The worker takes the config (this process's copy of it). */
         exit(mg_worker_run(&opts, m->cfg));
     }
@@ -183,10 +183,12 @@ static void reap(master_t *m)
                 break;
             if (WIFSIGNALED(status))
                 mg_log_error("worker %u (pid %d) killed by signal %d, "
-                             "restarting", s->slot, pid, WTERMSIG(status));
+                             "restarting",
+                             s->slot, pid, WTERMSIG(status));
             else
                 mg_log_error("worker %u (pid %d) exited with status %d, "
-                             "restarting", s->slot, pid, WEXITSTATUS(status));
+                             "restarting",
+                             s->slot, pid, WEXITSTATUS(status));
             /* A worker that dies at once would die again: back off. */
             if (now_ms() - s->started_ms < RESTART_BACKOFF_MS)
                 s->restart_at_ms = now_ms() + RESTART_BACKOFF_MS;
@@ -203,7 +205,8 @@ static int same_listeners(const mg_config_t *a, const mg_config_t *b)
     for (size_t i = 0; i < a->nlisten; i++)
         if (a->listen[i].addrlen != b->listen[i].addrlen
             || memcmp(&a->listen[i].addr, &b->listen[i].addr,
-                      a->listen[i].addrlen) != 0)
+                      a->listen[i].addrlen)
+                   != 0)
             return 0;
     return 1;
 }
@@ -238,8 +241,7 @@ static void replace_workers(master_t *m, mg_config_t *cfg)
         if (!m->slots[i].pid)
             continue;
         kill(m->slots[i].pid, SIGTERM);
-        m->retired = mg_realloc(m->retired,
-                                (m->nretired + 1) * sizeof(pid_t));
+        m->retired = mg_realloc(m->retired, (m->nretired + 1) * sizeof(pid_t));
         m->retired[m->nretired++] = m->slots[i].pid;
     }
     /* Close sockets the new config no longer listens on. */
@@ -326,10 +328,10 @@ static int write_pid_file(const char *path)
 
 int mg_master_run(const char *config_path, mg_config_t *cfg)
 {
-    master_t m = { .config_path = config_path, .cfg = cfg };
+    master_t m = {.config_path = config_path, .cfg = cfg};
     sigset_t set;
     sigemptyset(&set);
-    int sigs[] = { SIGCHLD, SIGHUP, SIGTERM, SIGINT, SIGQUIT };
+    int sigs[] = {SIGCHLD, SIGHUP, SIGTERM, SIGINT, SIGQUIT};
     for (size_t i = 0; i < MG_ARRAY_SIZE(sigs); i++)
         sigaddset(&set, sigs[i]);
     sigprocmask(SIG_BLOCK, &set, NULL);
@@ -353,22 +355,18 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
     start_workers(&m);
 
     while (!m.stopping || running(&m) > 0) {
-        struct timespec timeout = { 0, 200 * 1000000 };
+        struct timespec timeout = {0, 200 * 1000000};
         siginfo_t info;
         int sig = sigtimedwait(&set, &info, &timeout);
         switch (sig) {
-        case SIGCHLD:
-            reap(&m);
-            break;
+        case SIGCHLD: reap(&m); break;
         case SIGHUP:
             if (!m.stopping)
                 reload(&m);
             break;
         case SIGTERM:
         case SIGINT:
-        case SIGQUIT:
-            begin_stop(&m);
-            break;
+        case SIGQUIT: begin_stop(&m); break;
         default:
             reap(&m); /* a SIGCHLD may merge with another signal */
             break;

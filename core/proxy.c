@@ -30,7 +30,7 @@
 #include "worker.h"
 
 #define UP_READ_CHUNK 16384
-#define UP_MAX_HEAD 65536      /* upstream response head limit -> 502 */
+#define UP_MAX_HEAD 65536 /* upstream response head limit -> 502 */
 #define UP_MAX_FIELDS 128
 
 typedef struct {
@@ -38,57 +38,57 @@ typedef struct {
 } span_t;
 
 struct mg_proxy_s {
-    mg_req_t *r;               /* NULL once the client side is gone */
+    mg_req_t *r; /* NULL once the client side is gone */
     const mg_route_conf_t *route;
     mg_upstream_t *upstream;
     mg_target_t *target;
     mg_upconn_t *uc;
-    mg_lua_task_t *task;       /* the request's coroutine, if it has Lua */
-    uint8_t mask;              /* MG_LUA_* phases this route runs */
-    mg_str_t wildcard;         /* what the route's '*' matched */
+    mg_lua_task_t *task; /* the request's coroutine, if it has Lua */
+    uint8_t mask;        /* MG_LUA_* phases this route runs */
+    mg_str_t wildcard;   /* what the route's '*' matched */
     llhttp_t parser;
-    uv_buf_t head;             /* request head for the upstream (arena) */
-    uv_buf_t client_head;      /* response head not yet written: it goes
-                                  out with the first body bytes, in one
-                                  write(2) */
-    size_t pos;                /* parsed up to, in uc->rbuf */
-    unsigned up_writes;        /* writes queued on the upstream conn */
-    unsigned client_writes;    /* writes to the client borrowing uc->rbuf */
-    char *body;                /* the body read by gw.request.get_body */
+    uv_buf_t head;          /* request head for the upstream (arena) */
+    uv_buf_t client_head;   /* response head not yet written: it goes
+                               out with the first body bytes, in one
+                               write(2) */
+    size_t pos;             /* parsed up to, in uc->rbuf */
+    unsigned up_writes;     /* writes queued on the upstream conn */
+    unsigned client_writes; /* writes to the client borrowing uc->rbuf */
+    char *body;             /* the body read by gw.request.get_body */
     size_t body_len, body_cap;
     mg_lua_task_t *body_waiter; /* the task waiting for it */
-    uv_buf_t *pending;         /* body pieces parsed but not yet written,
-                                  with two free slots in front and room
-                                  for two more behind (see flush) */
+    uv_buf_t *pending;          /* body pieces parsed but not yet written,
+                                   with two free slots in front and room
+                                   for two more behind (see flush) */
     unsigned npending, cpending;
     size_t pending_bytes;
     unsigned nfields;
     span_t fields[UP_MAX_FIELDS][2];
     span_t reason;
     int status;
-    unsigned dead : 1;         /* client side gone; free when uc closed */
+    unsigned dead : 1; /* client side gone; free when uc closed */
     unsigned connected : 1;
     unsigned head_sent : 1;
-    unsigned body_end : 1;     /* client body complete (mg_proxy_on_body_end) */
-    unsigned end_sent : 1;     /* the last chunk went upstream */
-    unsigned buffering : 1;    /* reading the body into `body` */
-    unsigned buffered : 1;     /* `body` holds the whole body */
-    unsigned reading_now : 1;  /* inside mg_ffi_req_read_body: the task is
-                                  running, so it is not woken */
-    unsigned resp_bytes : 1;   /* any response byte received */
+    unsigned body_end : 1;    /* client body complete (mg_proxy_on_body_end) */
+    unsigned end_sent : 1;    /* the last chunk went upstream */
+    unsigned buffering : 1;   /* reading the body into `body` */
+    unsigned buffered : 1;    /* `body` holds the whole body */
+    unsigned reading_now : 1; /* inside mg_ffi_req_read_body: the task is
+                                 running, so it is not woken */
+    unsigned resp_bytes : 1;  /* any response byte received */
     unsigned resp_complete : 1;
     unsigned chunk_client : 1; /* re-chunk the response to the client */
     unsigned up_keepalive : 1;
     unsigned retried : 1;
     unsigned in_field : 1;
-    unsigned interim : 1;      /* current upstream message is a 1xx */
-    unsigned counted : 1;      /* counted in upstream->inflight */
+    unsigned interim : 1;       /* current upstream message is a 1xx */
+    unsigned counted : 1;       /* counted in upstream->inflight */
     unsigned plugin_failed : 1; /* header_filter raised an error */
-    unsigned lua_failed : 1;   /* the request's coroutine died */
-    unsigned logged : 1;       /* the log phase ran */
-    unsigned conn_fields : 1;  /* the response has a Connection header */
-    unsigned timer_armed : 1;  /* uc->timer is set for timer_due */
-    uint64_t deadline;         /* loop time the upstream wait ends; 0: none */
+    unsigned lua_failed : 1;    /* the request's coroutine died */
+    unsigned logged : 1;        /* the log phase ran */
+    unsigned conn_fields : 1;   /* the response has a Connection header */
+    unsigned timer_armed : 1;   /* uc->timer is set for timer_due */
+    uint64_t deadline;          /* loop time the upstream wait ends; 0: none */
     uint64_t timer_due;
 };
 
@@ -125,11 +125,16 @@ static void append_str(char **w, mg_str_t s)
 static int is_hop_by_hop(mg_str_t name)
 {
     static const mg_str_t hop[] = {
-        { "connection", 10 },      { "keep-alive", 10 },
-        { "te", 2 },               { "trailer", 7 },
-        { "transfer-encoding", 17 }, { "upgrade", 7 },
-        { "proxy-connection", 16 }, { "proxy-authenticate", 18 },
-        { "proxy-authorization", 19 }, { "content-length", 14 },
+        {"connection", 10},
+        {"keep-alive", 10},
+        {"te", 2},
+        {"trailer", 7},
+        {"transfer-encoding", 17},
+        {"upgrade", 7},
+        {"proxy-connection", 16},
+        {"proxy-authenticate", 18},
+        {"proxy-authorization", 19},
+        {"content-length", 14},
     };
     for (size_t i = 0; i < MG_ARRAY_SIZE(hop); i++)
         if (mg_str_caseeq(name, hop[i]))
@@ -147,15 +152,14 @@ static int token_listed(mg_str_t list, mg_str_t name)
         const char *start = p;
         while (p < end && *p != ',' && *p != ' ' && *p != '\t')
             p++;
-        if (p > start && mg_str_caseeq((mg_str_t){ start, (size_t)(p - start) },
-                                       name))
+        if (p > start
+            && mg_str_caseeq((mg_str_t){start, (size_t)(p - start)}, name))
             return 1;
     }
     return 0;
 }
 
-static int listed_in_connection(const mg_header_t *hs, size_t n,
-                                mg_str_t name)
+static int listed_in_connection(const mg_header_t *hs, size_t n, mg_str_t name)
 {
     for (size_t i = 0; i < n; i++)
         if (mg_str_caseeq(hs[i].name, MG_STR("connection"))
@@ -225,7 +229,7 @@ static void fail(mg_proxy_t *p, int status, const char *reason)
         mg_conn_abort(r->conn);
     else
         mg_conn_respond_error(r, status,
-                              status == 504 ? "gateway timeout"
+                              status == 504   ? "gateway timeout"
                               : status == 503 ? "service unavailable"
                               : status == 500 ? "internal error"
                                               : "bad gateway",
@@ -275,7 +279,7 @@ static mg_str_t upstream_path(mg_req_t *r, const mg_route_conf_t *rt,
                 *w++ = *t++;
                 continue;
             }
-            mg_str_t name = { t + 1, (size_t)(close - t - 1) };
+            mg_str_t name = {t + 1, (size_t)(close - t - 1)};
             if (mg_str_eq(name, MG_STR("*")))
                 append_str(&w, wildcard);
             for (size_t i = 0; i < r->nparams; i++)
@@ -283,15 +287,15 @@ static mg_str_t upstream_path(mg_req_t *r, const mg_route_conf_t *rt,
                     append_str(&w, r->param_values[i]);
             t = close + 1;
         }
-        return (mg_str_t){ out, (size_t)(w - out) };
+        return (mg_str_t){out, (size_t)(w - out)};
     }
     if (rt->strip_prefix) {
         mg_str_t pre = mg_str_from_cstr(rt->strip_prefix);
         if (path.len >= pre.len && memcmp(path.p, pre.p, pre.len) == 0
             && (path.len == pre.len || path.p[pre.len] == '/'))
-            path = path.len == pre.len ? MG_STR("/")
-                                       : (mg_str_t){ path.p + pre.len,
-                                                     path.len - pre.len };
+            path = path.len == pre.len
+                       ? MG_STR("/")
+                       : (mg_str_t){path.p + pre.len, path.len - pre.len};
     }
     return path;
 }
@@ -302,8 +306,7 @@ static void build_head(mg_proxy_t *p, mg_str_t path, mg_str_t query)
     int trusted = mg_proxy_peer_trusted(r);
     size_t xff_len = 0;
     size_t cap = 256 + r->request_id.len + r->method_name.len + path.len
-                 + query.len
-                 + r->host.len * 2 + 2 * sizeof(r->client_ip)
+                 + query.len + r->host.len * 2 + 2 * sizeof(r->client_ip)
                  + strlen(mg_target_name(p->target));
     for (size_t i = 0; i < r->nheaders; i++)
         cap += r->headers[i].name.len + r->headers[i].value.len + 4;
@@ -319,7 +322,8 @@ static void build_head(mg_proxy_t *p, mg_str_t path, mg_str_t query)
     APPEND_LIT(&w, " HTTP/1.1\r\n");
     int has_connection = 0;
     for (size_t i = 0; i < r->nheaders; i++)
-        has_connection |= mg_str_caseeq(r->headers[i].name, MG_STR("connection"));
+        has_connection |=
+            mg_str_caseeq(r->headers[i].name, MG_STR("connection"));
     for (size_t i = 0; i < r->nheaders; i++) {
         const mg_header_t *h = &r->headers[i];
         if (is_hop_by_hop(h->name)
@@ -343,7 +347,8 @@ static void build_head(mg_proxy_t *p, mg_str_t path, mg_str_t query)
     if (!r->host.len) {
         /* HTTP/1.0 without Host: name the target. */
         APPEND_LIT(&w, "Host: ");
-        append(&w, mg_target_name(p->target), strlen(mg_target_name(p->target)));
+        append(&w, mg_target_name(p->target),
+               strlen(mg_target_name(p->target)));
         APPEND_LIT(&w, "\r\n");
     }
     APPEND_LIT(&w, "X-Forwarded-For: ");
@@ -367,9 +372,9 @@ static void build_head(mg_proxy_t *p, mg_str_t path, mg_str_t query)
     APPEND_LIT(&w, "\r\n");
     if (r->chunked) {
         APPEND_LIT(&w, "Transfer-Encoding: chunked\r\n");
-    } else if (r->content_length >= 0 && (r->content_length > 0
-               || r->method == HTTP_POST || r->method == HTTP_PUT
-               || r->method == HTTP_PATCH)) {
+    } else if (r->content_length >= 0
+               && (r->content_length > 0 || r->method == HTTP_POST
+                   || r->method == HTTP_PUT || r->method == HTTP_PATCH)) {
         w += sprintf(w, "Content-Length: %lld\r\n",
                      (long long)r->content_length);
     }
@@ -389,10 +394,10 @@ static void split_target(mg_str_t target, mg_str_t *path, mg_str_t *query)
     if (f)
         end = f;
     if (q && q < end) {
-        *path = (mg_str_t){ target.p, (size_t)(q - target.p) };
-        *query = (mg_str_t){ q + 1, (size_t)(end - q - 1) };
+        *path = (mg_str_t){target.p, (size_t)(q - target.p)};
+        *query = (mg_str_t){q + 1, (size_t)(end - q - 1)};
     } else {
-        *path = (mg_str_t){ target.p, (size_t)(end - target.p) };
+        *path = (mg_str_t){target.p, (size_t)(end - target.p)};
         *query = MG_NULL_STR;
     }
 }
@@ -406,14 +411,13 @@ static void set_request_id(mg_req_t *r)
     if (mg_proxy_peer_trusted(r))
         for (size_t i = 0; i < r->nheaders; i++)
             if (mg_str_caseeq(r->headers[i].name, MG_STR("x-request-id"))
-                && r->headers[i].value.len
-                && r->headers[i].value.len <= 200) {
+                && r->headers[i].value.len && r->headers[i].value.len <= 200) {
                 r->request_id = r->headers[i].value;
                 return;
             }
     char *id = mg_arena_alloc(r->arena, 33);
     mg_worker_request_id(mg_conn_worker(r->conn), id);
-    r->request_id = (mg_str_t){ id, 32 };
+    r->request_id = (mg_str_t){id, 32};
 }
 
 /* Connects (or takes a pooled connection) and sends the request. */
@@ -434,12 +438,12 @@ static void go_upstream(mg_proxy_t *p)
     u->inflight++;
     p->counted = 1;
     p->target = mg_upstream_pick(u);
-    build_head(p, r->path_set ? r->path
-                              : upstream_path(r, rt, p->wildcard, r->path),
-               r->query);
+    build_head(
+        p, r->path_set ? r->path : upstream_path(r, rt, p->wildcard, r->path),
+        r->query);
     mg_upconn_t *uc;
-    int rc = mg_upconn_get(p->target, p, rt->timeouts.connect_ms, on_connect,
-                           &uc);
+    int rc =
+        mg_upconn_get(p->target, p, rt->timeouts.connect_ms, on_connect, &uc);
     if (rc == 0 || rc == MG_AGAIN) {
         attach(p, uc);
         if (rc == 0)
@@ -485,8 +489,8 @@ static void lua_respond(mg_proxy_t *p)
     run_log_phase(p);
     r->proxy = NULL;
     free_proxy(p);
-    mg_conn_respond(r, r->resp_status, r->resp_headers, r->nresp_headers,
-                    body, 0);
+    mg_conn_respond(r, r->resp_status, r->resp_headers, r->nresp_headers, body,
+                    0);
 }
 
 /* What the request's coroutine decided, now or after a wait. */
@@ -531,7 +535,7 @@ void mg_proxy_start(mg_req_t *r)
         mg_conn_respond_error(r, 400, "invalid path", 1);
         return;
     }
-    r->path = (mg_str_t){ norm, norm_len };
+    r->path = (mg_str_t){norm, norm_len};
 
     mg_route_match_t m;
     if (mg_router_match(r->gen->router, r->method, r->host, r->path, &m)) {
@@ -576,7 +580,7 @@ typedef struct {
     mg_wreq_t wr;
     mg_proxy_t *p;
     int body;
-    char chunk_size[24];       /* the re-chunked body's size line */
+    char chunk_size[24]; /* the re-chunked body's size line */
 } up_write_t;
 
 static void on_up_write(mg_wreq_t *wr, int status)
@@ -625,7 +629,7 @@ static void on_ready(mg_proxy_t *p)
     up_read_start(p);
     if (p->r->body_complete) {
         up_write_t *wr = mg_calloc(1, sizeof(*wr));
-        uv_buf_t b[2] = { p->head, uv_buf_init(p->body, (unsigned)p->body_len) };
+        uv_buf_t b[2] = {p->head, uv_buf_init(p->body, (unsigned)p->body_len)};
         p->head_sent = 1;
         up_write(p, wr, b, p->buffered && p->body_len ? 2 : 1);
     } else {
@@ -666,8 +670,8 @@ void mg_proxy_on_body(mg_req_t *r, const char *data, size_t n)
     }
     if (p->npending == p->cpending) {
         p->cpending = p->cpending ? p->cpending * 2 : 8;
-        p->pending = mg_realloc(p->pending,
-                                (p->cpending + 4) * sizeof(uv_buf_t));
+        p->pending =
+            mg_realloc(p->pending, (p->cpending + 4) * sizeof(uv_buf_t));
     }
     /* Slot 0..1 are kept free for the head and the chunk-size line. */
     p->pending[2 + p->npending++] = uv_buf_init((char *)data, (unsigned)n);
@@ -721,7 +725,7 @@ int mg_ffi_req_read_body(mg_lua_task_t *t, mg_req_t *r)
 mg_str_t mg_ffi_req_body(mg_req_t *r)
 {
     mg_proxy_t *p = r->proxy;
-    return p && p->buffered ? (mg_str_t){ p->body ? p->body : "", p->body_len }
+    return p && p->buffered ? (mg_str_t){p->body ? p->body : "", p->body_len}
                             : MG_NULL_STR;
 }
 
@@ -868,7 +872,7 @@ static int up_on_message_begin(llhttp_t *parser)
     mg_proxy_t *p = proxy_of(parser);
     p->nfields = 0;
     p->in_field = 0;
-    p->reason = (span_t){ 0, 0 };
+    p->reason = (span_t){0, 0};
     return 0;
 }
 
@@ -909,7 +913,7 @@ static int up_on_header_value_complete(llhttp_t *parser)
 static mg_str_t field(mg_proxy_t *p, unsigned i, int v)
 {
     span_t s = p->fields[i][v];
-    mg_str_t out = { p->uc->rbuf + s.off, s.len };
+    mg_str_t out = {p->uc->rbuf + s.off, s.len};
     while (out.len && (out.p[out.len - 1] == ' ' || out.p[out.len - 1] == '\t'))
         out.len--;
     return out;
@@ -941,16 +945,15 @@ static int forwarded(mg_proxy_t *p, mg_str_t name)
 static int filter_head(mg_proxy_t *p)
 {
     mg_req_t *r = p->r;
-    r->resp_headers = mg_arena_alloc(r->arena,
-                                     (p->nfields + 1) * sizeof(mg_header_t));
+    r->resp_headers =
+        mg_arena_alloc(r->arena, (p->nfields + 1) * sizeof(mg_header_t));
     r->resp_headers_cap = p->nfields + 1;
     r->nresp_headers = 0;
     for (unsigned i = 0; i < p->nfields; i++) {
         mg_str_t name = field(p, i, 0);
         if (forwarded(p, name))
-            r->resp_headers[r->nresp_headers++] = (mg_header_t){
-                name, field(p, i, 1)
-            };
+            r->resp_headers[r->nresp_headers++] =
+                (mg_header_t){name, field(p, i, 1)};
     }
     r->resp_mutable = 1;
     int what = mg_lua_task_phase(p->task, "header_filter");
@@ -966,7 +969,7 @@ static int up_on_headers_complete(llhttp_t *parser)
     int status = parser->status_code;
     if (status >= 100 && status < 200) {
         if (status == 101)
-            return -1; /* upgrades are not supported yet: 502 */
+            return -1;  /* upgrades are not supported yet: 502 */
         p->interim = 1; /* 100/103: dropped, the final response follows */
         return 0;
     }
@@ -992,10 +995,11 @@ static int up_on_headers_complete(llhttp_t *parser)
         cap += r->resp_headers[i].name.len + r->resp_headers[i].value.len + 4;
     char *out = mg_arena_alloc(r->arena, cap), *w = out;
     if (r->resp_status == status)
-        reason = (mg_str_t){ p->uc->rbuf + p->reason.off, p->reason.len };
+        reason = (mg_str_t){p->uc->rbuf + p->reason.off, p->reason.len};
     w += sprintf(w, "HTTP/1.%d %d ", r->http_minor ? 1 : 0, r->resp_status);
-    append_str(&w, reason.len ? reason
-                              : mg_str_from_cstr(mg_http_reason(r->resp_status)));
+    append_str(&w, reason.len
+                       ? reason
+                       : mg_str_from_cstr(mg_http_reason(r->resp_status)));
     APPEND_LIT(&w, "\r\n");
     for (unsigned i = 0; i < p->nfields; i++) {
         mg_str_t name = field(p, i, 0), value = field(p, i, 1);
@@ -1050,9 +1054,9 @@ static int up_on_body(llhttp_t *parser, const char *at, size_t n)
     if (p->chunk_client) {
         char *size = mg_arena_alloc(p->r->arena, 24);
         int len = snprintf(size, 24, "%zx\r\n", n);
-        uv_buf_t b[3] = { uv_buf_init(size, (unsigned)len),
-                          uv_buf_init((char *)at, (unsigned)n),
-                          uv_buf_init("\r\n", 2) };
+        uv_buf_t b[3] = {uv_buf_init(size, (unsigned)len),
+                         uv_buf_init((char *)at, (unsigned)n),
+                         uv_buf_init("\r\n", 2)};
         client_write(p, b, 3);
     } else {
         uv_buf_t b = uv_buf_init((char *)at, (unsigned)n);
@@ -1153,8 +1157,8 @@ static int retry(mg_proxy_t *p)
 static void parse_response(mg_proxy_t *p)
 {
     mg_upconn_t *uc = p->uc;
-    llhttp_errno_t err = llhttp_execute(&p->parser, uc->rbuf + p->pos,
-                                        uc->rlen - p->pos);
+    llhttp_errno_t err =
+        llhttp_execute(&p->parser, uc->rbuf + p->pos, uc->rlen - p->pos);
     if (p->dead)
         return;
     if (err == HPE_OK) {
@@ -1196,7 +1200,8 @@ static void on_up_data(mg_upconn_t *uc, ssize_t nread)
         /* A close-delimited body ends here; llhttp_finish reports the
          * message complete (HPE_PAUSED: our callback paused it). */
         llhttp_errno_t fin = nread == UV_EOF && p->resp_bytes
-                                 ? llhttp_finish(&p->parser) : HPE_USER;
+                                 ? llhttp_finish(&p->parser)
+                                 : HPE_USER;
         if ((fin == HPE_OK || fin == HPE_PAUSED) && p->resp_complete) {
             p->up_keepalive = 0;
             if (p->client_writes == 0)
@@ -1208,8 +1213,9 @@ static void on_up_data(mg_upconn_t *uc, ssize_t nread)
             return;
         }
         if (!retry(p))
-            fail(p, 502, nread == UV_EOF ? "connection closed"
-                                         : uv_strerror((int)nread));
+            fail(p, 502,
+                 nread == UV_EOF ? "connection closed"
+                                 : uv_strerror((int)nread));
         return;
     }
     p->resp_bytes = 1;
@@ -1241,7 +1247,7 @@ static void up_read_start(mg_proxy_t *p)
     }
     mg_upconn_t *uc = p->uc;
     if (p->pos < uc->rlen) {
-        parse_response(p);  /* read while the client was busy */
+        parse_response(p); /* read while the client was busy */
         if (p->dead || p->resp_complete || p->client_writes)
             return;
     } else if (p->status) {

@@ -48,9 +48,9 @@
 #include <stdlib.h>
 
 typedef struct {
-    char *p;     /* owned, NUL-terminated, as configured */
+    char *p; /* owned, NUL-terminated, as configured */
     size_t len;
-    int wild;    /* "*.example.com": p + 1 is the suffix ".example.com" */
+    int wild; /* "*.example.com": p + 1 is the suffix ".example.com" */
 } host_t;
 
 typedef struct {
@@ -131,9 +131,9 @@ static int route_fail(const route_t *rt, char *err, size_t errlen,
     char q[QUOTE_MAX + 4];
     if (errlen == 0)
         return MG_ECONFIG;
-    int k = snprintf(err, errlen, "route \"%s\": ",
-                     quote((mg_str_t){ rt->pattern, rt->pattern_len }, q,
-                           sizeof(q)));
+    int k =
+        snprintf(err, errlen, "route \"%s\": ",
+                 quote((mg_str_t){rt->pattern, rt->pattern_len}, q, sizeof(q)));
     if (k >= 0 && (size_t)k < errlen) {
         va_list ap;
         va_start(ap, fmt);
@@ -157,8 +157,8 @@ static size_t seg_end(const char *p, size_t len, size_t s)
 
 static int name_char(unsigned char c)
 {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-           (c >= '0' && c <= '9') || c == '_' || c == '-';
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+           || (c >= '0' && c <= '9') || c == '_' || c == '-';
 }
 
 /* Validates "{name}" and records the name in rt. */
@@ -169,7 +169,7 @@ static int check_param(route_t *rt, const char *s, size_t n, char *err,
         return route_fail(rt, err, errlen,
                           "unbalanced '{' (a parameter is a whole segment "
                           "like \"{id}\")");
-    mg_str_t name = { s + 1, n - 2 };
+    mg_str_t name = {s + 1, n - 2};
     if (name.len == 0)
         return route_fail(rt, err, errlen, "empty parameter name \"{}\"");
     for (size_t i = 0; i < name.len; i++)
@@ -197,11 +197,9 @@ static int check_segment(route_t *rt, const char *s, size_t n, int last,
         return route_fail(rt, err, errlen, "empty segment (\"//\")");
     if (memchr(s, '*', n)) {
         if (n != 1)
-            return route_fail(rt, err, errlen,
-                              "'*' must be a whole segment");
+            return route_fail(rt, err, errlen, "'*' must be a whole segment");
         if (!last)
-            return route_fail(rt, err, errlen,
-                              "'*' must be the last segment");
+            return route_fail(rt, err, errlen, "'*' must be the last segment");
         return 0;
     }
     if (n > 0 && s[0] == '{')
@@ -229,12 +227,12 @@ static int check_normalized(route_t *rt, char *err, size_t errlen)
                         "not a valid path (bad escape, '\\', %%2F, %%5C, "
                         "%%00, non-ASCII, control byte or \"..\" above "
                         "the root)");
-    } else if (nlen != rt->pattern_len ||
-               memcmp(norm, rt->pattern, nlen) != 0) {
+    } else if (nlen != rt->pattern_len
+               || memcmp(norm, rt->pattern, nlen) != 0) {
         rc = route_fail(rt, err, errlen,
                         "not in normalized form, so no request could match "
                         "it; write \"%s\"",
-                        quote((mg_str_t){ norm, nlen }, nbuf, sizeof(nbuf)));
+                        quote((mg_str_t){norm, nlen}, nbuf, sizeof(nbuf)));
     }
     free(norm);
     return rc;
@@ -324,8 +322,8 @@ static int route_make(const mg_route_spec_t *spec, route_t **out, char *err,
                       size_t errlen)
 {
     route_t *rt = mg_calloc(1, sizeof(*rt));
-    rt->pattern = mg_strndup(spec->pattern.p ? spec->pattern.p : "",
-                             spec->pattern.len);
+    rt->pattern =
+        mg_strndup(spec->pattern.p ? spec->pattern.p : "", spec->pattern.len);
     rt->pattern_len = spec->pattern.len;
     rt->methods = spec->methods;
     rt->data = spec->data;
@@ -356,18 +354,18 @@ static int route_make(const mg_route_spec_t *spec, route_t **out, char *err,
 /* Case-insensitive: does `s` end with `suffix`? */
 static int ends_with(mg_str_t s, mg_str_t suffix)
 {
-    return s.len >= suffix.len &&
-           mg_str_caseeq((mg_str_t){ s.p + s.len - suffix.len, suffix.len },
-                         suffix);
+    return s.len >= suffix.len
+           && mg_str_caseeq((mg_str_t){s.p + s.len - suffix.len, suffix.len},
+                            suffix);
 }
 
 /* Does host pattern h accept the (port-stripped) request host? */
 static int host_match(const host_t *h, mg_str_t host)
 {
     if (!h->wild)
-        return mg_str_caseeq((mg_str_t){ h->p, h->len }, host);
+        return mg_str_caseeq((mg_str_t){h->p, h->len}, host);
     /* ".example.com" with at least one byte before it. */
-    mg_str_t suffix = { h->p + 1, h->len - 1 };
+    mg_str_t suffix = {h->p + 1, h->len - 1};
     return host.len > suffix.len && ends_with(host, suffix);
 }
 
@@ -380,15 +378,14 @@ static int host_match(const host_t *h, mg_str_t host)
 static int hosts_overlap(const host_t *a, const host_t *b)
 {
     if (a->wild && b->wild) {
-        mg_str_t sa = { a->p + 1, a->len - 1 }, sb = { b->p + 1, b->len - 1 };
+        mg_str_t sa = {a->p + 1, a->len - 1}, sb = {b->p + 1, b->len - 1};
         return ends_with(sa, sb) || ends_with(sb, sa);
     }
     if (a->wild)
-        return host_match(a, (mg_str_t){ b->p, b->len });
+        return host_match(a, (mg_str_t){b->p, b->len});
     if (b->wild)
-        return host_match(b, (mg_str_t){ a->p, a->len });
-    return mg_str_caseeq((mg_str_t){ a->p, a->len },
-                         (mg_str_t){ b->p, b->len });
+        return host_match(b, (mg_str_t){a->p, a->len});
+    return mg_str_caseeq((mg_str_t){a->p, a->len}, (mg_str_t){b->p, b->len});
 }
 
 /* Could a single request satisfy the conditions of both routes? */
@@ -420,14 +417,14 @@ static int list_add(list_t *l, route_t *rt, char *err, size_t errlen)
     for (size_t i = 0; i < l->n; i++) {
         const route_t *o = l->v[i];
         if (o->ncond == rt->ncond && conditions_overlap(o, rt))
-            return fail(err, errlen,
-                        "routes \"%s\" and \"%s\" are ambiguous: same "
-                        "pattern shape and the same number of conditions, "
-                        "and a request could satisfy both methods and hosts",
-                        quote((mg_str_t){ o->pattern, o->pattern_len }, qa,
-                              sizeof(qa)),
-                        quote((mg_str_t){ rt->pattern, rt->pattern_len }, qb,
-                              sizeof(qb)));
+            return fail(
+                err, errlen,
+                "routes \"%s\" and \"%s\" are ambiguous: same "
+                "pattern shape and the same number of conditions, "
+                "and a request could satisfy both methods and hosts",
+                quote((mg_str_t){o->pattern, o->pattern_len}, qa, sizeof(qa)),
+                quote((mg_str_t){rt->pattern, rt->pattern_len}, qb,
+                      sizeof(qb)));
         if (at == l->n && o->ncond < rt->ncond)
             at = i;
     }
@@ -449,8 +446,7 @@ static int seg_cmp(const char *p, size_t len, const node_t *n)
 }
 
 /* Binary search: the index of the child keyed p[0..len), or where it goes. */
-static size_t kid_find(const node_t *n, const char *p, size_t len,
-                       int *found)
+static size_t kid_find(const node_t *n, const char *p, size_t len, int *found)
 {
     size_t lo = 0, hi = n->nkids;
     while (lo < hi) {
@@ -483,8 +479,7 @@ static node_t *kid_get(node_t *n, const char *p, size_t len)
         n->capkids = n->capkids ? n->capkids * 2 : 4;
         n->kids = mg_realloc(n->kids, n->capkids * sizeof(*n->kids));
     }
-    memmove(n->kids + at + 1, n->kids + at,
-            (n->nkids - at) * sizeof(*n->kids));
+    memmove(n->kids + at + 1, n->kids + at, (n->nkids - at) * sizeof(*n->kids));
     n->kids[at] = k;
     n->nkids++;
     return k;
@@ -644,7 +639,7 @@ static const route_t *walk(const node_t *n, size_t pos, walk_t *w)
             return rt;
         /* "/users/\*" takes "/users" itself, capturing "". */
         if ((rt = pick(&n->wild, w)) != NULL)
-            w->wildcard = (mg_str_t){ p + len, 0 };
+            w->wildcard = (mg_str_t){p + len, 0};
         return rt;
     }
 
@@ -655,14 +650,14 @@ static const route_t *walk(const node_t *n, size_t pos, walk_t *w)
         return rt;
 
     if (n->param && e > s && w->nvalues < MG_ROUTER_MAX_PARAMS) {
-        w->values[w->nvalues++] = (mg_str_t){ p + s, e - s };
+        w->values[w->nvalues++] = (mg_str_t){p + s, e - s};
         if ((rt = walk(n->param, e, w)) != NULL)
             return rt;
         w->nvalues--;
     }
 
     if ((rt = pick(&n->wild, w)) != NULL)
-        w->wildcard = (mg_str_t){ p + pos, len - pos };
+        w->wildcard = (mg_str_t){p + pos, len - pos};
     return rt;
 }
 

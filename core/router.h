@@ -51,27 +51,27 @@ typedef struct mg_router_s mg_router_t;
  */
 typedef struct {
     mg_str_t pattern;
-    uint64_t methods;     /* bit (1 << llhttp method) set; 0 = any method */
+    uint64_t methods;      /* bit (1 << llhttp method) set; 0 = any method */
     const mg_str_t *hosts; /* exact "api.example.com", "[::1]", or
                               "*.example.com" (one or more labels before
                               ".example.com", never "example.com" itself);
                               compared case-insensitively with the request
                               Host minus its ":port" and one trailing '.';
                               a pattern itself carries no port */
-    size_t nhosts;        /* 0 = any host */
+    size_t nhosts;         /* 0 = any host */
     void *data;
 } mg_route_spec_t;
 
 typedef struct {
-    void *data;                 /* the matched spec's data */
+    void *data; /* the matched spec's data */
     size_t nparams;
     mg_str_t param_names[MG_ROUTER_MAX_PARAMS];  /* borrow the router */
     mg_str_t param_values[MG_ROUTER_MAX_PARAMS]; /* borrow the path */
-    mg_str_t wildcard;  /* the part matched by '*', starting with '/' or
-                           empty: on "/users/\*", "/users/a/b" gives "/a/b",
-                           "/users/" gives "/" and "/users" gives ""
-                           (p non-NULL); on "/\*", "/" gives "/". {NULL, 0}
-                           when the route has no '*'. Borrows the path */
+    mg_str_t wildcard; /* the part matched by '*', starting with '/' or
+                          empty: on "/users/\*", "/users/a/b" gives "/a/b",
+                          "/users/" gives "/" and "/users" gives ""
+                          (p non-NULL); on "/\*", "/" gives "/". {NULL, 0}
+                          when the route has no '*'. Borrows the path */
 } mg_route_match_t;
 
 /*

@@ -71,13 +71,13 @@
 #include <time.h>
 #include <unistd.h>
 
-#define UNIT 16u                 /* allocation granule and offset unit */
-#define USED 0x80000000u         /* in blk_t.size: the block holds an entry */
-#define MIN_BLOCK 3u             /* units; an entry with empty key and value */
-#define NEXACT 64u               /* bins below this hold one exact size */
-#define NBINS 128u               /* two bitmap words; 89 are ever used */
-#define BUCKET_BYTES 128u        /* zone bytes per hash bucket */
-#define REAP 2                   /* expired entries freed per insertion */
+#define UNIT 16u          /* allocation granule and offset unit */
+#define USED 0x80000000u  /* in blk_t.size: the block holds an entry */
+#define MIN_BLOCK 3u      /* units; an entry with empty key and value */
+#define NEXACT 64u        /* bins below this hold one exact size */
+#define NBINS 128u        /* two bitmap words; 89 are ever used */
+#define BUCKET_BYTES 128u /* zone bytes per hash bucket */
+#define REAP 2            /* expired entries freed per insertion */
 #define MAGIC UINT64_C(0x317463646873676d) /* "mgshdct1" */
 
 /*
@@ -95,10 +95,10 @@ typedef struct {
             uint32_t hnext;        /* next entry in the hash chain */
             uint32_t lprev, lnext; /* LRU neighbours, towards head / tail */
             uint32_t hash;
-            uint32_t klen, vlen;   /* key bytes, then value bytes, follow */
-            uint64_t expires;      /* monotonic ms; 0 = never */
+            uint32_t klen, vlen; /* key bytes, then value bytes, follow */
+            uint64_t expires;    /* monotonic ms; 0 = never */
             uint32_t flags;
-            uint8_t type;          /* mg_shdict_type_t */
+            uint8_t type; /* mg_shdict_type_t */
             uint8_t pad_[3];
         };
     };
@@ -108,7 +108,7 @@ _Static_assert(sizeof(blk_t) == MIN_BLOCK * UNIT, "entry header size");
 
 struct mg_shdict_s {
     uint64_t magic;
-    uint64_t size;             /* bytes given to init */
+    uint64_t size; /* bytes given to init */
     char name[MG_SHDICT_NAME_MAX + 1];
     pthread_mutex_t lock;
     volatile int dirty;        /* the lock holder may be mid-change */
@@ -118,10 +118,10 @@ struct mg_shdict_s {
     uint32_t heap_lo, heap_hi; /* first block; the sentinel */
     /* Everything below is reset by format(). */
     uint32_t lru_head, lru_tail;
-    uint64_t count;            /* entries */
+    uint64_t count; /* entries */
     uint64_t free_units;
     uint64_t binmap[NBINS / 64];
-    uint32_t bins[NBINS];      /* head of each free list */
+    uint32_t bins[NBINS]; /* head of each free list */
 };
 
 static inline blk_t *at(mg_shdict_t *d, uint32_t off)
@@ -184,12 +184,22 @@ static inline uint64_t deadline(uint64_t ttl_ms, uint64_t now)
 /* ---- hashing: SipHash-1-3 ---------------------------------------------- */
 
 #define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
-#define SIPROUND                                                            \
-    do {                                                                    \
-        v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);           \
-        v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                              \
-        v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                              \
-        v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);           \
+#define SIPROUND                                                               \
+    do {                                                                       \
+        v0 += v1;                                                              \
+        v1 = ROTL(v1, 13);                                                     \
+        v1 ^= v0;                                                              \
+        v0 = ROTL(v0, 32);                                                     \
+        v2 += v3;                                                              \
+        v3 = ROTL(v3, 16);                                                     \
+        v3 ^= v2;                                                              \
+        v0 += v3;                                                              \
+        v3 = ROTL(v3, 21);                                                     \
+        v3 ^= v0;                                                              \
+        v2 += v1;                                                              \
+        v1 = ROTL(v1, 17);                                                     \
+        v1 ^= v2;                                                              \
+        v2 = ROTL(v2, 32);                                                     \
     } while (0)
 
 static uint32_t hash(const mg_shdict_t *d, mg_str_t key)
@@ -371,8 +381,8 @@ static blk_t *find(mg_shdict_t *d, uint32_t h, mg_str_t key)
 {
     for (uint32_t o = *bucket(d, h); o;) {
         blk_t *e = at(d, o);
-        if (e->hash == h && e->klen == key.len &&
-            (key.len == 0 || memcmp(key_of(e), key.p, key.len) == 0))
+        if (e->hash == h && e->klen == key.len
+            && (key.len == 0 || memcmp(key_of(e), key.p, key.len) == 0))
             return e;
         o = e->hnext;
     }
@@ -504,8 +514,8 @@ static void unlock(mg_shdict_t *d)
 
 mg_shdict_t *mg_shdict_init(void *mem, size_t size, const char *name)
 {
-    if (!mem || (uintptr_t)mem % UNIT || size < MG_SHDICT_MIN_SIZE ||
-        size > MG_SHDICT_MAX_SIZE)
+    if (!mem || (uintptr_t)mem % UNIT || size < MG_SHDICT_MIN_SIZE
+        || size > MG_SHDICT_MAX_SIZE)
         return NULL;
 
     mg_shdict_t *d = mem;
@@ -522,19 +532,19 @@ mg_shdict_t *mg_shdict_init(void *mem, size_t size, const char *name)
         nb *= 2;
     d->nbuckets = nb;
     d->buckets = (uint32_t)((sizeof(*d) + UNIT - 1) / UNIT);
-    d->heap_lo = d->buckets + (nb * (uint32_t)sizeof(uint32_t) + UNIT - 1) /
-                              UNIT;
+    d->heap_lo =
+        d->buckets + (nb * (uint32_t)sizeof(uint32_t) + UNIT - 1) / UNIT;
     d->heap_hi = (uint32_t)(size / UNIT) - 1;
 
-    if (getrandom(d->seed, sizeof(d->seed), GRND_NONBLOCK) !=
-        (ssize_t)sizeof(d->seed)) {
+    if (getrandom(d->seed, sizeof(d->seed), GRND_NONBLOCK)
+        != (ssize_t)sizeof(d->seed)) {
         /* No entropy yet (early boot): weaker, but still per-zone. */
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
-        d->seed[0] = (uint64_t)ts.tv_nsec * UINT64_C(0x9e3779b97f4a7c15) ^
-                     (uint64_t)ts.tv_sec ^ (uint64_t)(uintptr_t)mem;
-        d->seed[1] = (uint64_t)getpid() * UINT64_C(0xbf58476d1ce4e5b9) ^
-                     d->seed[0];
+        d->seed[0] = (uint64_t)ts.tv_nsec * UINT64_C(0x9e3779b97f4a7c15)
+                     ^ (uint64_t)ts.tv_sec ^ (uint64_t)(uintptr_t)mem;
+        d->seed[1] =
+            (uint64_t)getpid() * UINT64_C(0xbf58476d1ce4e5b9) ^ d->seed[0];
     }
 
     pthread_mutexattr_t attr;
@@ -609,7 +619,10 @@ static int store(mg_shdict_t *d, mg_str_t key, const mg_shdict_value_t *v,
     case MG_SHDICT_NIL: vlen = 0; break;
     case MG_SHDICT_NUMBER: num = v->number; break;
     case MG_SHDICT_BOOLEAN: num = v->number != 0; break;
-    case MG_SHDICT_STRING: val = v->str; vlen = v->len; break;
+    case MG_SHDICT_STRING:
+        val = v->str;
+        vlen = v->len;
+        break;
     default: return MG_EPROTO;
     }
     if (key.len > MG_SHDICT_MAX_KEY || vlen > UINT32_MAX)
@@ -660,9 +673,8 @@ int mg_shdict_add(mg_shdict_t *d, mg_str_t key, const mg_shdict_value_t *v,
     return store(d, key, v, ttl_ms, now_ms, evicted, STORE_ADD);
 }
 
-int mg_shdict_replace(mg_shdict_t *d, mg_str_t key,
-                      const mg_shdict_value_t *v, uint64_t ttl_ms,
-                      uint64_t now_ms, int *evicted)
+int mg_shdict_replace(mg_shdict_t *d, mg_str_t key, const mg_shdict_value_t *v,
+                      uint64_t ttl_ms, uint64_t now_ms, int *evicted)
 {
     return store(d, key, v, ttl_ms, now_ms, evicted, STORE_REPLACE);
 }
@@ -775,10 +787,10 @@ void mg_shdict_stats(mg_shdict_t *d, size_t *capacity, size_t *free_bytes,
 
 /* ---- consistency check ------------------------------------------------- */
 
-#define BAD(cond)                                                           \
-    do {                                                                    \
-        if (cond)                                                           \
-            return MG_EPROTO;                                               \
+#define BAD(cond)                                                              \
+    do {                                                                       \
+        if (cond)                                                              \
+            return MG_EPROTO;                                                  \
     } while (0)
 
 static int verify_heap(mg_shdict_t *d, uint64_t *nused, uint64_t *nfree)
@@ -799,7 +811,7 @@ static int verify_heap(mg_shdict_t *d, uint64_t *nused, uint64_t *nfree)
             BAD(b->klen > MG_SHDICT_MAX_KEY || units_for(b->klen, b->vlen) > s);
             BAD(b->type < MG_SHDICT_NUMBER || b->type > MG_SHDICT_BOOLEAN);
             BAD(b->type != MG_SHDICT_STRING && b->vlen != sizeof(double));
-            mg_str_t k = { key_of(b), b->klen };
+            mg_str_t k = {key_of(b), b->klen};
             BAD(hash(d, k) != b->hash);
             ++*nused;
         }
@@ -808,8 +820,8 @@ static int verify_heap(mg_shdict_t *d, uint64_t *nused, uint64_t *nfree)
         o += s;
     }
     blk_t *sentinel = at(d, d->heap_hi);
-    BAD(o != d->heap_hi || sentinel->size != (1 | USED) ||
-        sentinel->psize != prev);
+    BAD(o != d->heap_hi || sentinel->size != (1 | USED)
+        || sentinel->psize != prev);
     BAD(free_units != d->free_units || *nused != d->count);
     return 0;
 }

@@ -29,8 +29,9 @@
 
 /* Zone sizes accepted by mg_shdict_init (bytes). */
 #define MG_SHDICT_MIN_SIZE ((size_t)64 * 1024)
-#define MG_SHDICT_MAX_SIZE ((size_t)0x7fffffff * 16) /* offsets are 31 bits
-                                                        of 16-byte units */
+#define MG_SHDICT_MAX_SIZE                                                     \
+    ((size_t)0x7fffffff * 16) /* offsets are 31 bits                           \
+                                 of 16-byte units */
 /* Longest key, bytes; longer keys are refused with MG_ETOOLARGE. */
 #define MG_SHDICT_MAX_KEY 65535
 /* Longest zone name kept; a longer name is truncated. */
@@ -106,9 +107,8 @@ int mg_shdict_add(mg_shdict_t *d, mg_str_t key, const mg_shdict_value_t *v,
  * Like mg_shdict_set, only when the key is present (and unexpired); returns
  * MG_DECLINED ("not found") otherwise. A NIL value deletes it.
  */
-int mg_shdict_replace(mg_shdict_t *d, mg_str_t key,
-                      const mg_shdict_value_t *v, uint64_t ttl_ms,
-                      uint64_t now_ms, int *evicted);
+int mg_shdict_replace(mg_shdict_t *d, mg_str_t key, const mg_shdict_value_t *v,
+                      uint64_t ttl_ms, uint64_t now_ms, int *evicted);
 
 /*
  * Adds `delta` to the NUMBER at `key` and writes the result to *out; the

@@ -19,7 +19,7 @@ struct mg_target_s {
     char *name;
     struct sockaddr_storage addr;
     socklen_t addrlen;
-    mg_upconn_t *idle;         /* most recently used first */
+    mg_upconn_t *idle; /* most recently used first */
     unsigned nidle;
 };
 

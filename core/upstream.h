@@ -18,10 +18,10 @@ typedef struct mg_upconn_s mg_upconn_t;
 /* A generation's view of one configured upstream. */
 typedef struct {
     const mg_upstream_conf_t *conf;
-    mg_target_t **targets;   /* worker-owned targets, parallel to conf */
+    mg_target_t **targets; /* worker-owned targets, parallel to conf */
     size_t ntargets;
-    unsigned next;           /* round-robin cursor */
-    unsigned inflight;       /* requests using this upstream right now */
+    unsigned next;     /* round-robin cursor */
+    unsigned inflight; /* requests using this upstream right now */
 } mg_upstream_t;
 
 typedef void (*mg_upconn_connect_cb)(mg_upconn_t *uc, int status);
@@ -38,22 +38,22 @@ typedef void (*mg_upconn_read_cb)(mg_upconn_t *uc, ssize_t nread);
  * proxy.c can use the libuv handles directly.
  */
 struct mg_upconn_s {
-    uv_tcp_t tcp;             /* tcp.data == this */
-    uv_timer_t timer;         /* owner's timeouts, or the idle timeout */
+    uv_tcp_t tcp;     /* tcp.data == this */
+    uv_timer_t timer; /* owner's timeouts, or the idle timeout */
     uv_connect_t connect_req;
     mg_target_t *target;
-    void *owner;              /* NULL while pooled */
+    void *owner; /* NULL while pooled */
     mg_upconn_connect_cb on_connect;
-    mg_upconn_t *next_idle;   /* pool links */
+    mg_upconn_t *next_idle; /* pool links */
     mg_upconn_t *prev_idle;
-    unsigned reused : 1;      /* came from the pool */
+    unsigned reused : 1; /* came from the pool */
     unsigned closing : 1;
     void (*on_close)(mg_upconn_t *uc); /* optional, before the free */
-    mg_upconn_read_cb on_read; /* owner's, while owned */
-    char *rbuf;               /* read buffer */
-    size_t rcap;              /* its size */
-    size_t rlen;              /* bytes in it; the owner resets it */
-    size_t rmax;              /* the owner lets rbuf grow up to this */
+    mg_upconn_read_cb on_read;         /* owner's, while owned */
+    char *rbuf;                        /* read buffer */
+    size_t rcap;                       /* its size */
+    size_t rlen;                       /* bytes in it; the owner resets it */
+    size_t rmax;                       /* the owner lets rbuf grow up to this */
     unsigned reading : 1;
 };
 

@@ -30,7 +30,7 @@ struct mg_worker_s {
     unsigned next_gen_id;
     mg_lua_t *lua;
     mg_conn_list_t conns;
-    mg_target_t **targets;      /* every target any generation used */
+    mg_target_t **targets; /* every target any generation used */
     size_t ntargets;
     int draining;
     int shut;
@@ -89,7 +89,8 @@ mg_target_t *mg_worker_target(mg_worker_t *w, const mg_target_conf_t *tc)
     for (size_t i = 0; i < w->ntargets; i++)
         if (mg_target_matches(w->targets[i], tc))
             return w->targets[i];
-    w->targets = mg_realloc(w->targets, (w->ntargets + 1) * sizeof(*w->targets));
+    w->targets =
+        mg_realloc(w->targets, (w->ntargets + 1) * sizeof(*w->targets));
     w->targets[w->ntargets] = mg_target_new(&w->loop, tc);
     return w->targets[w->ntargets++];
 }
@@ -157,8 +158,8 @@ void mg_worker_write(mg_worker_t *w, uv_stream_t *s, mg_wreq_t *wr,
         }
         if (k == MG_ARRAY_SIZE(rest))
             abort(); /* callers pass at most 3 buffers */
-        rest[k++] = uv_buf_init(bufs[i].base + skip,
-                                (unsigned)(bufs[i].len - skip));
+        rest[k++] =
+            uv_buf_init(bufs[i].base + skip, (unsigned)(bufs[i].len - skip));
         skip = 0;
     }
     int rc = uv_write(&wr->req, s, rest, k, on_uv_write);
@@ -198,8 +199,7 @@ static void reload(mg_worker_t *w)
         mg_log_lines(MG_LOG_ERROR, prefix, err);
         return;
     }
-    mg_gen_t *g = mg_gen_new(w, w->lua, cfg, w->next_gen_id, err,
-                             sizeof(err));
+    mg_gen_t *g = mg_gen_new(w, w->lua, cfg, w->next_gen_id, err, sizeof(err));
     if (!g) {
         char prefix[80];
         snprintf(prefix, sizeof(prefix),

@@ -16,9 +16,9 @@
 typedef struct mg_target_s mg_target_t;
 
 typedef struct {
-    int *listen_fds;     /* borrowed from the master, one per listener */
+    int *listen_fds; /* borrowed from the master, one per listener */
     size_t nlisten;
-    unsigned slot;       /* 1-based worker number, for logs */
+    unsigned slot;           /* 1-based worker number, for logs */
     const char *config_path; /* re-read on reload */
 } mg_worker_opts_t;
 
@@ -58,7 +58,7 @@ struct mg_wreq_s {
     uv_stream_t *stream;
     mg_wreq_cb cb;
     mg_wreq_t *next_done;
-    int status;           /* for completions delivered from the check */
+    int status; /* for completions delivered from the check */
 };
 
 void mg_worker_write(mg_worker_t *w, uv_stream_t *s, mg_wreq_t *wr,

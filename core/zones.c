@@ -111,19 +111,19 @@ static uint64_t ttl_ms(double seconds)
 
 mg_shdict_t *mg_ffi_shdict_find(const char *name, size_t len)
 {
-    return mg_zones_find((mg_str_t){ name, len });
+    return mg_zones_find((mg_str_t){name, len});
 }
 
 int mg_ffi_shdict_get(mg_shdict_t *d, const char *k, size_t kl,
                       mg_shdict_value_t *v, char *buf, size_t cap)
 {
-    return mg_shdict_get(d, (mg_str_t){ k, kl }, now_ms(), v, buf, cap);
+    return mg_shdict_get(d, (mg_str_t){k, kl}, now_ms(), v, buf, cap);
 }
 
 int mg_ffi_shdict_store(mg_shdict_t *d, int op, const char *k, size_t kl,
                         const mg_shdict_value_t *v, double ttl, int *evicted)
 {
-    mg_str_t key = { k, kl };
+    mg_str_t key = {k, kl};
     switch (op) {
     case 0: return mg_shdict_set(d, key, v, ttl_ms(ttl), now_ms(), evicted);
     case 1: return mg_shdict_add(d, key, v, ttl_ms(ttl), now_ms(), evicted);
@@ -133,31 +133,29 @@ int mg_ffi_shdict_store(mg_shdict_t *d, int op, const char *k, size_t kl,
 }
 
 int mg_ffi_shdict_incr(mg_shdict_t *d, const char *k, size_t kl, double delta,
-                       int has_init, double init, double init_ttl,
-                       double *out)
+                       int has_init, double init, double init_ttl, double *out)
 {
-    return mg_shdict_incr(d, (mg_str_t){ k, kl }, delta, has_init, init,
+    return mg_shdict_incr(d, (mg_str_t){k, kl}, delta, has_init, init,
                           ttl_ms(init_ttl), now_ms(), out);
 }
 
 int mg_ffi_shdict_delete(mg_shdict_t *d, const char *k, size_t kl)
 {
-    return mg_shdict_delete(d, (mg_str_t){ k, kl });
+    return mg_shdict_delete(d, (mg_str_t){k, kl});
 }
 
 int mg_ffi_shdict_ttl(mg_shdict_t *d, const char *k, size_t kl, double *out)
 {
     int64_t ms;
-    int rc = mg_shdict_ttl(d, (mg_str_t){ k, kl }, now_ms(), &ms);
+    int rc = mg_shdict_ttl(d, (mg_str_t){k, kl}, now_ms(), &ms);
     if (rc == 0)
         *out = (double)ms / 1000.0;
     return rc;
 }
 
-int mg_ffi_shdict_expire(mg_shdict_t *d, const char *k, size_t kl,
-                         double ttl)
+int mg_ffi_shdict_expire(mg_shdict_t *d, const char *k, size_t kl, double ttl)
 {
-    return mg_shdict_expire(d, (mg_str_t){ k, kl }, ttl_ms(ttl), now_ms());
+    return mg_shdict_expire(d, (mg_str_t){k, kl}, ttl_ms(ttl), now_ms());
 }
 
 void mg_ffi_shdict_flush_all(mg_shdict_t *d)

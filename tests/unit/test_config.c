@@ -77,8 +77,8 @@ static unsigned port_of(const struct sockaddr_storage *ss)
                      : ((const struct sockaddr_in6 *)ss)->sin6_port);
 }
 
-#define MINIMAL                                                            \
-    "listen = \"127.0.0.1:0\",\n"                                          \
+#define MINIMAL                                                                \
+    "listen = \"127.0.0.1:0\",\n"                                              \
     "upstreams = { u = { targets = { \"127.0.0.1:9001\" } } },\n"
 
 static const char full_example[] =
@@ -167,8 +167,9 @@ static void identity_headers_are_builtins_plus_configured_lowercased(void)
 {
     mg_config_t *cfg;
     static const char *const want[] = {
-        "x-user-id",        "x-user-roles",         "x-consumer-id",
-        "x-consumer-username", "x-consumer-roles", "x-consumer-custom-id",
+        "x-user-id",        "x-user-roles",
+        "x-consumer-id",    "x-consumer-username",
+        "x-consumer-roles", "x-consumer-custom-id",
         "x-tenant",
     };
     CHECK_INT(load(full_example, &cfg), ==, 0);
@@ -277,7 +278,8 @@ static void absent_fields_take_their_defaults(void)
     mg_config_t *cfg;
     CHECK_INT(load("return {" MINIMAL
                    "routes = { { path = \"/\", upstream = \"u\" } } }",
-                   &cfg), ==, 0);
+                   &cfg),
+              ==, 0);
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     CHECK_INT(cfg->workers, ==, cpus < 1 ? 1 : cpus > 256 ? 256 : cpus);
     CHECK_STR(cfg->pid_file, "/tmp/moongate.pid");
@@ -326,8 +328,9 @@ static void listen_accepts_a_single_string_and_a_bare_port(void)
 static void no_routes_and_no_upstreams_are_allowed(void)
 {
     mg_config_t *cfg;
-    CHECK_INT(load("return { listen = { \"127.0.0.1:0\" }, routes = {} }",
-                   &cfg), ==, 0);
+    CHECK_INT(
+        load("return { listen = { \"127.0.0.1:0\" }, routes = {} }", &cfg), ==,
+        0);
     CHECK_INT(cfg->nroutes, ==, 0);
     CHECK_INT(cfg->nupstreams, ==, 0);
     mg_config_free(cfg);
@@ -336,10 +339,13 @@ static void no_routes_and_no_upstreams_are_allowed(void)
 static void sizes_accept_plain_bytes_and_binary_suffixes(void)
 {
     mg_config_t *cfg;
-    CHECK_INT(load("return { limits = { max_uri = 100,\n"
-                   "  max_header_bytes = \"123\", max_body = \"3G\" },\n"
-                   MINIMAL "routes = { { path = \"/a\", upstream = \"u\",\n"
-                   "  max_body = \"7k\" } } }", &cfg), ==, 0);
+    CHECK_INT(
+        load("return { limits = { max_uri = 100,\n"
+             "  max_header_bytes = \"123\", max_body = \"3G\" },\n" MINIMAL
+             "routes = { { path = \"/a\", upstream = \"u\",\n"
+             "  max_body = \"7k\" } } }",
+             &cfg),
+        ==, 0);
     CHECK_INT(cfg->limits.max_uri, ==, 100);
     CHECK_INT(cfg->limits.max_header_bytes, ==, 123);
     CHECK_INT(cfg->limits.max_body, ==, 3ull << 30);
@@ -351,7 +357,9 @@ static void target_host_names_are_resolved(void)
 {
     mg_config_t *cfg;
     CHECK_INT(load("return { listen = \":0\", upstreams = { u = {\n"
-                   "  targets = { \"localhost:80\" } } } }", &cfg), ==, 0);
+                   "  targets = { \"localhost:80\" } } } }",
+                   &cfg),
+              ==, 0);
     mg_target_conf_t *t = &cfg->upstreams[0].targets[0];
     CHECK_STR(t->text, "localhost:80");
     CHECK(t->addr.ss_family == AF_INET || t->addr.ss_family == AF_INET6);
@@ -365,7 +373,9 @@ static void strip_prefix_true_on_catch_all_strips_nothing(void)
     CHECK_INT(load("return {" MINIMAL "routes = { { path = \"/*\",\n"
                    "  upstream = \"u\", strip_prefix = true },\n"
                    " { path = \"/b/*\", upstream = \"u\",\n"
-                   "   strip_prefix = false } } }", &cfg), ==, 0);
+                   "   strip_prefix = false } } }",
+                   &cfg),
+              ==, 0);
     CHECK(cfg->routes[0].strip_prefix == NULL);
     CHECK(cfg->routes[1].strip_prefix == NULL);
     mg_config_free(cfg);
@@ -386,7 +396,8 @@ static void route_naming_a_missing_upstream_is_reported(void)
     CHECK_INT(load("return {" MINIMAL "routes = {\n"
                    "  { path = \"/ok\", upstream = \"u\" },\n"
                    "  { path = \"/users/*\", upstream = \"user\" } } }",
-                   &cfg), ==, MG_ECONFIG);
+                   &cfg),
+              ==, MG_ECONFIG);
     CHECK(has_error("routes[2] \"/users/*\": upstream: "
                     "no upstream named \"user\""));
     CHECK_INT(count_lines(err), ==, 1);
@@ -399,7 +410,8 @@ static void invalid_target_port_is_reported(void)
                    "  targets = { \"127.0.0.1:1\", \"127.0.0.1:99999\",\n"
                    "              \"127.0.0.1:0\", \"127.0.0.1\",\n"
                    "              \"::1:80\", \":80\" } } } }",
-                   &cfg), ==, MG_ECONFIG);
+                   &cfg),
+              ==, MG_ECONFIG);
     CHECK(has_error("upstreams.users: targets[2]: invalid port \"99999\""));
     CHECK(has_error("upstreams.users: targets[3]: invalid port \"0\""));
     CHECK(has_error("upstreams.users: targets[4]: invalid address "
@@ -416,10 +428,13 @@ static void unresolvable_target_is_named(void)
     mg_config_t *cfg;
     CHECK_INT(load("return { listen = \":0\", upstreams = { users = {\n"
                    "  targets = { \"no-such-host.invalid:80\" } } } }",
-                   &cfg), ==, MG_ECONFIG);
+                   &cfg),
+              ==, MG_ECONFIG);
     char want[256];
-    snprintf(want, sizeof(want), "%s: upstreams.users: targets[1]: cannot "
-             "resolve \"no-such-host.invalid\": ", path);
+    snprintf(want, sizeof(want),
+             "%s: upstreams.users: targets[1]: cannot "
+             "resolve \"no-such-host.invalid\": ",
+             path);
     CHECK(strstr(err, want) != NULL);
 }
 
@@ -430,7 +445,8 @@ static void wrong_types_say_what_was_expected(void)
                    "  limits = { max_body = true, header_timeout = \"5\" },\n"
                    "  upstreams = { u = { targets = { 5 } } },\n"
                    "  routes = { { path = 7, upstream = \"u\" }, \"x\" } }",
-                   &cfg), ==, MG_ECONFIG);
+                   &cfg),
+              ==, MG_ECONFIG);
     CHECK(has_error("top level: listen: expected a list, got number"));
     CHECK(has_error("top level: workers: expected \"auto\" or an integer, "
                     "got table"));
@@ -456,7 +472,9 @@ static void unknown_fields_are_errors_at_every_level(void)
                    "    timeouts = { conect = 1 }, keepalive = { x = 1 } } },\n"
                    "  routes = { { path = \"/a\", upstream = \"u\",\n"
                    "    methds = { \"GET\" }, timeouts = { red = 1 },\n"
-                   "    \"positional\" } } }", &cfg), ==, MG_ECONFIG);
+                   "    \"positional\" } } }",
+                   &cfg),
+              ==, MG_ECONFIG);
     CHECK(has_error("top level: listn: unknown field"));
     CHECK(has_error("top level: limits.max_bdy: unknown field"));
     CHECK(has_error("upstreams.u: targts: unknown field"));
@@ -482,7 +500,9 @@ static void reserved_keys_are_accepted_and_ignored(void)
                    "    breaker = { failures = 5 } } },\n"
                    "  routes = { { path = \"/a\", upstream = \"u\",\n"
                    "    plugins = {}, handler = function() end,\n"
-                   "    order = 3 } } }", &cfg), ==, 0);
+                   "    order = 3 } } }",
+                   &cfg),
+              ==, 0);
     CHECK_INT(cfg->nroutes, ==, 1);
     mg_config_free(cfg);
 }
@@ -499,7 +519,8 @@ static void invalid_values_are_reported(void)
                    "    targets = { { \"127.0.0.1:1\", weight = 1001 } } } },\n"
                    "  routes = { { path = \"a\", upstream = \"u\",\n"
                    "    methods = { \"get\" }, rewrite = \"v1\" } } }",
-                   &cfg), ==, MG_ECONFIG);
+                   &cfg),
+              ==, MG_ECONFIG);
     CHECK(has_error("top level: listen[1]: invalid port \"70000\""));
     CHECK(has_error("top level: workers: must be between 1 and 256, got 0"));
     CHECK(has_error("top level: log_level: expected one of error, warn, "
@@ -535,7 +556,8 @@ static void upstream_without_targets_is_an_error(void)
                    "  b = { balance = \"round_robin\" },\n"
                    "  c = \"nope\" },\n"
                    "  routes = { { path = \"/c\", upstream = \"c\" } } }",
-                   &cfg), ==, MG_ECONFIG);
+                   &cfg),
+              ==, MG_ECONFIG);
     CHECK(has_error("upstreams.a: targets: must have at least one target"));
     CHECK(has_error("upstreams.b: targets: required"));
     CHECK(has_error("upstreams.c: upstream: expected a table, got string"));
@@ -552,7 +574,9 @@ static void strip_prefix_true_needs_a_wildcard_path(void)
                    "    strip_prefix = true },\n"
                    "  { path = '/c/*', upstream = 'u', strip_prefix = 1 },\n"
                    "  { path = '/d/*', upstream = 'u', strip_prefix = 'd' },\n"
-                   "} }", &cfg), ==, MG_ECONFIG);
+                   "} }",
+                   &cfg),
+              ==, MG_ECONFIG);
     CHECK(has_error("routes[1] \"/a\": strip_prefix: true needs a path "
                     "ending in \"/*\""));
     CHECK(has_error("routes[2] \"/b/{id}/*\": strip_prefix: true needs a "
@@ -568,13 +592,17 @@ static void handler_routes_need_no_upstream_and_a_function(void)
     mg_config_t *cfg;
     CHECK_INT(load("return {" MINIMAL "routes = {\n"
                    "  { path = \"/h\", handler = function() end },\n"
-                   "} }", &cfg), ==, 0);
+                   "} }",
+                   &cfg),
+              ==, 0);
     CHECK_INT(cfg->routes[0].upstream, ==, -1);
     CHECK_INT(cfg->routes[0].has_handler, ==, 1);
     mg_config_free(cfg);
     CHECK_INT(load("return {" MINIMAL "routes = {\n"
                    "  { path = \"/h\", handler = 5 },\n"
-                   "} }", &cfg), ==, MG_ECONFIG);
+                   "} }",
+                   &cfg),
+              ==, MG_ECONFIG);
     CHECK(has_error("routes[1] \"/h\": handler: expected a function, got "
                     "number"));
 }
@@ -586,7 +614,9 @@ static void missing_route_fields_and_empty_lists_are_reported(void)
                    "  { upstream = \"u\" },\n"
                    "  { path = \"/x\", methods = {}, hosts = { \"\" } },\n"
                    "  { path = \"/y\", upstream = \"u\", hosts = {} },\n"
-                   "} }", &cfg), ==, MG_ECONFIG);
+                   "} }",
+                   &cfg),
+              ==, MG_ECONFIG);
     CHECK(has_error("routes[1]: path: required"));
     CHECK(has_error("routes[2] \"/x\": upstream: required (or a handler)"));
     CHECK(has_error("routes[2] \"/x\": methods: must not be empty (leave it "
@@ -602,7 +632,8 @@ static void lists_with_holes_or_keys_are_rejected(void)
     mg_config_t *cfg;
     CHECK_INT(load("return { listen = { \"127.0.0.1:1\", x = 1 },\n"
                    "  routes = { [2] = { path = \"/\" } } }",
-                   &cfg), ==, MG_ECONFIG);
+                   &cfg),
+              ==, MG_ECONFIG);
     CHECK(has_error("top level: listen: expected a list (keys 1..n without "
                     "holes)"));
     CHECK(has_error("top level: routes: expected a list (keys 1..n without "
@@ -642,8 +673,8 @@ static void chunk_must_return_a_table(void)
 static void missing_file_is_reported(void)
 {
     mg_config_t *cfg;
-    int rc = mg_config_load("/tmp/mg-no-such-config.lua", &cfg, err,
-                            sizeof(err));
+    int rc =
+        mg_config_load("/tmp/mg-no-such-config.lua", &cfg, err, sizeof(err));
     CHECK_INT(rc, ==, MG_ECONFIG);
     CHECK(strncmp(err, "/tmp/mg-no-such-config.lua: cannot open", 39) == 0);
 }
@@ -656,7 +687,8 @@ static void env_returns_variable_or_default(void)
     CHECK_INT(load("return { listen = env('MG_TEST_LISTEN'),\n"
                    "  error_log = env('MG_TEST_UNSET', 'from-default'),\n"
                    "  pid_file = env('MG_TEST_UNSET') or 'nil-without' }",
-                   &cfg), ==, 0);
+                   &cfg),
+              ==, 0);
     CHECK_STR(cfg->listen[0].text, "127.0.0.1:7001");
     CHECK_STR(cfg->error_log, "from-default");
     CHECK_STR(cfg->pid_file, "nil-without");
@@ -667,7 +699,9 @@ static void metatables_in_the_config_are_not_consulted(void)
 {
     mg_config_t *cfg;
     CHECK_INT(load("return setmetatable({}, { __index = function()\n"
-                   "  error('metamethod ran') end })", &cfg), ==, MG_ECONFIG);
+                   "  error('metamethod ran') end })",
+                   &cfg),
+              ==, MG_ECONFIG);
     CHECK(has_error("top level: listen: required"));
     CHECK(strstr(err, "metamethod") == NULL);
 }
@@ -696,7 +730,9 @@ static void each_error_stays_on_one_line(void)
     CHECK_INT(load("return {" MINIMAL "routes = {\n"
                    "  { path = '/a\\nb', upstream = 'x' },\n"
                    "  { path = '/c', upstream = 'u', hosts = { 'h\\0x' } },\n"
-                   "} }", &cfg), ==, MG_ECONFIG);
+                   "} }",
+                   &cfg),
+              ==, MG_ECONFIG);
     CHECK(has_error("routes[1] \"/a?b\": upstream: no upstream named "
                     "\"x\""));
     CHECK(has_error("routes[2] \"/c\": hosts[1]: must not contain NUL "
@@ -780,7 +816,7 @@ static void cidr_matches_v4_mapped_v6_against_v4_blocks(void)
     mg_config_t *cfg = proxies("'10.0.0.0/8', '::/0'");
     CHECK(cfg != NULL);
     CHECK(match(cfg, "::ffff:10.1.2.3"));
-    CHECK(match(cfg, "2001:db8::1"));   /* ::/0 */
+    CHECK(match(cfg, "2001:db8::1")); /* ::/0 */
     mg_config_free(cfg);
     cfg = proxies("'10.0.0.0/8'");
     CHECK(cfg != NULL);
@@ -798,8 +834,10 @@ static void cidr_matches_v4_mapped_v6_against_v4_blocks(void)
 static void demo_config_loads_without_error(void)
 {
     static const char *const where[] = {
-        "conf/moongate.lua", "../conf/moongate.lua",
-        "../../conf/moongate.lua", "../../../conf/moongate.lua",
+        "conf/moongate.lua",
+        "../conf/moongate.lua",
+        "../../conf/moongate.lua",
+        "../../../conf/moongate.lua",
     };
     const char *file = NULL;
     for (size_t i = 0; i < MG_ARRAY_SIZE(where) && !file; i++)

@@ -18,110 +18,110 @@ typedef struct {
 
 static const path_case_t cases[] = {
     /* already canonical */
-    { "/", "/" },
-    { "/users", "/users" },
-    { "/users/5", "/users/5" },
-    { "/a/b/", "/a/b/" },
-    { "/a-b_c~d.e", "/a-b_c~d.e" },
-    { "/..a/b..", "/..a/b.." },
-    { "/.../x", "/.../x" },
-    { "/.a/a.", "/.a/a." },
-    { "/a;b=c,d!$&'()*+:@", "/a;b=c,d!$&'()*+:@" },
+    {"/", "/"},
+    {"/users", "/users"},
+    {"/users/5", "/users/5"},
+    {"/a/b/", "/a/b/"},
+    {"/a-b_c~d.e", "/a-b_c~d.e"},
+    {"/..a/b..", "/..a/b.."},
+    {"/.../x", "/.../x"},
+    {"/.a/a.", "/.a/a."},
+    {"/a;b=c,d!$&'()*+:@", "/a;b=c,d!$&'()*+:@"},
     /* duplicate slashes */
-    { "//users", "/users" },
-    { "/users//5", "/users/5" },
-    { "///", "/" },
-    { "/a///b////", "/a/b/" },
+    {"//users", "/users"},
+    {"/users//5", "/users/5"},
+    {"///", "/"},
+    {"/a///b////", "/a/b/"},
     /* "." segments */
-    { "/.", "/" },
-    { "/./", "/" },
-    { "/a/./b", "/a/b" },
-    { "/a/.", "/a/" },
-    { "/a/b/.", "/a/b/" },
-    { "/./././a", "/a" },
+    {"/.", "/"},
+    {"/./", "/"},
+    {"/a/./b", "/a/b"},
+    {"/a/.", "/a/"},
+    {"/a/b/.", "/a/b/"},
+    {"/./././a", "/a"},
     /* ".." segments */
-    { "/a/..", "/" },
-    { "/a/../", "/" },
-    { "/a/b/..", "/a/" },
-    { "/a/b/../", "/a/" },
-    { "/a/b/../c", "/a/c" },
-    { "/a/b/c/../../d", "/a/d" },
-    { "/a/b/c/..", "/a/b/" },
-    { "/users/../admin", "/admin" },
-    { "/a//..", "/" },
-    { "/a/.././b/./..", "/" },
+    {"/a/..", "/"},
+    {"/a/../", "/"},
+    {"/a/b/..", "/a/"},
+    {"/a/b/../", "/a/"},
+    {"/a/b/../c", "/a/c"},
+    {"/a/b/c/../../d", "/a/d"},
+    {"/a/b/c/..", "/a/b/"},
+    {"/users/../admin", "/admin"},
+    {"/a//..", "/"},
+    {"/a/.././b/./..", "/"},
     /* ".." above the root */
-    { "/..", BAD },
-    { "/../", BAD },
-    { "/../a", BAD },
-    { "/a/../..", BAD },
-    { "/a/../../b", BAD },
-    { "/./..", BAD },
-    { "//..", BAD },
+    {"/..", BAD},
+    {"/../", BAD},
+    {"/../a", BAD},
+    {"/a/../..", BAD},
+    {"/a/../../b", BAD},
+    {"/./..", BAD},
+    {"//..", BAD},
     /* dot segments that only appear after decoding */
-    { "/%2e", "/" },
-    { "/a/%2E/b", "/a/b" },
-    { "/a/%2e%2e", "/" },
-    { "/a/b/%2E%2E/c", "/a/c" },
-    { "/a/.%2E/", "/" },
-    { "/a/%2e./b", "/b" },
-    { "/%2e%2e", BAD },
-    { "/.%2E", BAD },
-    { "/%2e%2e/etc/passwd", BAD },
-    { "/a/%2e%2e%2e", "/a/..." },
+    {"/%2e", "/"},
+    {"/a/%2E/b", "/a/b"},
+    {"/a/%2e%2e", "/"},
+    {"/a/b/%2E%2E/c", "/a/c"},
+    {"/a/.%2E/", "/"},
+    {"/a/%2e./b", "/b"},
+    {"/%2e%2e", BAD},
+    {"/.%2E", BAD},
+    {"/%2e%2e/etc/passwd", BAD},
+    {"/a/%2e%2e%2e", "/a/..."},
     /* decoding of unreserved characters */
-    { "/%41", "/A" },
-    { "/%7e%7Euser", "/~~user" },
-    { "/%61%62%63", "/abc" },
-    { "/%30%39%2D%5F%2e", "/09-_." },
-    { "/%2d%5f", "/-_" },
+    {"/%41", "/A"},
+    {"/%7e%7Euser", "/~~user"},
+    {"/%61%62%63", "/abc"},
+    {"/%30%39%2D%5F%2e", "/09-_."},
+    {"/%2d%5f", "/-_"},
     /* other escapes are kept, hex upper-cased */
-    { "/a%20b", "/a%20b" },
-    { "/%3a", "/%3A" },
-    { "/%3A", "/%3A" },
-    { "/%25", "/%25" },
-    { "/%252e", "/%252e" }, /* no double decoding */
-    { "/%3f%23", "/%3F%23" },
-    { "/%c3%a9", "/%C3%A9" },
-    { "/%ff", "/%FF" },
-    { "/%01", "/%01" },
-    { "/%7f", "/%7F" },
+    {"/a%20b", "/a%20b"},
+    {"/%3a", "/%3A"},
+    {"/%3A", "/%3A"},
+    {"/%25", "/%25"},
+    {"/%252e", "/%252e"}, /* no double decoding */
+    {"/%3f%23", "/%3F%23"},
+    {"/%c3%a9", "/%C3%A9"},
+    {"/%ff", "/%FF"},
+    {"/%01", "/%01"},
+    {"/%7f", "/%7F"},
     /* escapes with no canonical form */
-    { "/%2F", BAD },
-    { "/%2f", BAD },
-    { "/a%2fb", BAD },
-    { "/%5C", BAD },
-    { "/%5c", BAD },
-    { "/%00", BAD },
+    {"/%2F", BAD},
+    {"/%2f", BAD},
+    {"/a%2fb", BAD},
+    {"/%5C", BAD},
+    {"/%5c", BAD},
+    {"/%00", BAD},
     /* invalid or truncated escapes */
-    { "/%", BAD },
-    { "/a%", BAD },
-    { "/%4", BAD },
-    { "/a%4", BAD },
-    { "/%G1", BAD },
-    { "/%1G", BAD },
-    { "/%%41", BAD },
-    { "/% 1", BAD },
-    { "/%-1", BAD },
+    {"/%", BAD},
+    {"/a%", BAD},
+    {"/%4", BAD},
+    {"/a%4", BAD},
+    {"/%G1", BAD},
+    {"/%1G", BAD},
+    {"/%%41", BAD},
+    {"/% 1", BAD},
+    {"/%-1", BAD},
     /* raw bytes that must arrive escaped */
-    { "/a\\b", BAD },
-    { "/\\", BAD },
-    { "/a b", BAD },
-    { "/a\tb", BAD },
-    { "/a\rb", BAD },
-    { "/a\nb", BAD },
-    { "/\x7f", BAD },
-    { "/\x01", BAD },
-    { "/\x80", BAD },
-    { "/caf\xc3\xa9", BAD },
-    { "/\xff", BAD },
+    {"/a\\b", BAD},
+    {"/\\", BAD},
+    {"/a b", BAD},
+    {"/a\tb", BAD},
+    {"/a\rb", BAD},
+    {"/a\nb", BAD},
+    {"/\x7f", BAD},
+    {"/\x01", BAD},
+    {"/\x80", BAD},
+    {"/caf\xc3\xa9", BAD},
+    {"/\xff", BAD},
     /* not a path */
-    { "", BAD },
-    { "users", BAD },
-    { "./a", BAD },
-    { "%2F", BAD },
-    { "*", BAD },
-    { "http://x/a", BAD },
+    {"", BAD},
+    {"users", BAD},
+    {"./a", BAD},
+    {"%2F", BAD},
+    {"*", BAD},
+    {"http://x/a", BAD},
 };
 
 /* Runs one case with an output buffer of exactly strlen(in) bytes. */
@@ -142,19 +142,18 @@ static void test_documented_cases(void)
         if (cases[i].want == BAD) {
             if (rc != MG_EBADPATH) {
                 free(out);
-                FAIL_AT("\"%s\": want MG_EBADPATH, got rc %d", cases[i].in,
-                        rc);
+                FAIL_AT("\"%s\": want MG_EBADPATH, got rc %d", cases[i].in, rc);
             }
             /* *out_len is untouched on error */
             CHECK(n == (size_t)-1);
         } else {
-            int ok = rc == 0 && n == strlen(cases[i].want) &&
-                     memcmp(out, cases[i].want, n) == 0;
+            int ok = rc == 0 && n == strlen(cases[i].want)
+                     && memcmp(out, cases[i].want, n) == 0;
             if (!ok) {
                 free(out);
-                FAIL_AT("\"%s\": want \"%s\", got rc %d \"%.*s\"",
-                        cases[i].in, cases[i].want, rc,
-                        rc == 0 ? (int)n : 0, rc == 0 ? out : "");
+                FAIL_AT("\"%s\": want \"%s\", got rc %d \"%.*s\"", cases[i].in,
+                        cases[i].want, rc, rc == 0 ? (int)n : 0,
+                        rc == 0 ? out : "");
             }
         }
         free(out);
@@ -230,7 +229,7 @@ static void test_embedded_nul_refused(void)
 static void test_every_raw_byte(void)
 {
     for (int b = 0; b < 256; b++) {
-        char in[4] = { '/', 'x', (char)b, 'y' }, out[4];
+        char in[4] = {'/', 'x', (char)b, 'y'}, out[4];
         size_t n;
         int rc = mg_path_normalize(in, 4, out, &n);
         int want_ok = b > 0x20 && b < 0x7F && b != '\\' && b != '%';
@@ -250,9 +249,9 @@ static void test_every_raw_byte(void)
 
 static int is_unreserved(int c)
 {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-           (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_' ||
-           c == '~';
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+           || (c >= '0' && c <= '9') || c == '-' || c == '.' || c == '_'
+           || c == '~';
 }
 
 /* Every escape, in both hex cases: decoded, kept upper-case, or refused. */
@@ -263,7 +262,7 @@ static void test_every_escape(void)
     for (int v = 0; v < 256; v++) {
         for (int up = 0; up < 2; up++) {
             const char *hx = up ? upper : lower;
-            char in[6] = { '/', 'x', '%', hx[v >> 4], hx[v & 15], 'y' };
+            char in[6] = {'/', 'x', '%', hx[v >> 4], hx[v & 15], 'y'};
             char out[6];
             size_t n;
             int rc = mg_path_normalize(in, 6, out, &n);
@@ -276,8 +275,8 @@ static void test_every_escape(void)
             } else {
                 CHECK_INT(rc, ==, 0);
                 CHECK_INT(n, ==, 6);
-                CHECK(out[2] == '%' && out[3] == upper[v >> 4] &&
-                      out[4] == upper[v & 15]);
+                CHECK(out[2] == '%' && out[3] == upper[v >> 4]
+                      && out[4] == upper[v & 15]);
             }
         }
     }
@@ -306,15 +305,15 @@ static int reference(const char *in, size_t len, char *out, size_t *out_len)
             unsigned char c = (unsigned char)in[k];
             if (c == '%') {
                 unsigned v;
-                char hx[3] = { 0, 0, 0 };
+                char hx[3] = {0, 0, 0};
                 if (e - k < 3)
                     return MG_EBADPATH;
                 hx[0] = in[k + 1];
                 hx[1] = in[k + 2];
                 char *end;
-                if (!strchr("0123456789abcdefABCDEF", hx[0]) ||
-                    !strchr("0123456789abcdefABCDEF", hx[1]) || !hx[0] ||
-                    !hx[1])
+                if (!strchr("0123456789abcdefABCDEF", hx[0])
+                    || !strchr("0123456789abcdefABCDEF", hx[1]) || !hx[0]
+                    || !hx[1])
                     return MG_EBADPATH;
                 v = (unsigned)strtoul(hx, &end, 16);
                 if (v == '/' || v == '\\' || v == 0)
@@ -360,8 +359,9 @@ static int reference(const char *in, size_t len, char *out, size_t *out_len)
 static void test_agrees_with_reference_on_generated_paths(void)
 {
     static const char *const tokens[] = {
-        "/", "/", "/", "//", ".", "..", "%2e", "%2E", "a", "bc", "%41",
-        "%7e", "%3a", "%2f", "%", "%g1", "\\", " ", "~", "%00", "%5c", "%20",
+        "/",  "/",  "/",   "//",  ".",   "..",  "%2e", "%2E",
+        "a",  "bc", "%41", "%7e", "%3a", "%2f", "%",   "%g1",
+        "\\", " ",  "~",   "%00", "%5c", "%20",
     };
     uint32_t seed = 12345;
     char in[64], out[64], ref[128];

@@ -60,30 +60,29 @@ static mg_str_t K(const char *s)
 
 static mg_shdict_value_t S(const char *s)
 {
-    return (mg_shdict_value_t){ .type = MG_SHDICT_STRING, .str = s,
-                                .len = strlen(s) };
+    return (mg_shdict_value_t){
+        .type = MG_SHDICT_STRING, .str = s, .len = strlen(s)};
 }
 
 static mg_shdict_value_t SN(const char *s, size_t n)
 {
-    return (mg_shdict_value_t){ .type = MG_SHDICT_STRING, .str = s,
-                                .len = n };
+    return (mg_shdict_value_t){.type = MG_SHDICT_STRING, .str = s, .len = n};
 }
 
 static mg_shdict_value_t N(double n)
 {
-    return (mg_shdict_value_t){ .type = MG_SHDICT_NUMBER, .number = n };
+    return (mg_shdict_value_t){.type = MG_SHDICT_NUMBER, .number = n};
 }
 
 static mg_shdict_value_t B(int b)
 {
-    return (mg_shdict_value_t){ .type = MG_SHDICT_BOOLEAN, .number = b };
+    return (mg_shdict_value_t){.type = MG_SHDICT_BOOLEAN, .number = b};
 }
 
-static const mg_shdict_value_t NIL = { .type = MG_SHDICT_NIL };
+static const mg_shdict_value_t NIL = {.type = MG_SHDICT_NIL};
 
-static int set(mg_shdict_t *d, const char *k, mg_shdict_value_t v,
-               uint64_t ttl, uint64_t now)
+static int set(mg_shdict_t *d, const char *k, mg_shdict_value_t v, uint64_t ttl,
+               uint64_t now)
 {
     return mg_shdict_set(d, K(k), &v, ttl, now, NULL);
 }
@@ -92,8 +91,8 @@ static int set(mg_shdict_t *d, const char *k, mg_shdict_value_t v,
 static const char *gets(mg_shdict_t *d, const char *k, uint64_t now)
 {
     mg_shdict_value_t v;
-    if (mg_shdict_get(d, K(k), now, &v, buf, sizeof(buf) - 1) != 0 ||
-        v.type != MG_SHDICT_STRING)
+    if (mg_shdict_get(d, K(k), now, &v, buf, sizeof(buf) - 1) != 0
+        || v.type != MG_SHDICT_STRING)
         return NULL;
     buf[v.len] = '\0';
     return buf;
@@ -103,8 +102,8 @@ static const char *gets(mg_shdict_t *d, const char *k, uint64_t now)
 static double getn(mg_shdict_t *d, const char *k, uint64_t now)
 {
     mg_shdict_value_t v;
-    if (mg_shdict_get(d, K(k), now, &v, NULL, 0) != 0 ||
-        v.type != MG_SHDICT_NUMBER)
+    if (mg_shdict_get(d, K(k), now, &v, NULL, 0) != 0
+        || v.type != MG_SHDICT_NUMBER)
         return -1;
     return v.number;
 }
@@ -160,8 +159,7 @@ static void test_string_roundtrip(void)
     mg_shdict_t *d = zone(MiB);
     mg_shdict_value_t v;
     CHECK_INT(set(d, "greeting", S("hello"), 0, 0), ==, 0);
-    CHECK_INT(mg_shdict_get(d, K("greeting"), 0, &v, buf, sizeof(buf)), ==,
-              0);
+    CHECK_INT(mg_shdict_get(d, K("greeting"), 0, &v, buf, sizeof(buf)), ==, 0);
     CHECK_INT(v.type, ==, MG_SHDICT_STRING);
     CHECK(v.str == buf);
     CHECK_INT(v.len, ==, 5);
@@ -169,14 +167,12 @@ static void test_string_roundtrip(void)
 
     /* Binary-safe: NUL bytes in keys and values. */
     mg_shdict_value_t bin = SN("a\0b\0", 4);
-    CHECK_INT(mg_shdict_set(d, (mg_str_t){ "k\0x", 3 }, &bin, 0, 0, NULL), ==,
-              0);
-    CHECK_INT(mg_shdict_get(d, (mg_str_t){ "k\0y", 3 }, 0, &v, buf, 100), ==,
+    CHECK_INT(mg_shdict_set(d, (mg_str_t){"k\0x", 3}, &bin, 0, 0, NULL), ==, 0);
+    CHECK_INT(mg_shdict_get(d, (mg_str_t){"k\0y", 3}, 0, &v, buf, 100), ==,
               MG_DECLINED);
-    CHECK_INT(mg_shdict_get(d, (mg_str_t){ "k", 1 }, 0, &v, buf, 100), ==,
+    CHECK_INT(mg_shdict_get(d, (mg_str_t){"k", 1}, 0, &v, buf, 100), ==,
               MG_DECLINED);
-    CHECK_INT(mg_shdict_get(d, (mg_str_t){ "k\0x", 3 }, 0, &v, buf, 100), ==,
-              0);
+    CHECK_INT(mg_shdict_get(d, (mg_str_t){"k\0x", 3}, 0, &v, buf, 100), ==, 0);
     CHECK_INT(v.len, ==, 4);
     CHECK(memcmp(v.str, "a\0b\0", 4) == 0);
 
@@ -214,10 +210,9 @@ static void test_number_and_boolean(void)
     CHECK_INT(mg_shdict_get(d, K("seven"), 0, &v, NULL, 0), ==, 0);
     CHECK(v.number == 1);
 
-    mg_shdict_value_t bad = { .type = (mg_shdict_type_t)42 };
+    mg_shdict_value_t bad = {.type = (mg_shdict_type_t)42};
     CHECK_INT(mg_shdict_set(d, K("bad"), &bad, 0, 0, NULL), ==, MG_EPROTO);
-    CHECK_INT(mg_shdict_get(d, K("missing"), 0, &v, buf, 10), ==,
-              MG_DECLINED);
+    CHECK_INT(mg_shdict_get(d, K("missing"), 0, &v, buf, 10), ==, MG_DECLINED);
     CHECK_INT(v.type, ==, MG_SHDICT_NIL);
     unzone(d);
 }
@@ -326,8 +321,7 @@ static void test_replace(void)
     CHECK_STR(gets(d, "k", 50), "second");
     CHECK_STR(gets(d, "k", 5000), "second"); /* replace set ttl 0 */
     CHECK_INT(mg_shdict_set(d, K("e"), &v, 100, 0, NULL), ==, 0);
-    CHECK_INT(mg_shdict_replace(d, K("e"), &w, 0, 100, NULL), ==,
-              MG_DECLINED);
+    CHECK_INT(mg_shdict_replace(d, K("e"), &w, 0, 100, NULL), ==, MG_DECLINED);
     CHECK_INT(mg_shdict_replace(d, K("k"), &NIL, 0, 0, NULL), ==, 0);
     CHECK_INT(count_of(d), ==, 0);
     unzone(d);
@@ -337,8 +331,7 @@ static void test_incr(void)
 {
     mg_shdict_t *d = zone(MiB);
     double out = -7;
-    CHECK_INT(mg_shdict_incr(d, K("c"), 1, 0, 0, 0, 0, &out), ==,
-              MG_DECLINED);
+    CHECK_INT(mg_shdict_incr(d, K("c"), 1, 0, 0, 0, 0, &out), ==, MG_DECLINED);
     CHECK(out == -7);
     CHECK_INT(set(d, "c", N(10), 0, 0), ==, 0);
     CHECK_INT(mg_shdict_incr(d, K("c"), 5, 0, 0, 0, 0, &out), ==, 0);
@@ -559,7 +552,7 @@ static void test_too_large(void)
     CHECK_INT(count_of(d), ==, 10);
 
     /* Keys: up to MG_SHDICT_MAX_KEY bytes. */
-    mg_str_t k = { big, MG_SHDICT_MAX_KEY + 1 };
+    mg_str_t k = {big, MG_SHDICT_MAX_KEY + 1};
     mg_shdict_value_t one = N(1);
     double out;
     CHECK_INT(mg_shdict_set(d, k, &one, 0, 0, NULL), ==, MG_ETOOLARGE);
@@ -669,8 +662,8 @@ static void test_many_keys(void)
         int n = snprintf(key, sizeof(key), "key:%d", i), ev;
         memset(val, 'a' + i % 26, sizeof(val));
         mg_shdict_value_t v = SN(val, sizeof(val));
-        CHECK_INT(mg_shdict_set(d, (mg_str_t){ key, (size_t)n }, &v, 0, 0,
-                                &ev), ==, 0);
+        CHECK_INT(mg_shdict_set(d, (mg_str_t){key, (size_t)n}, &v, 0, 0, &ev),
+                  ==, 0);
         evicted += ev;
     }
     /* 176 bytes an entry: some do not fit, and those are exactly the
@@ -717,19 +710,20 @@ static void test_random_workload(void)
     for (int i = 0; i < 30000; i++) {
         uint64_t r = rnd();
         snprintf(key, sizeof(key), "r%u", (unsigned)(r % 500));
-        size_t len = (r >> 16) % 8 == 0 ? (r >> 24) % sizeof(val)
-                                         : (r >> 24) % 300;
+        size_t len =
+            (r >> 16) % 8 == 0 ? (r >> 24) % sizeof(val) : (r >> 24) % 300;
         double out;
         switch ((r >> 8) % 6) {
         case 0: CHECK_INT(mg_shdict_delete(d, K(key)), >=, 0); break;
         case 1:
-            CHECK_INT(mg_shdict_incr(d, K(key), 1, 1, 0, 50, (uint64_t)i,
-                                     &out), !=, MG_ETOOLARGE);
+            CHECK_INT(mg_shdict_incr(d, K(key), 1, 1, 0, 50, (uint64_t)i, &out),
+                      !=, MG_ETOOLARGE);
             break;
         default: {
             mg_shdict_value_t v = SN(val, len);
             CHECK_INT(mg_shdict_set(d, K(key), &v, (r >> 40) % 3 * 100,
-                                    (uint64_t)i, NULL), ==, 0);
+                                    (uint64_t)i, NULL),
+                      ==, 0);
         }
         }
         if (i % 1000 == 0)
@@ -873,8 +867,8 @@ static void bench(void)
     double t = now_ns();
     for (int i = 0; i < OPS; i++)
         mg_shdict_get(d, K(key[i % KEYS]), 0, &v, buf, sizeof(buf));
-    printf("get   %6.1f ns/op (1 process, %d keys)\n",
-           (now_ns() - t) / OPS, KEYS);
+    printf("get   %6.1f ns/op (1 process, %d keys)\n", (now_ns() - t) / OPS,
+           KEYS);
     t = now_ns();
     for (int i = 0; i < OPS; i++)
         mg_shdict_incr(d, K(key[i % KEYS]), 1, 0, 0, 0, 0, &out);
