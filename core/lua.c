@@ -210,6 +210,25 @@ int mg_lua_check(const char *path, size_t nroutes, char *err, size_t errlen)
 /* ------------------------------------------------------------------ */
 /* Tasks                                                              */
 
+/*
+ * A task on a fresh coroutine whose body is runtime[fn]; the caller pushes
+ * the arguments (the task itself first, by convention) and resumes.
+ */
+static mg_lua_task_t *task_new(mg_lua_t *vm, const char *fn, mg_lua_task_cb cb,
+                               void *data)
+{
+    mg_lua_task_t *t = mg_calloc(1, sizeof(*t));
+    t->vm = vm;
+    t->cb = cb;
+    t->data = data;
+    t->co = lua_newthread(vm->L);
+    t->co_ref = luaL_ref(vm->L, LUA_REGISTRYINDEX);
+    push_runtime_fn(vm, fn);
+    lua_xmove(vm->L, t->co, 1);
+    lua_pushlightuserdata(t->co, t);
+    return t;
+}
+
 static int resume(mg_lua_task_t *t, int nargs)
 {
     lua_State *co = t->co;
@@ -447,14 +466,7 @@ static void on_lua_timer(uv_timer_t *h)
         timer_unlink(vm, lt);
         uv_close((uv_handle_t *)h, on_lua_timer_closed);
     }
-    mg_lua_task_t *t = mg_calloc(1, sizeof(*t));
-    t->vm = vm;
-    t->cb = on_timer_task;
-    t->co = lua_newthread(vm->L);
-    t->co_ref = luaL_ref(vm->L, LUA_REGISTRYINDEX);
-    push_runtime_fn(vm, "run_timer");
-    lua_xmove(vm->L, t->co, 1);
-    lua_pushlightuserdata(t->co, t);
+    mg_lua_task_t *t = task_new(vm, "run_timer", on_timer_task, NULL);
     lua_pushinteger(t->co, id);
     int what = resume(t, 2);
     on_timer_task(t, what, NULL);
@@ -464,14 +476,7 @@ void mg_lua_gen_init_worker(mg_lua_t *vm, unsigned id)
 {
     if (!vm->loop)
         return;
-    mg_lua_task_t *t = mg_calloc(1, sizeof(*t));
-    t->vm = vm;
-    t->cb = on_timer_task;
-    t->co = lua_newthread(vm->L);
-    t->co_ref = luaL_ref(vm->L, LUA_REGISTRYINDEX);
-    push_runtime_fn(vm, "init_worker");
-    lua_xmove(vm->L, t->co, 1);
-    lua_pushlightuserdata(t->co, t);
+    mg_lua_task_t *t = task_new(vm, "init_worker", on_timer_task, NULL);
     lua_pushinteger(t->co, id);
     on_timer_task(t, resume(t, 2), NULL);
 }
@@ -539,15 +544,7 @@ int mg_lua_run_script(const char *file, int argc, char **argv)
         return 1;
     }
     script_state_t state = {0, 0, &loop};
-    mg_lua_task_t *t = mg_calloc(1, sizeof(*t));
-    t->vm = vm;
-    t->cb = on_script;
-    t->data = &state;
-    t->co = lua_newthread(vm->L);
-    t->co_ref = luaL_ref(vm->L, LUA_REGISTRYINDEX);
-    push_runtime_fn(vm, "run_script");
-    lua_xmove(vm->L, t->co, 1);
-    lua_pushlightuserdata(t->co, t);
+    mg_lua_task_t *t = task_new(vm, "run_script", on_script, &state);
     lua_pushstring(t->co, file);
     for (int i = 0; i < argc; i++)
         lua_pushstring(t->co, argv[i]);

@@ -214,17 +214,7 @@ static void fail(mg_proxy_t *p, int status, const char *reason)
         run_log_phase(p);
     }
     /* Detach first: respond_error would otherwise call mg_proxy_abort. */
-    r->proxy = NULL;
-    p->r = NULL;
-    p->dead = 1;
-    if (p->counted) {
-        p->upstream->inflight--;
-        p->counted = 0;
-    }
-    if (p->uc)
-        mg_upconn_close(p->uc);
-    else
-        free_proxy(p);
+    mg_proxy_abort(r);
     if (r->response_started)
         mg_conn_abort(r->conn);
     else
