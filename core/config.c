@@ -65,9 +65,9 @@ static const struct {
  * ignored for now, so configs written for them already load.
  */
 static const char *const top_fields[] = {
-    "listen",    "workers",         "pid_file",         "error_log",
-    "log_level", "trusted_proxies", "identity_headers", "limits",
-    "upstreams", "routes",          "shared",           NULL,
+    "listen",          "workers",          "pid_file", "error_log", "log_level",
+    "trusted_proxies", "identity_headers", "limits",   "upstreams", "routes",
+    "shared",          "access_log",       NULL,
 };
 /* plugin_paths and plugins are read by the Lua runtime (runtime.lua). */
 static const char *const top_reserved[] = {
@@ -650,6 +650,16 @@ static void load_log(ld_t *ld, int t)
             cfg->log_level = lv;
     }
     free(level);
+    /* access_log = "path" | "stdout" | false (the default: off). */
+    if (push_field(ld, t, "access_log")) {
+        lua_State *L = ld->L;
+        if (lua_type(L, -1) == LUA_TSTRING && lua_objlen(L, -1) > 0)
+            cfg->access_log =
+                mg_strndup(lua_tostring(L, -1), lua_objlen(L, -1));
+        else if (!(lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1)))
+            fail_type(ld, "access_log", -1, "a path, \"stdout\" or false");
+        lua_pop(L, 1);
+    }
 }
 
 /*
@@ -1288,6 +1298,7 @@ void mg_config_free(mg_config_t *cfg)
     free(cfg->file);
     free(cfg->pid_file);
     free(cfg->error_log);
+    free(cfg->access_log);
     free(cfg);
 }
 

@@ -97,6 +97,7 @@ struct mg_config_s {
     unsigned workers; /* "auto" resolves to the number of cores */
     char *pid_file;   /* default "moongate.pid" beside the config */
     char *error_log;  /* path, or "stderr" (default) */
+    char *access_log; /* path, "stdout", or NULL: off (the default) */
     int log_level;    /* MG_LOG_* from log.h, default info */
     mg_cidr_t *trusted_proxies;
     size_t ntrusted_proxies;

@@ -62,12 +62,15 @@ struct mg_req_s {
     unsigned body_complete : 1;    /* the whole body has been parsed */
     unsigned response_started : 1; /* status line queued to the client */
     uint64_t body_received;
-    uint64_t max_body;  /* the route's limit, set by the pipeline */
-    char client_ip[46]; /* textual TCP peer address */
-    mg_str_t real_ip;   /* the client as trusted_proxies decide it
-                           (mg_ffi_req_client_ip), computed once */
-    uint64_t start_ns;  /* uv_hrtime() when the headers were complete */
-    mg_proxy_t *proxy;  /* the pipeline's per-request state */
+    uint64_t max_body;         /* the route's limit, set by the pipeline */
+    char client_ip[46];        /* textual TCP peer address */
+    uint64_t bytes_out;        /* written to the client */
+    uint64_t upstream_ns;      /* request sent upstream -> response done */
+    const char *upstream_name; /* target that answered (worker-owned) */
+    mg_str_t real_ip;          /* the client as trusted_proxies decide it
+                                  (mg_ffi_req_client_ip), computed once */
+    uint64_t start_ns;         /* uv_hrtime() when the headers were complete */
+    mg_proxy_t *proxy;         /* the pipeline's per-request state */
 };
 
 typedef void (*mg_write_cb)(void *arg, int status);

@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "accesslog.h"
 #include "generation.h"
 #include "http.h"
 #include "log.h"
@@ -240,6 +241,9 @@ void mg_conn_write(mg_conn_t *c, const uv_buf_t *bufs, unsigned n,
     q->serial = c->serial;
     for (unsigned i = 0; i < n; i++)
         c->write_bytes += bufs[i].len;
+    if (c->active)
+        for (unsigned i = 0; i < n; i++)
+            c->req.bytes_out += bufs[i].len;
     c->writes++;
     mg_worker_write(c->w, (uv_stream_t *)&c->tcp, &q->wr, bufs, n, on_write);
     if (c->tcp.write_queue_size > 0 && c->state != C_BODY) {
@@ -920,6 +924,8 @@ static void finish_request(mg_conn_t *c)
 {
     mg_req_t *r = &c->req;
     int close = mg_conn_should_close(r);
+    if (mg_worker_accesslog(c->w))
+        mg_accesslog_write(mg_worker_accesslog(c->w), r);
     if (r->proxy) {
         mg_proxy_abort(r); /* the pipeline should have let go already */
         r->proxy = NULL;
@@ -967,6 +973,12 @@ static void conn_close(mg_conn_t *c)
     if (c->closing)
         return;
     c->closing = 1;
+    if (c->active && c->req.method_name.len && mg_worker_accesslog(c->w)) {
+        /* The client went away first: logged as nginx does, 499. */
+        if (!c->req.resp_status || !c->resp_done)
+            c->req.resp_status = 499;
+        mg_accesslog_write(mg_worker_accesslog(c->w), &c->req);
+    }
     if (c->active) {
         if (c->req.proxy)
             mg_proxy_abort(&c->req);

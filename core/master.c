@@ -331,7 +331,7 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
     master_t m = {.config_path = config_path, .cfg = cfg};
     sigset_t set;
     sigemptyset(&set);
-    int sigs[] = {SIGCHLD, SIGHUP, SIGTERM, SIGINT, SIGQUIT};
+    int sigs[] = {SIGCHLD, SIGHUP, SIGTERM, SIGINT, SIGQUIT, SIGUSR1};
     for (size_t i = 0; i < MG_ARRAY_SIZE(sigs); i++)
         sigaddset(&set, sigs[i]);
     sigprocmask(SIG_BLOCK, &set, NULL);
@@ -367,6 +367,11 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
         case SIGTERM:
         case SIGINT:
         case SIGQUIT: begin_stop(&m); break;
+        case SIGUSR1:
+            /* logrotate moved the logs: reopen them everywhere. */
+            mg_log_init(m.cfg->error_log, m.cfg->log_level, NULL);
+            signal_all(&m, SIGUSR1);
+            break;
         default:
             reap(&m); /* a SIGCHLD may merge with another signal */
             break;

@@ -90,6 +90,7 @@ struct mg_proxy_s {
     unsigned timer_armed : 1;   /* uc->timer is set for timer_due */
     uint64_t deadline;          /* loop time the upstream wait ends; 0: none */
     uint64_t timer_due;
+    uint64_t up_start_ns; /* when the upstream exchange began */
 };
 
 static llhttp_settings_t up_settings;
@@ -428,6 +429,8 @@ static void go_upstream(mg_proxy_t *p)
     u->inflight++;
     p->counted = 1;
     p->target = mg_upstream_pick(u);
+    r->upstream_name = mg_target_name(p->target);
+    p->up_start_ns = uv_hrtime();
     build_head(
         p, r->path_set ? r->path : upstream_path(r, rt, p->wildcard, r->path),
         r->query);
@@ -518,6 +521,7 @@ static void keep_match(mg_req_t *r, const mg_route_match_t *m)
 void mg_proxy_start(mg_req_t *r)
 {
     mg_str_t raw_path;
+    set_request_id(r); /* first: even a refused request is traceable */
     split_target(r->target, &raw_path, &r->query);
     char *norm = mg_arena_alloc(r->arena, raw_path.len + 1);
     size_t norm_len;
@@ -541,7 +545,6 @@ void mg_proxy_start(mg_req_t *r)
         return;
     }
     keep_match(r, &m);
-    set_request_id(r);
 
     mg_proxy_t *p = mg_calloc(1, sizeof(*p));
     p->r = r;
@@ -1082,6 +1085,7 @@ static void finish(mg_proxy_t *p)
     mg_upconn_t *uc = p->uc;
     int reusable = p->up_keepalive && p->body_end && p->up_writes == 0
                    && p->pos == uc->rlen;
+    r->upstream_ns = uv_hrtime() - p->up_start_ns;
     run_log_phase(p);
     r->proxy = NULL;
     p->upstream->inflight--;

@@ -12,6 +12,7 @@
 #include <sys/random.h>
 #include <unistd.h>
 
+#include "accesslog.h"
 #include "generation.h"
 #include "log.h"
 #include "upstream.h"
@@ -29,6 +30,8 @@ struct mg_worker_s {
     mg_gen_t *gen;
     unsigned next_gen_id;
     mg_lua_t *lua;
+    mg_accesslog_t *alog;
+    uv_signal_t sig_reopen;
     mg_conn_list_t conns;
     mg_target_t **targets; /* every target any generation used */
     size_t ntargets;
@@ -45,6 +48,27 @@ mg_gen_t *mg_worker_gen(mg_worker_t *w)
 uv_loop_t *mg_worker_loop(mg_worker_t *w)
 {
     return &w->loop;
+}
+
+mg_accesslog_t *mg_worker_accesslog(mg_worker_t *w)
+{
+    return w->alog;
+}
+
+/* Opens, keeps or replaces the access log to match cfg. */
+static void set_access_log(mg_worker_t *w, const mg_config_t *cfg)
+{
+    const char *want = cfg->access_log;
+    if (w->alog && want && strcmp(mg_accesslog_path(w->alog), want) == 0)
+        return;
+    mg_accesslog_close(w->alog);
+    w->alog = NULL;
+    if (!want)
+        return;
+    char err[512];
+    w->alog = mg_accesslog_open(&w->loop, want, err, sizeof(err));
+    if (!w->alog)
+        mg_log_error("%s", err);
 }
 
 mg_lua_t *mg_worker_lua(mg_worker_t *w)
@@ -213,6 +237,7 @@ static void reload(mg_worker_t *w)
     /* Requests in flight keep their own references to the old one. */
     mg_gen_unref(old);
     mg_log_info("generation %u active (%zu routes)", g->id, g->cfg->nroutes);
+    set_access_log(w, g->cfg);
     mg_lua_gen_init_worker(w->lua, g->id);
 }
 
@@ -231,6 +256,9 @@ static void shutdown_worker(mg_worker_t *w)
     uv_close((uv_handle_t *)&w->sig_term, on_close_noop);
     uv_close((uv_handle_t *)&w->sig_int, on_close_noop);
     uv_close((uv_handle_t *)&w->sig_quit, on_close_noop);
+    uv_close((uv_handle_t *)&w->sig_reopen, on_close_noop);
+    mg_accesslog_close(w->alog);
+    w->alog = NULL;
     uv_close((uv_handle_t *)&w->drain_timer, on_close_noop);
     uv_close((uv_handle_t *)&w->write_check, on_close_noop);
     uv_close((uv_handle_t *)&w->write_prepare, on_close_noop);
@@ -273,10 +301,14 @@ void mg_worker_conn_closed(mg_worker_t *w)
 static void on_signal(uv_signal_t *s, int signum)
 {
     mg_worker_t *w = s->data;
-    if (signum == SIGHUP)
+    if (signum == SIGHUP) {
         reload(w);
-    else
+    } else if (signum == SIGUSR1) {
+        if (w->alog)
+            mg_accesslog_reopen(w->alog);
+    } else {
         drain(w);
+    }
 }
 
 static int listen_all(mg_worker_t *w)
@@ -333,6 +365,7 @@ int mg_worker_run(const mg_worker_opts_t *opts, mg_config_t *cfg)
     start_signal(&w, &w.sig_term, SIGTERM);
     start_signal(&w, &w.sig_int, SIGINT);
     start_signal(&w, &w.sig_quit, SIGQUIT);
+    start_signal(&w, &w.sig_reopen, SIGUSR1);
     uv_timer_init(&w.loop, &w.drain_timer);
     w.drain_timer.data = &w;
     uv_check_init(&w.loop, &w.write_check);
@@ -346,6 +379,7 @@ int mg_worker_run(const mg_worker_opts_t *opts, mg_config_t *cfg)
     if (listen_all(&w) < 0)
         return 1;
     mg_log_info("generation 1 active (%zu routes)", w.gen->cfg->nroutes);
+    set_access_log(&w, w.gen->cfg);
     mg_lua_gen_init_worker(w.lua, 1);
 
     uv_run(&w.loop, UV_RUN_DEFAULT);

@@ -34,6 +34,10 @@ mg_gen_t *mg_worker_gen(mg_worker_t *w);
 
 uv_loop_t *mg_worker_loop(mg_worker_t *w);
 
+/* The worker's access log, or NULL when it is off. */
+typedef struct mg_accesslog_s mg_accesslog_t;
+mg_accesslog_t *mg_worker_accesslog(mg_worker_t *w);
+
 /* The worker's Lua VM. */
 mg_lua_t *mg_worker_lua(mg_worker_t *w);
 

@@ -408,7 +408,8 @@ class Gateway:
         cfg.update(config)
         if self.workers is None:
             self.workers = cfg["workers"] if isinstance(cfg["workers"], int) else 1
-        return "return " + lua(cfg) + "\n"
+        # @DIR@ in a string value: the gateway's temp dir (e.g. a log path).
+        return "return " + lua(cfg).replace("@DIR@", self.dir) + "\n"
 
     def write_config(self, config):
         """(Re)writes moongate.lua atomically; does not signal anything."""
