@@ -128,8 +128,7 @@ void mg_accesslog_write(mg_accesslog_t *l, mg_req_t *r)
                          r->request_id.len ? r->request_id : MG_NULL_STR);
     w += sprintf(w, ",\"client_ip\":");
     w = json_str(w, end,
-                 r->gen ? mg_ffi_req_client_ip(r)
-                        : mg_str_from_cstr(r->client_ip));
+                 r->gen ? mg_req_client_ip(r) : mg_str_from_cstr(r->client_ip));
     w += sprintf(w, ",\"method\":");
     w = json_str_or_null(w, end,
                          r->method_name.len ? r->method_name : MG_NULL_STR);

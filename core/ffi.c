@@ -17,24 +17,24 @@ int mg_ffi_version(void)
     return MG_FFI_VERSION;
 }
 
-mg_str_t mg_ffi_req_method(mg_req_t *r)
+void mg_ffi_req_method(mg_req_t *r, mg_str_t *out)
 {
-    return r->method_name;
+    *out = r->method_name;
 }
 
-mg_str_t mg_ffi_req_path(mg_req_t *r)
+void mg_ffi_req_path(mg_req_t *r, mg_str_t *out)
 {
-    return r->path;
+    *out = r->path;
 }
 
-mg_str_t mg_ffi_req_query(mg_req_t *r)
+void mg_ffi_req_query(mg_req_t *r, mg_str_t *out)
 {
-    return r->query;
+    *out = r->query;
 }
 
-mg_str_t mg_ffi_req_host(mg_req_t *r)
+void mg_ffi_req_host(mg_req_t *r, mg_str_t *out)
 {
-    return r->host;
+    *out = r->host;
 }
 
 static int ip_trusted(const mg_config_t *cfg, const char *ip)
@@ -54,7 +54,7 @@ static int ip_trusted(const mg_config_t *cfg, const char *ip)
  * the first address that is not one (nginx's real_ip_recursive). A
  * malformed entry stops the walk: what is left of it cannot be believed.
  */
-mg_str_t mg_ffi_req_client_ip(mg_req_t *r)
+mg_str_t mg_req_client_ip(mg_req_t *r)
 {
     if (r->real_ip.p)
         return r->real_ip;
@@ -93,9 +93,9 @@ mg_str_t mg_ffi_req_client_ip(mg_req_t *r)
     return r->real_ip;
 }
 
-mg_str_t mg_ffi_req_id(mg_req_t *r)
+void mg_ffi_req_id(mg_req_t *r, mg_str_t *out)
 {
-    return r->request_id;
+    *out = r->request_id;
 }
 
 int mg_ffi_req_set_path(mg_req_t *r, const char *p, size_t len)
@@ -222,6 +222,11 @@ void mg_ffi_log(int level, const char *msg, size_t len)
     if (level < MG_LOG_ERROR || level > MG_LOG_DEBUG)
         level = MG_LOG_INFO;
     mg_log(level, "lua: %.*s", (int)len, msg);
+}
+
+void mg_ffi_req_client_ip(mg_req_t *r, mg_str_t *out)
+{
+    *out = mg_req_client_ip(r);
 }
 
 double mg_ffi_now(void)

@@ -10,18 +10,28 @@
 
 #include "http.h"
 
-#define MG_FFI_VERSION 1
+#define MG_FFI_VERSION 2
 
 typedef struct mg_lua_task_s mg_lua_task_t;
 
 int mg_ffi_version(void);
 
-mg_str_t mg_ffi_req_method(mg_req_t *r);
-mg_str_t mg_ffi_req_path(mg_req_t *r);
-mg_str_t mg_ffi_req_query(mg_req_t *r);
-mg_str_t mg_ffi_req_host(mg_req_t *r);
-mg_str_t mg_ffi_req_client_ip(mg_req_t *r);
-mg_str_t mg_ffi_req_id(mg_req_t *r);
+/*
+ * Getters write through an out pointer rather than return a struct: LuaJIT
+ * cannot compile calls to C functions returning structs by value, and a
+ * plugin's hot path would stay in the interpreter.
+ */
+
+/* The client address as trusted_proxies decide it (not an FFI call: the
+ * access log uses it too). */
+mg_str_t mg_req_client_ip(mg_req_t *r);
+
+void mg_ffi_req_method(mg_req_t *r, mg_str_t *out);
+void mg_ffi_req_path(mg_req_t *r, mg_str_t *out);
+void mg_ffi_req_query(mg_req_t *r, mg_str_t *out);
+void mg_ffi_req_host(mg_req_t *r, mg_str_t *out);
+void mg_ffi_req_client_ip(mg_req_t *r, mg_str_t *out);
+void mg_ffi_req_id(mg_req_t *r, mg_str_t *out);
 /* 0, -1 for a path that does not normalize (it must stay canonical), -2
  * outside rewrite/access/handler. */
 int mg_ffi_req_set_path(mg_req_t *r, const char *p, size_t len);
@@ -53,7 +63,7 @@ double mg_ffi_now(void);
  * is at hand: mg_ffi_req_body), MG_AGAIN (yield; woken when read) or -1
  * (not in rewrite/access/handler). set_body needs the body read first. */
 int mg_ffi_req_read_body(mg_lua_task_t *t, mg_req_t *r);
-mg_str_t mg_ffi_req_body(mg_req_t *r);
+void mg_ffi_req_body(mg_req_t *r, mg_str_t *out);
 int mg_ffi_req_set_body(mg_req_t *r, const char *s, size_t len);
 
 /* gw.timer (lua.c): id chosen by the Lua side; interval 0 = once. */

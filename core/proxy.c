@@ -715,10 +715,10 @@ int mg_ffi_req_read_body(mg_lua_task_t *t, mg_req_t *r)
     return p->buffered ? 0 : MG_AGAIN;
 }
 
-mg_str_t mg_ffi_req_body(mg_req_t *r)
+void mg_ffi_req_body(mg_req_t *r, mg_str_t *out)
 {
     mg_proxy_t *p = r->proxy;
-    return p && p->buffered ? (mg_str_t){p->body ? p->body : "", p->body_len}
+    *out = p && p->buffered ? (mg_str_t){p->body ? p->body : "", p->body_len}
                             : MG_NULL_STR;
 }
 

@@ -3,7 +3,7 @@
 -- runtime refuses to start (the two cannot drift silently).
 local ffi = require("ffi")
 
-local _M = { version = 1 }
+local _M = { version = 2 }
 
 ffi.cdef [[
 typedef struct { const char *p; size_t len; } mg_str_t;
@@ -12,12 +12,12 @@ typedef struct mg_lua_task_s mg_lua_task_t;
 
 int mg_ffi_version(void);
 
-mg_str_t mg_ffi_req_method(mg_req_t *r);
-mg_str_t mg_ffi_req_path(mg_req_t *r);
-mg_str_t mg_ffi_req_query(mg_req_t *r);
-mg_str_t mg_ffi_req_host(mg_req_t *r);
-mg_str_t mg_ffi_req_client_ip(mg_req_t *r);
-mg_str_t mg_ffi_req_id(mg_req_t *r);
+void mg_ffi_req_method(mg_req_t *r, mg_str_t *out);
+void mg_ffi_req_path(mg_req_t *r, mg_str_t *out);
+void mg_ffi_req_query(mg_req_t *r, mg_str_t *out);
+void mg_ffi_req_host(mg_req_t *r, mg_str_t *out);
+void mg_ffi_req_client_ip(mg_req_t *r, mg_str_t *out);
+void mg_ffi_req_id(mg_req_t *r, mg_str_t *out);
 int mg_ffi_req_set_path(mg_req_t *r, const char *p, size_t len);
 int mg_ffi_req_set_query(mg_req_t *r, const char *p, size_t len);
 int mg_ffi_req_param(mg_req_t *r, const char *name, size_t nlen, mg_str_t *value);
@@ -36,7 +36,7 @@ int mg_ffi_sleep(mg_lua_task_t *t, double seconds);
 double mg_ffi_now(void);
 
 int mg_ffi_req_read_body(mg_lua_task_t *t, mg_req_t *r);
-mg_str_t mg_ffi_req_body(mg_req_t *r);
+void mg_ffi_req_body(mg_req_t *r, mg_str_t *out);
 int mg_ffi_req_set_body(mg_req_t *r, const char *s, size_t len);
 
 int mg_ffi_timer_start(mg_lua_task_t *t, int id, double delay, double interval);

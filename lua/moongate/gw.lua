@@ -18,6 +18,12 @@ local str_out = ffi.new("mg_str_t[2]")
 
 local _M = { request = {}, response = {}, json = {}, version = cdef.version }
 
+-- core/ffi.h and cdef.lua must describe the same functions.
+if C.mg_ffi_version() ~= cdef.version then
+    error("moongate: lua/moongate/cdef.lua is FFI version " .. cdef.version
+          .. ", the binary is " .. C.mg_ffi_version() .. ": they must match", 0)
+end
+
 -- The task (C side of a coroutine) of each running coroutine, for calls
 -- that wait. Weak keys: a finished coroutine takes its entry with it.
 local tasks = setmetatable({}, { __mode = "k" })
@@ -32,8 +38,8 @@ end
 
 local function getter(fn)
     return function(ctx)
-        local s = fn(req_of(ctx))
-        return ffi_string(s.p, s.len)
+        fn(req_of(ctx), str_out)
+        return ffi_string(str_out[0].p, str_out[0].len)
     end
 end
 
@@ -142,9 +148,9 @@ function _M.request.get_body(ctx)
     if rc < 0 then return nil, "the body cannot be read in this phase" end
     if rc == 1 then co_yield("wait") end
     if ctx._done then return nil, "the request has ended" end
-    local s = C.mg_ffi_req_body(r)
-    if s.p == nil then return nil, "the body could not be read" end
-    return ffi_string(s.p, s.len)
+    C.mg_ffi_req_body(r, str_out)
+    if str_out[0].p == nil then return nil, "the body could not be read" end
+    return ffi_string(str_out[0].p, str_out[0].len)
 end
 
 --- gw.request.set_body(ctx, "new body"): replaces the body sent upstream.
