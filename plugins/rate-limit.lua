@@ -1,0 +1,476 @@
+-- rate-limit: counts requests per key (client IP, consumer, route, a header,
+-- a Lua function, or a combination) against one or more limits, and
+-- answers 429 once a limit is spent. Three algorithms: "sliding" (weighted
+-- previous + current window, the default), "fixed" (a plain counter per
+-- window; up to 2x the limit can pass around a window boundary) and "gcra"
+-- (a token bucket of `burst` tokens refilled at limit/window). Two
+-- storages: "local" (a shared dict, exact across the workers of one
+-- gateway) and "redis" (one atomic script per request, exact across
+-- gateways). It is not a quota system: counters live only as long as
+-- their window. Documented in docs/plugins/rate-limit.md.
+local gw = require("moongate.gw")
+
+local type, ipairs, tostring, error, setmetatable = type, ipairs, tostring, error, setmetatable
+local floor, ceil, max, huge = math.floor, math.ceil, math.max, math.huge
+
+local ERROR_COUNTER = "rate-limit:redis-errors"   -- in the dict: redis failures seen
+local LOG_EVERY = 1                               -- seconds between redis failure warnings
+
+local BY = { ip = true, consumer = true, route = true, header = true }
+
+local P = {
+    name = "rate-limit",
+    priority = 910,
+    schema = {
+        fields = {
+            limit = { type = "integer", min = 1,
+                description = "requests allowed per window (shorthand for one entry of limits)" },
+            window = { type = "number", min = 0.001,
+                description = "window length in seconds for `limit` (default 60)" },
+            limits = { type = "array", description = "several limits, all checked",
+                items = { type = "table", description = "one limit", fields = {
+                    limit = { type = "integer", required = true, min = 1,
+                        description = "requests allowed per window" },
+                    window = { type = "number", required = true, min = 0.001,
+                        description = "window length in seconds" },
+                    burst = { type = "integer", min = 1,
+                        description = "gcra: bucket size (default: limit)" },
+                } } },
+            burst = { type = "integer", min = 1,
+                description = "gcra: bucket size for `limit` (default: limit)" },
+            algorithm = { type = "string", default = "sliding",
+                enum = { "sliding", "fixed", "gcra" }, description = "counting algorithm" },
+            by = { type = "any", default = "ip",
+                description = "ip, consumer, route or header, or a list of them (combined)" },
+            header = { type = "string", min_len = 1,
+                description = "the request header counted per when `by` includes header" },
+            key = { type = "function",
+                description = "function(ctx) -> string: a custom key part (added to `by`)" },
+            namespace = { type = "string", default = "",
+                description = "keeps this limit's counters apart from others with the same key" },
+            storage = { type = "string", default = "local", enum = { "local", "redis" },
+                description = "local (shared dict) or redis (shared by every gateway)" },
+            dict = { type = "string", default = "limits", min_len = 1,
+                description = "shared dict zone for local storage and the `local` fallback" },
+            on_redis_error = { type = "string", default = "fail_open",
+                enum = { "fail_open", "fail_closed", "local" },
+                description = "when redis fails: allow, answer 503, or count in the dict" },
+        },
+    },
+}
+
+-- ---------------------------------------------------------------- pure math
+-- Everything here is a plain function of numbers and strings, so the
+-- specs can test it without a request.
+local algo = {}
+P.algo = algo
+
+--- The sliding-window estimate: the previous window's count weighted by
+-- the part of it the sliding window still covers, plus the current count.
+function algo.sliding_estimate(prev, cur, elapsed, window)
+    return prev * (1 - elapsed / window) + cur
+end
+
+--- Seconds until one more request fits a sliding window whose current
+-- window holds `cur` (admitted) and the previous one `prev`, `elapsed`
+-- seconds into the current window.
+function algo.sliding_retry_after(limit, prev, cur, elapsed, window)
+    if cur + 1 <= limit then
+        if prev <= 0 then return 0 end
+        -- wait until prev * (1 - e / window) + cur + 1 <= limit
+        return max(window * (1 - (limit - cur - 1) / prev) - elapsed, 0)
+    end
+    -- Only once the current window became the previous one.
+    return (window - elapsed) + max(window * (1 - (limit - 1) / cur), 0)
+end
+
+--- One GCRA step. tat: the stored theoretical arrival time (nil: none);
+-- interval = window / limit; burst: the bucket size. Returns allowed,
+-- the TAT to store, remaining, seconds until the bucket is full again,
+-- seconds until the next request is allowed (0 when allowed).
+function algo.gcra(tat, now, interval, burst)
+    tat = max(tat or now, now)
+    local new = tat + interval
+    local allow_at = new - burst * interval
+    if now < allow_at then
+        return false, tat, 0, tat - now, allow_at - now
+    end
+    return true, new, floor((now - allow_at) / interval + 1e-9), new - now, 0
+end
+
+local escaped, nescaped = {}, 0   -- a bounded cache: gsub is not compiled by the JIT
+local MAX_ESCAPED = 10000
+
+local function escape(s)
+    s = tostring(s)
+    local e = escaped[s]
+    if e then return e end
+    e = s:gsub("[%%|{}]", function(c) return ("%%%02X"):format(c:byte()) end)
+    if nescaped >= MAX_ESCAPED then escaped, nescaped = {}, 0 end
+    escaped[s], nescaped = e, nescaped + 1
+    return e
+end
+
+--- The identity part of a key from its parts ({ "ip=10.0.0.1", ... }):
+-- each escaped so that no combination can forge another.
+function algo.build_key(namespace, parts)
+    local key = escape(namespace)
+    for i = 1, #parts do key = key .. "|" .. escape(parts[i]) end
+    return key
+end
+
+--- The Redis key of one limit: the identity in a {hash tag}, so all keys
+-- of one request live in one Redis Cluster slot.
+function algo.redis_key(identity, algorithm, window)
+    return "rl:{" .. identity .. "}:" .. algorithm:sub(1, 1) .. ":" .. window
+end
+
+--- The limit to report in headers: the one with the fewest remaining.
+function algo.tightest(results)
+    local best
+    for _, r in ipairs(results) do
+        if not best or r.remaining < best.remaining then best = r end
+    end
+    return best
+end
+
+-- ------------------------------------------------------------ config check
+
+local function by_list(by)
+    if type(by) == "string" then return { by } end
+    return by
+end
+
+function P.schema.check(conf)
+    if (conf.limit == nil) == (conf.limits == nil) then
+        return nil, "give either limit (and window) or limits"
+    end
+    if conf.limits and #conf.limits == 0 then return nil, "limits must not be empty" end
+    if conf.limits and (conf.window or conf.burst) then
+        return nil, "window and burst go inside each entry of limits"
+    end
+    local list = by_list(conf.by)
+    if type(list) ~= "table" or #list == 0 then
+        return nil, "by must be ip, consumer, route or header, or a non-empty list of them"
+    end
+    for _, b in ipairs(list) do
+        if not BY[b] then return nil, "by: unknown key " .. tostring(b) end
+        if b == "header" and not conf.header then
+            return nil, "by = header needs header = \"X-...\""
+        end
+    end
+    for _, l in ipairs(conf.limits or { { limit = conf.limit, burst = conf.burst } }) do
+        if l.burst and conf.algorithm ~= "gcra" then
+            return nil, "burst applies only to algorithm = gcra"
+        end
+    end
+    return true
+end
+
+-- Derived per config generation (the conf table is new at each reload).
+local compiled = setmetatable({}, { __mode = "k" })
+
+local function compile(conf)
+    local c = compiled[conf]
+    if c then return c end
+    local limits = {}
+    local src = conf.limits or { { limit = conf.limit, window = conf.window or 60,
+        burst = conf.burst } }
+    for i, l in ipairs(src) do
+        limits[i] = { limit = l.limit, window = l.window, burst = l.burst or l.limit,
+            interval = l.window / l.limit }
+    end
+    for _, l in ipairs(limits) do
+        l.prefix = "rl:" .. conf.algorithm:sub(1, 1) .. ":" .. l.window .. ":"
+    end
+    c = { limits = limits, by = by_list(conf.by), namespace = escape(conf.namespace) }
+    compiled[conf] = c
+    return c
+end
+
+-- ------------------------------------------------------------------- keys
+
+local function identity(conf, c, ctx)
+    local key = c.namespace
+    local by = c.by
+    for i = 1, #by do
+        local b, v = by[i], nil
+        if b == "consumer" then
+            local consumer = ctx.consumer
+            v = consumer and consumer.id
+            if v == nil then b, v = "ip", gw.request.get_client_ip(ctx) end
+        elseif b == "route" then
+            v = ctx.route.name
+        elseif b == "header" then
+            v = gw.request.get_header(ctx, conf.header) or ""
+        else
+            v = gw.request.get_client_ip(ctx)
+        end
+        key = key .. "|" .. escape(b .. "=" .. tostring(v))
+    end
+    if conf.key then
+        key = key .. "|" .. escape("fn=" .. tostring(conf.key(ctx) or gw.request.get_client_ip(ctx)))
+    end
+    return key
+end
+
+-- ---------------------------------------------------------- local storage
+
+local function dict_of(conf)
+    local d = gw.shared[conf.dict]
+    if not d then
+        error("rate-limit: shared dict \"" .. conf.dict .. "\" is not declared: add shared = { "
+            .. conf.dict .. " = \"16m\" } to the config", 0)
+    end
+    return d
+end
+
+-- Counts one request against limit `l` in the dict. Returns a result
+-- table and, when it was counted, the key and delta that take it back;
+-- or nil, err.
+-- incr-then-check is exact across workers: incr hands out every value
+-- once, so exactly `limit` requests see a value <= limit.
+local function local_counter(d, algorithm, base, l, now)
+    local w = l.window
+    local idx = floor(now / w)
+    local elapsed = now - idx * w
+    local cur_key = base .. ":" .. idx
+    local c, err = d:incr(cur_key, 1, 0, 2 * w + 1)
+    if not c then return nil, err end
+    local prev = 0
+    if algorithm == "sliding" then prev = d:get(base .. ":" .. (idx - 1)) or 0 end
+    local est = algorithm == "sliding" and algo.sliding_estimate(prev, c, elapsed, w) or c
+    local reset = w - elapsed
+    if est > l.limit then
+        d:incr(cur_key, -1)
+        local retry = algorithm == "sliding"
+            and algo.sliding_retry_after(l.limit, prev, c - 1, elapsed, w) or reset
+        return { limit = l.limit, remaining = 0, reset = reset, retry = retry, denied = true }
+    end
+    return { limit = l.limit, remaining = floor(l.limit - est), reset = reset }, cur_key, -1
+end
+
+-- GCRA in the dict with incr only (the dict has no compare-and-set): the
+-- TAT is incremented by one interval; a TAT left in the past by an idle
+-- key is brought up to now first.
+local function local_gcra(d, base, l, now)
+    local T, span = l.interval, l.burst * l.interval
+    local new, err = d:incr(base, T, now, span + 1)
+    if not new then return nil, err end
+    if new - T < now then
+        new, err = d:incr(base, now - (new - T))
+        if not new then return nil, err end
+    end
+    if new - now > span then
+        d:incr(base, -T)
+        return { limit = l.burst, remaining = 0, reset = new - T - now,
+            retry = new - span - now, denied = true }
+    end
+    d:expire(base, new - now + 1)
+    return { limit = l.burst, remaining = floor((span - (new - now)) / T + 1e-9),
+        reset = new - now }, base, -T
+end
+
+local function undo(d, keys, deltas, n)
+    for i = 1, n do d:incr(keys[i], deltas[i]) end
+end
+
+local function check_local(conf, c, id, now)
+    local d = dict_of(conf)
+    local limits = c.limits
+    if #limits == 1 then
+        -- The common case: nothing to take back from other limits.
+        local l = limits[1]
+        local r, err
+        if conf.algorithm == "gcra" then
+            r, err = local_gcra(d, l.prefix .. id, l, now)
+        else
+            r, err = local_counter(d, conf.algorithm, l.prefix .. id, l, now)
+        end
+        if not r then return nil, "shared dict " .. conf.dict .. ": " .. tostring(err) end
+        return not r.denied, r
+    end
+    local results, keys, deltas, n = {}, {}, {}, 0
+    for i, l in ipairs(limits) do
+        local r, k, delta
+        if conf.algorithm == "gcra" then
+            r, k, delta = local_gcra(d, l.prefix .. id, l, now)
+        else
+            r, k, delta = local_counter(d, conf.algorithm, l.prefix .. id, l, now)
+        end
+        if not r then
+            undo(d, keys, deltas, n)
+            return nil, "shared dict " .. conf.dict .. ": " .. tostring(k)
+        end
+        results[i] = r
+        if r.denied then
+            -- A request refused by one limit is not counted by the others.
+            undo(d, keys, deltas, n)
+            return false, r
+        end
+        n = n + 1
+        keys[n], deltas[n] = k, delta
+    end
+    return true, algo.tightest(results)
+end
+
+-- ---------------------------------------------------------- redis storage
+
+-- KEYS: one per limit. ARGV: algorithm, then limit, window (ms), burst per
+-- limit. Every limit is checked before any is counted, so a request
+-- refused by one limit costs the others nothing. Redis's own clock is
+-- used, so gateways with skewed clocks still share one window. Returns
+-- { allowed (0/1), index of the deciding limit, then remaining, reset ms,
+-- retry ms per limit }.
+local SCRIPT = [[
+local algorithm = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out, writes, allowed, decider = {}, {}, 1, 0
+for i, key in ipairs(KEYS) do
+  local limit = tonumber(ARGV[3 * i - 1])
+  local window = tonumber(ARGV[3 * i])
+  local burst = tonumber(ARGV[3 * i + 1])
+  local remaining, reset, retry, denied
+  if algorithm == 'gcra' then
+    local interval = window / limit
+    local tat = math.max(tonumber(redis.call('GET', key) or now), now)
+    local new = tat + interval
+    local allow_at = new - burst * interval
+    if now < allow_at then
+      remaining, reset, retry, denied = 0, tat - now, allow_at - now, true
+    else
+      remaining, reset, retry = math.floor((now - allow_at) / interval + 1e-9), new - now, 0
+      writes[#writes + 1] = { 'SET', key, string.format('%.3f', new), 'PX',
+        math.ceil(new - now) + 1000 }
+    end
+  else
+    local idx = math.floor(now / window)
+    local h = redis.call('HMGET', key, 'w', 'c', 'p')
+    local w, c, p = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
+    if w ~= idx then
+      if w == idx - 1 then p = c else p = 0 end
+      c = 0
+    end
+    local elapsed = now - idx * window
+    local est = c + 1
+    if algorithm == 'sliding' then est = p * (1 - elapsed / window) + c + 1 end
+    reset = window - elapsed
+    if est > limit then
+      remaining, retry, denied = 0, reset, true
+      if algorithm == 'sliding' then
+        if c + 1 <= limit then
+          retry = math.max(window * (1 - (limit - c - 1) / p) - elapsed, 0)
+        else
+          retry = reset + math.max(window * (1 - (limit - 1) / c), 0)
+        end
+      end
+    else
+      remaining, retry = math.floor(limit - est), 0
+      writes[#writes + 1] = { 'HSET', key, 'w', idx, 'c', c + 1, 'p', p }
+      writes[#writes + 1] = { 'PEXPIRE', key, 2 * window + 1000 }
+    end
+  end
+  if denied then
+    if allowed == 1 then decider = i end
+    allowed = 0
+  elseif allowed == 1 and (decider == 0 or remaining < out[3 * decider - 2]) then
+    decider = i
+  end
+  out[3 * i - 2], out[3 * i - 1], out[3 * i] = remaining, math.ceil(reset), math.ceil(retry)
+end
+if allowed == 1 then
+  for _, w in ipairs(writes) do redis.call(unpack(w)) end
+end
+table.insert(out, 1, decider)
+table.insert(out, 1, allowed)
+return out
+]]
+
+local function check_redis(conf, c, id)
+    local keys, args = {}, { conf.algorithm }
+    for i, l in ipairs(c.limits) do
+        keys[i] = algo.redis_key(id, conf.algorithm, l.window)
+        args[#args + 1] = l.limit
+        args[#args + 1] = floor(l.window * 1000 + 0.5)
+        args[#args + 1] = l.burst
+    end
+    local r, err = gw.redis.eval(SCRIPT, keys, args)
+    if not r then return nil, err end
+    if type(r) ~= "table" or #r < 5 then return nil, "unexpected script reply" end
+    local i = r[2]
+    local l = c.limits[i]
+    local res = { limit = conf.algorithm == "gcra" and l.burst or l.limit,
+        remaining = r[3 * i], reset = r[3 * i + 1] / 1000, retry = r[3 * i + 2] / 1000 }
+    return r[1] == 1, res
+end
+
+-- Redis failures: counted in the dict (when there is one) and warned
+-- about at most once a second per worker, with the count since the last.
+local failures, last_warn = 0, -huge
+
+local function redis_failed(conf, err)
+    failures = failures + 1
+    local d = gw.shared[conf.dict]
+    if d then d:incr(ERROR_COUNTER, 1, 0) end
+    local now = gw.now()
+    if now - last_warn >= LOG_EVERY then
+        gw.log("warn", "rate-limit: redis failed (", err, "), ", conf.on_redis_error, "; ",
+            failures, " failure(s) since the last warning")
+        failures, last_warn = 0, now
+    end
+end
+
+-- ----------------------------------------------------------------- phases
+
+local function headers_of(r)
+    return {
+        ["RateLimit-Limit"] = tostring(r.limit),
+        ["RateLimit-Remaining"] = tostring(max(r.remaining, 0)),
+        ["RateLimit-Reset"] = tostring(max(ceil(r.reset - 1e-6), 0)),
+    }
+end
+
+function P.access(conf, ctx)
+    local c = compile(conf)
+    local id = identity(conf, c, ctx)
+    local allowed, r
+    if conf.storage == "redis" then
+        local err
+        allowed, err = check_redis(conf, c, id)
+        if allowed == nil then
+            redis_failed(conf, err)
+            if conf.on_redis_error == "fail_open" then return end
+            if conf.on_redis_error == "fail_closed" then
+                return 503, { error = "rate limit unavailable" }
+            end
+            allowed, r = check_local(conf, c, id, gw.now())
+        else
+            r = err
+        end
+    else
+        allowed, r = check_local(conf, c, id, gw.now())
+    end
+    if allowed == nil then
+        -- The dict is full or broken: a gateway fault, not the client's.
+        gw.log("error", "rate-limit: ", r)
+        return
+    end
+    local h = headers_of(r)
+    ctx.var.rate_limit_headers = h
+    if not allowed then
+        h["Retry-After"] = tostring(max(ceil(r.retry - 1e-6), 1))
+        return 429, { error = "rate limit exceeded" }, h
+    end
+end
+
+function P.header_filter(conf, ctx)
+    local h = ctx.var.rate_limit_headers
+    if not h then return end
+    local set = gw.response.set_header
+    set(ctx, "RateLimit-Limit", h["RateLimit-Limit"])
+    set(ctx, "RateLimit-Remaining", h["RateLimit-Remaining"])
+    set(ctx, "RateLimit-Reset", h["RateLimit-Reset"])
+end
+
+return P
