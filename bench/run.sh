@@ -129,8 +129,8 @@ cleanup() {
 wait_ready() {
     wr_i=0
     while :; do
-        wr_code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$2" \
-            || true)
+        wr_code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 \
+            ${WRK_HEADER:+-H "$WRK_HEADER"} "$2" || true)
         [ "$wr_code" = 200 ] && return 0
         if [ "$($TOOL alive "$1")" -eq 0 ]; then
             tail -n 20 "$3"/*.log >&2 2>/dev/null || true
@@ -147,7 +147,8 @@ wait_ready() {
 
 # check_body URL: the proxy must return the upstream's body verbatim.
 check_body() {
-    cb_got=$(curl -s --max-time 2 "$1") || die "GET $1 failed"
+    cb_got=$(curl -s --max-time 2 ${WRK_HEADER:+-H "$WRK_HEADER"} "$1") \
+        || die "GET $1 failed"
     [ "$cb_got" = "$BODY" ] \
         || die "GET $1 returned '$cb_got', not the upstream body"
 }
@@ -401,6 +402,21 @@ scenarios() {
     scenario plugins5 \
         'plugins = { ["noop-a"] = {}, ["noop-b"] = {}, ["noop-c"] = {}, ["noop-d"] = {}, ["noop-e"] = {} }' \
         "plugin_paths = { \"$ROOT/bench/plugins\" },"
+    # Issue 4: HS256 jwt-auth + acl (a token valid for a day, signed here).
+    sc_token=$($PY -c '
+import base64, hashlib, hmac, json, time
+b = lambda d: base64.urlsafe_b64encode(d).rstrip(b"=").decode()
+h = b(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+p = b(json.dumps({"sub": "bench", "roles": ["user"], "exp": int(time.time()) + 86400}).encode())
+s = b(hmac.new(b"bench-secret-of-32-bytes-at-least!", (h + "." + p).encode(), hashlib.sha256).digest())
+print(h + "." + p + "." + s)')
+    scenario jwt_acl \
+        'plugins = { ["jwt-auth"] = { key = { secret = "bench-secret-of-32-bytes-at-least!", algorithms = { "HS256" } } }, acl = { allow = { "user" } } }' \
+        "" "Authorization: Bearer $sc_token"
+    # Issue 5: a local (shared-dict) rate limit that never trips.
+    scenario ratelimit_local \
+        'plugins = { ["rate-limit"] = { limit = 1000000000, window = 3600 } }' \
+        'shared = { limits = "16m" },'
 }
 
 # ------------------------------------------------------------------ main
