@@ -27,6 +27,12 @@ unsigned char *HMAC(const EVP_MD *evp_md, const void *key, int key_len,
 int EVP_EncodeBlock(unsigned char *t, const unsigned char *f, int n);
 int EVP_DecodeBlock(unsigned char *t, const unsigned char *f, int n);
 int RAND_bytes(unsigned char *buf, int num);
+typedef struct hmac_ctx_st HMAC_CTX;
+HMAC_CTX *HMAC_CTX_new(void);
+void HMAC_CTX_free(HMAC_CTX *ctx);
+int HMAC_Init_ex(HMAC_CTX *ctx, const void *key, int len, const EVP_MD *md, void *impl);
+int HMAC_Update(HMAC_CTX *ctx, const unsigned char *data, size_t len);
+int HMAC_Final(HMAC_CTX *ctx, unsigned char *md, unsigned int *len);
 int CRYPTO_memcmp(const void *a, const void *b, size_t len);
 
 BIO *BIO_new_mem_buf(const void *buf, int len);
@@ -80,10 +86,35 @@ function _M.digest(alg, data)
     return ffi_string(md_out, md_len[0])
 end
 
+-- HMAC contexts keyed by algorithm and key, set up once: OpenSSL 3's
+-- one-shot HMAC() looks the digest implementation up on every call, which
+-- costs more than the MAC itself for a token-sized input. Keys come from
+-- configs, so there are few; the cache is dropped if it ever grows large.
+local hmac_ctxs, hmac_count = {}, 0
+
+local function hmac_ctx(alg, key)
+    local per_alg = hmac_ctxs[alg]
+    local ctx = per_alg and per_alg[key]
+    if ctx then return ctx end
+    if hmac_count >= 256 then hmac_ctxs, hmac_count = {}, 0 end
+    ctx = C.HMAC_CTX_new()
+    if ctx == nil then return nil end
+    ctx = ffi_gc(ctx, C.HMAC_CTX_free)
+    if C.HMAC_Init_ex(ctx, key, #key, digest_of(alg), nil) ~= 1 then return nil end
+    hmac_ctxs[alg] = per_alg or {}
+    hmac_ctxs[alg][key] = ctx
+    hmac_count = hmac_count + 1
+    return ctx
+end
+
 --- gw.crypto.hmac("sha256", key, data) -> raw MAC bytes.
 function _M.hmac(alg, key, data)
     if type(key) ~= "string" or type(data) ~= "string" then error("key and data must be strings", 2) end
-    if C.HMAC(digest_of(alg), key, #key, data, #data, md_out, md_len) == nil then
+    local ctx = hmac_ctx(alg, key)
+    -- NULL key and md: start over with the key and digest it was set up with.
+    if not ctx or C.HMAC_Init_ex(ctx, nil, 0, nil, nil) ~= 1
+        or C.HMAC_Update(ctx, data, #data) ~= 1
+        or C.HMAC_Final(ctx, md_out, md_len) ~= 1 then
         return nil, "hmac failed"
     end
     return ffi_string(md_out, md_len[0])
