@@ -307,6 +307,25 @@ describe("jwt-auth claims", function()
         assert.are.equal("exp is not a number", err)
     end)
 
+    it("remembers a verified token but still checks its exp every time", function()
+        local c = conf({ key = { secret = SECRET, algorithms = { "HS256" } } })
+        local token = hs(SECRET, { alg = "HS256" }, { sub = "a", exp = NOW + 10 })
+        assert.is_table(P.verify(c, token, NOW))
+        -- The second verification comes from the cache: a forged variant
+        -- of the same token is still refused (it is another string)...
+        assert.is_table(P.verify(c, token, NOW + 5))
+        local i = #token - 10 -- inside the signature, away from its padding bits
+        local forged = token:sub(1, i - 1) .. (token:sub(i, i) == "A" and "B" or "A")
+            .. token:sub(i + 1)
+        local _, err = P.verify(c, forged, NOW)
+        assert.are.equal("signature mismatch", err)
+        -- ...and the cached token expires on time.
+        _, err = P.verify(c, token, NOW + 11)
+        assert.are.equal("token expired", err)
+        local off = conf({ key = { secret = SECRET, algorithms = { "HS256" } }, verified_cache = 0 })
+        assert.is_table(P.verify(off, token, NOW))
+    end)
+
     it("refuses tokens not yet valid (nbf) and issued in the future (iat)", function()
         local _, err = check(hs_conf, { sub = "a", exp = NOW + 60, nbf = NOW + 10 })
         assert.are.equal("token not yet valid", err)
