@@ -1,9 +1,10 @@
 /*
  * Access-log lines. Fields: time, request_id, client_ip, method, path
  * (normalized; the raw target when the request never got that far), query,
- * status, route, upstream, bytes_in (request body), bytes_out (everything
- * written to the client), latency_ms (head received to response written)
- * and upstream_ms (request sent upstream to its response complete).
+ * status, route, consumer (ctx.consumer.id set by an auth plugin), upstream,
+ * bytes_in (request body), bytes_out (everything written to the client),
+ * latency_ms (head received to response written) and upstream_ms (request sent
+ * upstream to its response complete).
  */
 #include "accesslog.h"
 
@@ -139,6 +140,8 @@ void mg_accesslog_write(mg_accesslog_t *l, mg_req_t *r)
     w += sprintf(w, ",\"status\":%d,\"route\":", r->resp_status);
     w = json_str_or_null(
         w, end, r->route ? mg_str_from_cstr(r->route->name) : MG_NULL_STR);
+    w += sprintf(w, ",\"consumer\":");
+    w = json_str_or_null(w, end, r->consumer.p ? r->consumer : MG_NULL_STR);
     w += sprintf(w, ",\"upstream\":");
     w = json_str_or_null(w, end,
                          r->upstream_name ? mg_str_from_cstr(r->upstream_name)

@@ -204,6 +204,11 @@ int mg_ffi_header_set(mg_req_t *r, int resp, const char *name, size_t nlen,
     return 0;
 }
 
+void mg_ffi_req_set_consumer(mg_req_t *r, const char *id, size_t len)
+{
+    r->consumer = mg_arena_strdup(r->arena, (mg_str_t){id, len});
+}
+
 int mg_ffi_resp_status(mg_req_t *r)
 {
     return r->resp_status;

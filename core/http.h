@@ -67,6 +67,7 @@ struct mg_req_s {
     uint64_t bytes_out;        /* written to the client */
     uint64_t upstream_ns;      /* request sent upstream -> response done */
     const char *upstream_name; /* target that answered (worker-owned) */
+    mg_str_t consumer;         /* ctx.consumer.id, for the access log */
     mg_str_t real_ip;          /* the client as trusted_proxies decide it
                                   (mg_ffi_req_client_ip), computed once */
     uint64_t start_ns;         /* uv_hrtime() when the headers were complete */

@@ -176,6 +176,16 @@ _M.request.add_header = header_set(0, 0)
 --- gw.request.clear_header(ctx, "Cookie")
 function _M.request.clear_header(ctx, name) _M.request.set_header(ctx, name, nil) end
 
+-- For the runtime: hands ctx.consumer.id to the core (access log).
+function _M._record_consumer(ctx)
+    local c = ctx.consumer
+    local id = type(c) == "table" and c.id or nil
+    if id ~= nil then
+        id = tostring(id)
+        C.mg_ffi_req_set_consumer(ctx._req, id, #id)
+    end
+end
+
 --- gw.response.get_status(ctx) -> 200. header_filter and log.
 function _M.response.get_status(ctx) return C.mg_ffi_resp_status(req_of(ctx)) end
 --- gw.response.set_status(ctx, 203). header_filter only.

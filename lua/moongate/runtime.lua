@@ -336,6 +336,7 @@ function _M.handle(task, gen_id, route_idx, req)
         if phase == "header_filter" then
             run_phase(route.chains.header_filter, ctx, phase)
         elseif phase == "log" or phase == "finish" then
+            gw._record_consumer(ctx)
             if phase == "log" then run_phase(route.chains.log, ctx, phase) end
             ctx._done = true
             return "done"

@@ -10,7 +10,7 @@ import time
 from harness import Client, proxied, request, route, wait_until
 
 FIELDS = {"time", "request_id", "client_ip", "method", "path", "query", "status",
-          "route", "upstream", "bytes_in", "bytes_out", "latency_ms", "upstream_ms"}
+          "route", "consumer", "upstream", "bytes_in", "bytes_out", "latency_ms", "upstream_ms"}
 
 
 def lines_of(path):
@@ -76,3 +76,15 @@ def test_an_unopenable_access_log_is_an_error_line_not_a_crash():
     with proxied([route("/x/*")], access_log="/nonexistent-dir/access.log") as (gw, up):
         assert request(gw.port, "GET", "/x/a").status == 200
         gw.wait_log(r"access log /nonexistent-dir/access.log: No such file")
+
+
+def test_the_consumer_an_auth_plugin_found_is_logged():
+    routes = [route("/k/*", plugins={"key-auth": {"keys": {"k-123": {"id": "svc-a",
+                                                                      "roles": ["user"]}}}})]
+    with proxied(routes, access_log="@DIR@/access.log") as (gw, up):
+        path = os.path.join(gw.dir, "access.log")
+        assert request(gw.port, "GET", "/k/a", headers=[("X-API-Key", "k-123")]).status == 200
+        assert request(gw.port, "GET", "/k/b").status == 401
+        lines = {l["path"]: l for l in wait_lines(path, 2)}
+        assert lines["/k/a"]["consumer"] == "svc-a", lines
+        assert lines["/k/b"]["consumer"] is None and lines["/k/b"]["status"] == 401, lines
