@@ -204,6 +204,11 @@ int mg_ffi_header_set(mg_req_t *r, int resp, const char *name, size_t nlen,
     return 0;
 }
 
+int64_t mg_ffi_req_content_length(mg_req_t *r)
+{
+    return r->chunked ? -2 : r->content_length;
+}
+
 void mg_ffi_req_set_consumer(mg_req_t *r, const char *id, size_t len)
 {
     r->consumer = mg_arena_strdup(r->arena, (mg_str_t){id, len});

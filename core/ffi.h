@@ -52,6 +52,10 @@ int mg_ffi_header_get(mg_req_t *r, int resp, const char *name, size_t nlen,
 int mg_ffi_header_set(mg_req_t *r, int resp, const char *name, size_t nlen,
                       const char *value, size_t vlen, int replace);
 
+/* The request body's declared length: >= 0, -1 without a body, -2 when
+ * chunked (length unknown until read). */
+int64_t mg_ffi_req_content_length(mg_req_t *r);
+
 /* Records who the auth plugins said is calling (access log). */
 void mg_ffi_req_set_consumer(mg_req_t *r, const char *id, size_t len);
 

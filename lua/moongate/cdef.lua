@@ -28,6 +28,7 @@ int mg_ffi_header_get(mg_req_t *r, int resp, const char *name, size_t nlen, mg_s
 int mg_ffi_header_set(mg_req_t *r, int resp, const char *name, size_t nlen,
                       const char *value, size_t vlen, int replace);
 
+int64_t mg_ffi_req_content_length(mg_req_t *r);
 void mg_ffi_req_set_consumer(mg_req_t *r, const char *id, size_t len);
 int mg_ffi_resp_status(mg_req_t *r);
 int mg_ffi_resp_set_status(mg_req_t *r, int status);

@@ -135,6 +135,15 @@ local function header_set(resp, replace)
     end
 end
 
+--- gw.request.get_content_length(ctx) -> the declared body length (a
+-- number), or nil and `true` when the body is chunked (its length is known
+-- only once read), or nil, false without a body. Any phase; reads nothing.
+function _M.request.get_content_length(ctx)
+    local n = tonumber(C.mg_ffi_req_content_length(req_of(ctx)))
+    if n >= 0 then return n end
+    return nil, n == -2
+end
+
 --- gw.request.get_body(ctx) -> the whole request body ("" when none), or
 -- nil, err. rewrite/access/handler; waits until it is read (bounded by the
 -- route's max_body: over it the client gets 413). The body then goes
