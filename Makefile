@@ -84,5 +84,26 @@ lint:                                   ## static checks
 fmt:                                    ## format the C sources in place
 	$(Q)clang-format -i core/*.c core/*.h tests/unit/*.c tests/unit/*.h
 
+# libFuzzer harnesses (tests/fuzz/README.md): core objects and harnesses
+# built with clang into build/fuzz, each run FUZZ_SECONDS on its corpus.
+FUZZ_SECONDS ?= 30
+FUZZ_NAMES   := path router config shdict
+FUZZ_SAN     := -fsanitize=fuzzer-no-link,address,undefined \
+                -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+
+.PHONY: fuzz fuzz-bins
+
+fuzz:                                   ## build and run the fuzz harnesses
+	$(Q)$(MAKE) --no-print-directory BUILD=build/fuzz CC=clang OPT=-O1 \
+	    SAN="$(FUZZ_SAN)" fuzz-bins
+	$(Q)sh tests/fuzz/run.sh $(FUZZ_SECONDS) $(FUZZ_NAMES)
+
+fuzz-bins: $(FUZZ_NAMES:%=$(BUILD)/fuzz_%)
+
+$(BUILD)/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_%.h $(LIB_OBJ)
+	@$(if $(Q),echo "  CC      $@")
+	$(Q)$(CC) $(CFLAGS) -Icore -Itests/fuzz $(LDFLAGS) -fsanitize=fuzzer \
+	    -o $@ $< $(LIB_OBJ) $(LDLIBS)
+
 clean:                                  ## remove build/
 	rm -rf build

@@ -176,9 +176,12 @@ static inline int expired(const blk_t *e, uint64_t now)
     return e->expires != 0 && e->expires <= now;
 }
 
+/* A TTL so long that now + ttl would wrap means "as late as can be". */
 static inline uint64_t deadline(uint64_t ttl_ms, uint64_t now)
 {
-    return ttl_ms ? now + ttl_ms : 0;
+    if (!ttl_ms)
+        return 0;
+    return ttl_ms > UINT64_MAX - now ? UINT64_MAX : now + ttl_ms;
 }
 
 /* ---- hashing: SipHash-1-3 ---------------------------------------------- */
@@ -740,7 +743,8 @@ int mg_shdict_ttl(mg_shdict_t *d, mg_str_t key, uint64_t now_ms,
     lock(d);
     blk_t *e = lookup(d, h, key, now_ms);
     if (e) {
-        *remaining_ms = e->expires ? (int64_t)(e->expires - now_ms) : 0;
+        uint64_t left = e->expires ? e->expires - now_ms : 0;
+        *remaining_ms = left > (uint64_t)INT64_MAX ? INT64_MAX : (int64_t)left;
         rc = 0;
     }
     unlock(d);

@@ -103,8 +103,11 @@ static uint64_t now_ms(void)
 
 static uint64_t ttl_ms(double seconds)
 {
-    if (seconds <= 0)
+    if (!(seconds > 0)) /* also NaN */
         return 0;
+    /* Beyond ~285 million years the cast would be undefined: saturate. */
+    if (seconds >= 9e15)
+        return (uint64_t)9e18;
     uint64_t ms = (uint64_t)(seconds * 1000.0);
     return ms ? ms : 1; /* 0 would mean "never expires" */
 }

@@ -1,0 +1,1 @@
+local t = {} t.routes = t return t

@@ -1,0 +1,1 @@
+return { listen = env("MG_FUZZ_NOPE", "127.0.0.1:0") }

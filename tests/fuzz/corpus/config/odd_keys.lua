@@ -1,0 +1,1 @@
+return { routes = { [1.5] = {}, [-1] = {} }, listen = {} }
