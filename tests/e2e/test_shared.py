@@ -72,10 +72,12 @@ def lua_error_lines(text):
     return [l for l in text.splitlines() if "[error]" in l and "lua: " in l]
 
 
-def client_per_worker(gw, tries=60):
+def client_per_worker(gw, tries=300):
     """{worker pid: keep-alive Client connected to that worker}: opens
     connections until every worker has one (a keep-alive connection stays
-    with the worker that accepted it)."""
+    with the worker that accepted it). Which worker accepts is the kernel's
+    choice (one shared listening socket); a just-restarted worker can lose
+    many races in a row, hence the tries spread over a few seconds."""
     want = set(gw.worker_pids())
     got, spare = {}, []
     try:
@@ -91,6 +93,7 @@ def client_per_worker(gw, tries=60):
                 got[p] = c
             if set(got) == want:
                 return got
+            time.sleep(0.01)
         raise AssertionError("%d connections all went to workers %s of %s"
                              % (tries, sorted(got), sorted(want)))
     except BaseException:
