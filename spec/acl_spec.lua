@@ -1,20 +1,9 @@
 -- plugins/acl.lua: the role decision as a pure function (P.allowed) and the
 -- config checks. The 401/403 answers are exercised in tests/e2e/test_auth.py.
-local schema = require("moongate.schema")
 
 local P = dofile("plugins/acl.lua")
 
-local function conf(c)
-    local out, errs = schema.validate(P.schema, c)
-    assert(out, errs and table.concat(errs, "; "))
-    return out
-end
-
-local function refused(c, pattern)
-    local out, errs = schema.validate(P.schema, c)
-    assert.is_nil(out)
-    assert.matches(pattern, table.concat(errs, "; "))
-end
+local conf, refused = require("spec.helpers.plugin_conf")(P)
 
 describe("acl allow and deny lists", function()
     it("lets a consumer through when one of its roles is allowed", function()

@@ -2,21 +2,10 @@
 -- "*"), the Access-Control-Allow-Origin decision, preflight answer headers,
 -- and configs the schema check refuses. The phases (preflight without an
 -- upstream hit, header_filter, Vary) run in tests/e2e/test_everyday_plugins.py.
-local schema = require("moongate.schema")
 
 local P = dofile("plugins/cors.lua")
 
-local function conf(c)
-    local out, errs = schema.validate(P.schema, c)
-    assert(out, errs and table.concat(errs, "; "))
-    return out
-end
-
-local function refused(c, pattern)
-    local out, errs = schema.validate(P.schema, c)
-    assert.is_nil(out)
-    assert.matches(pattern, table.concat(errs, "; "))
-end
+local conf, refused = require("spec.helpers.plugin_conf")(P)
 
 describe("cors origin matching", function()
     it("allows exact origins, case-insensitively, and nothing close to them", function()

@@ -2,21 +2,10 @@
 -- IPv6, IPv4-mapped), the allow/deny decision, and configs the schema check
 -- refuses. The 403 answers and trusted_proxies are exercised in
 -- tests/e2e/test_everyday_plugins.py.
-local schema = require("moongate.schema")
 
 local P = dofile("plugins/ip-restriction.lua")
 
-local function conf(c)
-    local out, errs = schema.validate(P.schema, c)
-    assert(out, errs and table.concat(errs, "; "))
-    return out
-end
-
-local function refused(c, pattern)
-    local out, errs = schema.validate(P.schema, c)
-    assert.is_nil(out)
-    assert.matches(pattern, table.concat(errs, "; "))
-end
+local conf, refused = require("spec.helpers.plugin_conf")(P)
 
 local function inside(cidr, ip)
     local net = assert(P.parse_cidr(cidr))

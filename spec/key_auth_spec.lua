@@ -1,21 +1,10 @@
 -- plugins/key-auth.lua: the key lookup (P.lookup), query handling
 -- (P.from_query) and config checks. Header/query removal and the identity
 -- headers upstream are exercised in tests/e2e/test_auth.py.
-local schema = require("moongate.schema")
 
 local P = dofile("plugins/key-auth.lua")
 
-local function conf(c)
-    local out, errs = schema.validate(P.schema, c)
-    assert(out, errs and table.concat(errs, "; "))
-    return out
-end
-
-local function refused(c, pattern)
-    local out, errs = schema.validate(P.schema, c)
-    assert.is_nil(out)
-    assert.matches(pattern, table.concat(errs, "; "))
-end
+local conf, refused = require("spec.helpers.plugin_conf")(P)
 
 local KEYS = {
     ["k-123"] = { id = "svc-a", roles = { "user" } },
