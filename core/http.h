@@ -68,6 +68,7 @@ struct mg_req_s {
     uint64_t upstream_ns;      /* request sent upstream -> response done */
     const char *upstream_name; /* target that answered (worker-owned) */
     mg_str_t consumer;         /* ctx.consumer.id, for the access log */
+    int8_t peer_trust;         /* 0 not known yet, 1 trusted, -1 not */
     mg_str_t real_ip;          /* the client as trusted_proxies decide it
                                   (mg_ffi_req_client_ip), computed once */
     uint64_t start_ns;         /* uv_hrtime() when the headers were complete */
@@ -160,7 +161,7 @@ void mg_proxy_abort(mg_req_t *r);
 
 /* True when the TCP peer is in trusted_proxies (its X-Forwarded-For and
  * X-Request-Id are believed). */
-int mg_proxy_peer_trusted(const mg_req_t *r);
+int mg_proxy_peer_trusted(mg_req_t *r);
 
 /* Standard reason phrase, "Unknown" when none. */
 const char *mg_http_reason(int status);

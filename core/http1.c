@@ -22,6 +22,7 @@
 #include <stdlib.h>
 
 #include "accesslog.h"
+#include "deadline.h"
 #include "generation.h"
 #include "http.h"
 #include "log.h"
@@ -78,11 +79,9 @@ struct mg_conn_s {
     unsigned close_after : 1; /* close once the response is written */
     unsigned closing : 1;
     unsigned reading : 1;
-    unsigned eof : 1;         /* the client will send nothing more */
-    unsigned send_timer : 1;  /* the deadline is the send timeout */
-    unsigned timer_armed : 1; /* the libuv timer is set, for timer_due */
-    uint64_t deadline;        /* loop time the current wait ends; 0: none */
-    uint64_t timer_due;
+    unsigned eof : 1;        /* the client will send nothing more */
+    unsigned send_timer : 1; /* the deadline is the send timeout */
+    mg_deadline_t deadline;  /* the current wait (deadline.h) */
     unsigned parsing : 1;
     unsigned stop_parse : 1; /* a callback ended the request */
     unsigned saw_http : 1;   /* request line had " HTTP/1.x" */
@@ -130,11 +129,8 @@ static const mg_limits_t *limits(mg_conn_t *c)
 /* Timers                                                             */
 
 /*
- * One deadline per connection, kept in the connection. The libuv timer is
- * moved only when a deadline comes earlier than the one it is set for; a
- * later or cleared deadline is noticed when the timer fires. A request
- * thus costs no timer-heap work in the common case (header, body and
- * keep-alive deadlines follow each other, each later than the last).
+ * One deadline per connection (deadline.h): header, body, send and
+ * keep-alive waits follow each other without timer-heap work per request.
  */
 static void on_timeout(mg_conn_t *c)
 {
@@ -162,34 +158,19 @@ static void on_timeout(mg_conn_t *c)
 static void on_timer(uv_timer_t *t)
 {
     mg_conn_t *c = t->data;
-    uint64_t now = uv_now(t->loop);
-    c->timer_armed = 0;
-    if (!c->deadline)
-        return;
-    if (now < c->deadline) {
-        c->timer_armed = 1;
-        c->timer_due = c->deadline;
-        uv_timer_start(&c->timer, on_timer, c->deadline - now, 0);
-        return;
-    }
-    c->deadline = 0;
-    on_timeout(c);
+    if (mg_deadline_fired(&c->deadline, t, on_timer))
+        on_timeout(c);
 }
 
 static void arm_timer(mg_conn_t *c, uint64_t ms)
 {
     c->send_timer = 0;
-    c->deadline = uv_now(c->timer.loop) + ms;
-    if (!c->timer_armed || c->timer_due > c->deadline) {
-        c->timer_armed = 1;
-        c->timer_due = c->deadline;
-        uv_timer_start(&c->timer, on_timer, ms, 0);
-    }
+    mg_deadline_set(&c->deadline, &c->timer, on_timer, ms);
 }
 
 static void stop_timer(mg_conn_t *c)
 {
-    c->deadline = 0; /* the timer, if set, fires and finds nothing to do */
+    mg_deadline_clear(&c->deadline);
 }
 
 /* ------------------------------------------------------------------ */

@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "deadline.h"
 #include "generation.h"
 #include "http.h"
 #include "lua.h"
@@ -87,10 +88,8 @@ struct mg_proxy_s {
     unsigned lua_failed : 1;    /* the request's coroutine died */
     unsigned logged : 1;        /* the log phase ran */
     unsigned conn_fields : 1;   /* the response has a Connection header */
-    unsigned timer_armed : 1;   /* uc->timer is set for timer_due */
-    uint64_t deadline;          /* loop time the upstream wait ends; 0: none */
-    uint64_t timer_due;
-    uint64_t up_start_ns; /* when the upstream exchange began */
+    mg_deadline_t deadline;     /* the upstream wait, on uc->timer */
+    uint64_t up_start_ns;       /* when the upstream exchange began */
 };
 
 static llhttp_settings_t up_settings;
@@ -169,18 +168,23 @@ static int listed_in_connection(const mg_header_t *hs, size_t n, mg_str_t name)
     return 0;
 }
 
-int mg_proxy_peer_trusted(const mg_req_t *r)
+int mg_proxy_peer_trusted(mg_req_t *r)
 {
-    const mg_config_t *cfg = r->gen->cfg;
-    if (cfg->ntrusted_proxies == 0)
-        return 0;
-    struct sockaddr_storage ss;
-    memset(&ss, 0, sizeof(ss));
-    if (uv_ip4_addr(r->client_ip, 0, (struct sockaddr_in *)&ss)
-        && uv_ip6_addr(r->client_ip, 0, (struct sockaddr_in6 *)&ss))
-        return 0;
-    return mg_cidr_match(cfg->trusted_proxies, cfg->ntrusted_proxies,
-                         (const struct sockaddr *)&ss);
+    /* Asked for the request id, X-Forwarded-For and the client IP:
+     * parse the peer address once. */
+    if (r->peer_trust == 0) {
+        const mg_config_t *cfg = r->gen->cfg;
+        struct sockaddr_storage ss;
+        memset(&ss, 0, sizeof(ss));
+        int ok =
+            cfg->ntrusted_proxies
+            && (!uv_ip4_addr(r->client_ip, 0, (struct sockaddr_in *)&ss)
+                || !uv_ip6_addr(r->client_ip, 0, (struct sockaddr_in6 *)&ss))
+            && mg_cidr_match(cfg->trusted_proxies, cfg->ntrusted_proxies,
+                             (const struct sockaddr *)&ss);
+        r->peer_trust = ok ? 1 : -1;
+    }
+    return r->peer_trust > 0;
 }
 
 static int idempotent(unsigned method)
@@ -774,10 +778,9 @@ void mg_proxy_flush(mg_req_t *r)
 /* Response: parse the upstream, stream to the client                 */
 
 /*
- * The upstream deadline is kept in the proxy state and the connection's
- * timer moved only when a deadline comes earlier than the one it is set
- * for (see the same scheme in http1.c): re-arming per read or write would
- * cost a timer-heap operation each.
+ * The upstream wait (send, then read) is a lazily moved deadline on the
+ * connection's timer (deadline.h): re-arming per read or write would cost
+ * a timer-heap operation each.
  */
 static void on_up_timeout(uv_timer_t *t)
 {
@@ -785,32 +788,18 @@ static void on_up_timeout(uv_timer_t *t)
     mg_proxy_t *p = uc->owner;
     if (!p || p->dead || !p->r)
         return;
-    p->timer_armed = 0;
-    if (!p->deadline)
-        return;
-    uint64_t now = uv_now(t->loop);
-    if (now < p->deadline) {
-        p->timer_armed = 1;
-        p->timer_due = p->deadline;
-        uv_timer_start(t, on_up_timeout, p->deadline - now, 0);
-        return;
-    }
-    fail(p, 504, "read timeout");
+    if (mg_deadline_fired(&p->deadline, t, on_up_timeout))
+        fail(p, 504, "read timeout");
 }
 
 static void up_timer(mg_proxy_t *p, uint64_t ms)
 {
-    p->deadline = uv_now(p->uc->timer.loop) + ms;
-    if (!p->timer_armed || p->timer_due > p->deadline) {
-        p->timer_armed = 1;
-        p->timer_due = p->deadline;
-        uv_timer_start(&p->uc->timer, on_up_timeout, ms, 0);
-    }
+    mg_deadline_set(&p->deadline, &p->uc->timer, on_up_timeout, ms);
 }
 
 static void up_timer_stop(mg_proxy_t *p)
 {
-    p->deadline = 0;
+    mg_deadline_clear(&p->deadline);
 }
 
 static void on_client_write(void *arg, int status)
@@ -1112,7 +1101,8 @@ static void attach(mg_proxy_t *p, mg_upconn_t *uc)
 {
     p->uc = uc;
     p->pos = 0;
-    p->timer_armed = 0; /* whatever the pool set, the first arm replaces */
+    /* Whatever the pool set the timer for, the first deadline replaces. */
+    mg_deadline_forget_timer(&p->deadline);
     uc->on_close = on_uc_closed;
     uc->on_read = on_up_data;
     uc->rmax = UP_MAX_HEAD; /* the response head may grow the buffer */
