@@ -308,6 +308,22 @@ int mg_lua_task_phase(mg_lua_task_t *t, const char *phase)
     return resume(t, 1);
 }
 
+int mg_lua_task_body_filter(mg_lua_task_t *t, const char *data, size_t n,
+                            int eof, mg_str_t *out)
+{
+    reset_stack(t);
+    lua_pushliteral(t->co, "body_filter");
+    lua_pushlstring(t->co, data, n);
+    lua_pushboolean(t->co, eof);
+    int what = resume(t, 3);
+    if (what != MG_LUA_NEXT)
+        return MG_LUA_ERROR; /* raised, or (wrongly) yielded */
+    size_t len = 0;
+    const char *s = lua_tolstring(t->co, 2, &len); /* "next", out */
+    *out = (mg_str_t){s ? s : "", s ? len : 0};
+    return MG_LUA_NEXT;
+}
+
 void mg_lua_task_response(mg_lua_task_t *t, mg_arena_t *arena, int *status,
                           mg_str_t *body, mg_header_t **headers, size_t *n)
 {

@@ -83,6 +83,16 @@ int mg_lua_request_start(mg_lua_t *vm, mg_req_t *r, unsigned gen_id,
 int mg_lua_task_phase(mg_lua_task_t *t, const char *phase);
 
 /*
+ * Runs body_filter on one piece of the response body (`eof` on the last
+ * call). On MG_LUA_NEXT `*out` is what the chain made of the piece; it
+ * points into the coroutine's stack and is valid until the task runs
+ * again, so the caller copies it before anything else. MG_LUA_ERROR when
+ * a plugin raised (logged with its traceback).
+ */
+int mg_lua_task_body_filter(mg_lua_task_t *t, const char *data, size_t n,
+                            int eof, mg_str_t *out);
+
+/*
  * After MG_LUA_RESPOND: the status, body and headers the phase returned,
  * copied into the arena.
  */

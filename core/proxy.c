@@ -63,6 +63,11 @@ struct mg_proxy_s {
                                    for two more behind (see flush) */
     unsigned npending, cpending;
     size_t pending_bytes;
+    char *fout; /* body_filter output of one parse pass, waiting to be
+                   written; reading pauses while the client takes it */
+    size_t fout_len, fout_cap;
+    uint64_t fout_total;  /* bytes the filters produced */
+    int64_t declared_len; /* the Content-Length sent, or -1 */
     unsigned nfields;
     span_t fields[UP_MAX_FIELDS][2];
     span_t reason;
@@ -84,12 +89,14 @@ struct mg_proxy_s {
     unsigned in_field : 1;
     unsigned interim : 1;       /* current upstream message is a 1xx */
     unsigned counted : 1;       /* counted in upstream->inflight */
-    unsigned plugin_failed : 1; /* header_filter raised an error */
+    unsigned plugin_failed : 1; /* header_filter or body_filter raised */
     unsigned lua_failed : 1;    /* the request's coroutine died */
     unsigned logged : 1;        /* the log phase ran */
     unsigned conn_fields : 1;   /* the response has a Connection header */
-    mg_deadline_t deadline;     /* the upstream wait, on uc->timer */
-    uint64_t up_start_ns;       /* when the upstream exchange began */
+    unsigned filter_body : 1;   /* body_filter runs on the response body */
+    unsigned body_plugin_failed : 1;
+    mg_deadline_t deadline; /* the upstream wait, on uc->timer */
+    uint64_t up_start_ns;   /* when the upstream exchange began */
 };
 
 static llhttp_settings_t up_settings;
@@ -99,6 +106,7 @@ static void free_proxy(mg_proxy_t *p)
     mg_lua_task_free(p->task);
     free(p->body);
     free(p->pending);
+    free(p->fout);
     free(p);
 }
 
@@ -218,6 +226,10 @@ static void fail(mg_proxy_t *p, int status, const char *reason)
         r->resp_status = status;
         run_log_phase(p);
     }
+    /* A head built but not yet written (body_filter failed on the first
+     * piece) can still give way to an error response. */
+    if (p->client_head.len)
+        r->response_started = 0;
     /* Detach first: respond_error would otherwise call mg_proxy_abort. */
     mg_proxy_abort(r);
     if (r->response_started)
@@ -482,6 +494,16 @@ static void lua_respond(mg_proxy_t *p)
             fail(p, 500, "header_filter failed");
             return;
         }
+    }
+    if ((p->mask & MG_LUA_BODY_FILTER) && r->method != HTTP_HEAD) {
+        mg_str_t out;
+        if (mg_lua_task_body_filter(p->task, body.p, body.len, 1, &out)
+            != MG_LUA_NEXT) {
+            p->lua_failed = 1;
+            fail(p, 500, "body_filter failed");
+            return;
+        }
+        body = mg_arena_strdup(r->arena, out);
     }
     run_log_phase(p);
     r->proxy = NULL;
@@ -933,7 +955,9 @@ static int filter_head(mg_proxy_t *p)
     r->nresp_headers = 0;
     for (unsigned i = 0; i < p->nfields; i++) {
         mg_str_t name = field(p, i, 0);
-        if (forwarded(p, name))
+        /* Content-Length is framing, but plugins may read it, and clear
+         * it when their body_filter changes the length. */
+        if (forwarded(p, name) || mg_str_caseeq(name, MG_STR("content-length")))
             r->resp_headers[r->nresp_headers++] =
                 (mg_header_t){name, field(p, i, 1)};
     }
@@ -941,6 +965,15 @@ static int filter_head(mg_proxy_t *p)
     int what = mg_lua_task_phase(p->task, "header_filter");
     r->resp_mutable = 0;
     return what == MG_LUA_ERROR ? -1 : 0;
+}
+
+/* Whether header_filter left header `name` in the response. */
+static int header_kept(const mg_req_t *r, mg_str_t name)
+{
+    for (size_t i = 0; i < r->nresp_headers; i++)
+        if (mg_str_caseeq(r->resp_headers[i].name, name))
+            return 1;
+    return 0;
 }
 
 /* Writes the client's response head. Returns llhttp's "skip body" hint. */
@@ -969,6 +1002,7 @@ static int up_on_headers_complete(llhttp_t *parser)
     }
     int head = r->method == HTTP_HEAD;
     int no_body = head || status == 204 || status == 304;
+    p->filter_body = p->task && (p->mask & MG_LUA_BODY_FILTER) && !no_body;
     mg_str_t length = MG_NULL_STR, reason = MG_NULL_STR;
     size_t cap = 256 + r->request_id.len + p->reason.len;
     for (unsigned i = 0; i < p->nfields; i++)
@@ -1008,7 +1042,11 @@ static int up_on_headers_complete(llhttp_t *parser)
     append_str(&w, r->request_id);
     APPEND_LIT(&w, "\r\n");
     int has_length = (parser->flags & F_CONTENT_LENGTH) != 0;
+    if (filtered && !header_kept(r, MG_STR("content-length")))
+        length = MG_NULL_STR; /* a plugin cleared it: the body changes */
+    p->declared_len = -1;
     if (length.len && (has_length || head)) {
+        p->declared_len = has_length ? (int64_t)parser->content_length : -1;
         APPEND_LIT(&w, "Content-Length: ");
         append_str(&w, length);
         APPEND_LIT(&w, "\r\n");
@@ -1030,9 +1068,71 @@ static int up_on_headers_complete(llhttp_t *parser)
     return head ? 1 : 0;
 }
 
+/* Appends body_filter's output to fout (copied: it lives on the Lua
+ * stack). Returns 0, or -1 when a plugin failed. */
+static int filter_piece(mg_proxy_t *p, const char *at, size_t n, int eof)
+{
+    mg_str_t out;
+    if (mg_lua_task_body_filter(p->task, at, n, eof, &out) != MG_LUA_NEXT) {
+        p->plugin_failed = p->lua_failed = p->body_plugin_failed = 1;
+        return -1;
+    }
+    if (p->fout_len + out.len > p->fout_cap) {
+        size_t cap = p->fout_cap ? p->fout_cap : UP_READ_CHUNK;
+        while (cap < p->fout_len + out.len)
+            cap *= 2;
+        p->fout = mg_realloc(p->fout, cap);
+        p->fout_cap = cap;
+    }
+    if (out.len)
+        memcpy(p->fout + p->fout_len, out.p, out.len);
+    p->fout_len += out.len;
+    p->fout_total += out.len;
+    return 0;
+}
+
+/* Writes what the filters made of this parse pass, and the end of a
+ * chunked body with it when `last`. */
+static void write_filtered(mg_proxy_t *p, int last)
+{
+    uv_buf_t b[3];
+    unsigned n = 0;
+    char *size = NULL;
+    if (p->fout_len && p->chunk_client) {
+        size = mg_arena_alloc(p->r->arena, 24);
+        int len = snprintf(size, 24, "%zx\r\n", p->fout_len);
+        b[n++] = uv_buf_init(size, (unsigned)len);
+    }
+    if (p->fout_len)
+        b[n++] = uv_buf_init(p->fout, (unsigned)p->fout_len);
+    if (p->chunk_client && (p->fout_len || last))
+        b[n++] = p->fout_len && last ? uv_buf_init("\r\n0\r\n\r\n", 7)
+                 : p->fout_len       ? uv_buf_init("\r\n", 2)
+                                     : uv_buf_init("0\r\n\r\n", 5);
+    p->fout_len = 0; /* the bytes stay put until the write is done:
+                        reading is paused until then */
+    if (last && p->declared_len >= 0
+        && p->fout_total != (uint64_t)p->declared_len) {
+        /* The client was promised another length: this response cannot
+         * be framed right any more, the connection ends with it. */
+        mg_log_error("%.*s %.*s: route %s: body_filter changed the body's "
+                     "length but Content-Length was kept (clear it in "
+                     "header_filter)",
+                     (int)p->r->method_name.len, p->r->method_name.p,
+                     (int)p->r->target.len, p->r->target.p, p->route->name);
+        mg_conn_set_close(p->r->conn);
+    }
+    if (n)
+        client_write(p, b, n);
+    else
+        flush_client_head(p);
+}
+
 static int up_on_body(llhttp_t *parser, const char *at, size_t n)
 {
     mg_proxy_t *p = proxy_of(parser);
+    if (p->filter_body)
+        return filter_piece(p, at, n, 0) < 0 ? HPE_USER : 0;
     if (p->chunk_client) {
         char *size = mg_arena_alloc(p->r->arena, 24);
         int len = snprintf(size, 24, "%zx\r\n", n);
@@ -1054,7 +1154,11 @@ static int up_on_message_complete(llhttp_t *parser)
         return 0;
     p->resp_complete = 1;
     p->up_keepalive = llhttp_should_keep_alive(parser) ? 1 : 0;
-    if (p->chunk_client) {
+    if (p->filter_body) {
+        if (filter_piece(p, "", 0, 1) < 0)
+            return HPE_USER;
+        write_filtered(p, 1);
+    } else if (p->chunk_client) {
         uv_buf_t b = uv_buf_init("0\r\n\r\n", 5);
         client_write(p, &b, 1); /* with the head, if still pending */
     } else {
@@ -1151,12 +1255,19 @@ static void parse_response(mg_proxy_t *p)
         p->pos = (size_t)(llhttp_get_error_pos(&p->parser) - uc->rbuf);
     } else {
         fail(p, p->plugin_failed ? 500 : 502,
-             p->plugin_failed ? "header_filter failed" : "invalid response");
+             !p->plugin_failed       ? "invalid response"
+             : p->body_plugin_failed ? "body_filter failed"
+                                     : "header_filter failed");
         return;
     }
     if (p->status)
         uc->rmax = uc->rcap; /* head done: borrowed bytes must not move */
-    flush_client_head(p);
+    /* With a body filter the head waits for the first filtered bytes, so
+     * that a filter failing on the first piece still gets a 500 out. */
+    if (p->filter_body && !p->resp_complete && p->fout_len)
+        write_filtered(p, 0);
+    else if (!p->filter_body)
+        flush_client_head(p);
     if (p->resp_complete) {
         if (p->client_writes == 0)
             finish(p);
@@ -1164,6 +1275,10 @@ static void parse_response(mg_proxy_t *p)
     }
     if (p->client_writes == 0 && p->pos == uc->rlen && p->status) {
         uc->rlen = p->pos = 0; /* all passed on: reuse the buffer */
+    } else if (p->filter_body && p->client_writes) {
+        /* fout is the client's until its write is done. */
+        mg_upconn_read_pause(uc);
+        up_timer_stop(p);
     } else if (uc->rlen == uc->rcap) {
         if (!p->status) {
             fail(p, 502, "response head too large");

@@ -465,3 +465,37 @@ describe("runtime plugin config errors", function()
         assert.truthy(err:find(path .. ":3:", 1, true), err)
     end)
 end)
+
+describe("body_filter", function()
+    -- Drives a proxied request's coroutine through body pieces the way
+    -- core/proxy.c does; returns what each resume gave back.
+    local function filter(idx, pieces)
+        local gen = assert(load("body-filters.lua"))
+        local co = coroutine.create(runtime.handle)
+        local ok, what = coroutine.resume(co, "task", gen, idx, "req")
+        assert(ok, what)
+        assert.are.equal("proxy", what)
+        assert(coroutine.resume(co, "header_filter"))
+        local outs = {}
+        for i, piece in ipairs(pieces) do
+            local ok2, next2, out = coroutine.resume(co, "body_filter", piece, i == #pieces)
+            if not ok2 then return nil, next2 end
+            assert.are.equal("next", next2)
+            outs[#outs + 1] = out
+        end
+        local ok3, done = coroutine.resume(co, "log")
+        assert(ok3, done)
+        assert.are.equal("done", done)
+        return outs
+    end
+
+    it("passes each piece through the plugins in priority order", function()
+        assert.are.same({ "[AB]", "[C]", "[!]" }, filter(1, { "ab", "c", "" }))
+    end)
+
+    it("refuses a return value that is not a string", function()
+        local outs, err = filter(2, { "x" })
+        assert.is_nil(outs)
+        assert.matches("body_filter must return a string or nil, not a number", err)
+    end)
+end)

@@ -305,6 +305,24 @@ local function run_phase(chain, ctx, phase)
     end
 end
 
+-- Passes one piece of the response body through the chain: each plugin
+-- gets what the one before it returned (nil from a plugin: unchanged).
+local function run_body_filter(chain, ctx, chunk, eof)
+    ctx.phase = "body_filter"
+    for i = 1, #chain do
+        local p = chain[i]
+        ctx.plugin = p.name
+        local out = p.fn(p.conf, ctx, chunk, eof)
+        if out ~= nil then
+            if type(out) ~= "string" then
+                error("body_filter must return a string or nil, not a " .. type(out), 0)
+            end
+            chunk = out
+        end
+    end
+    return chunk
+end
+
 --- The body of a request's coroutine (see core/lua.c). Yields "proxy" or
 -- "respond" once rewrite/access are done, then runs the phases the core
 -- resumes it with ("header_filter", "log") and returns after "log".
@@ -325,23 +343,26 @@ function _M.handle(task, gen_id, route_idx, req)
         status, body, headers = route.handler(ctx)
         if status == nil then status = 200 end
     end
-    local phase
+    local phase, chunk, eof, out
     if status ~= nil then
-        phase = co_yield("respond", response(status, body, headers))
+        phase, chunk, eof = co_yield("respond", response(status, body, headers))
     else
-        phase = co_yield("proxy")
+        phase, chunk, eof = co_yield("proxy")
     end
     gw._tasks[co_running()] = nil -- later phases may not wait
     while true do
+        out = nil
         if phase == "header_filter" then
             run_phase(route.chains.header_filter, ctx, phase)
+        elseif phase == "body_filter" then
+            out = run_body_filter(route.chains.body_filter, ctx, chunk, eof)
         elseif phase == "log" or phase == "finish" then
             gw._record_consumer(ctx)
             if phase == "log" then run_phase(route.chains.log, ctx, phase) end
             ctx._done = true
             return "done"
         end
-        phase = co_yield("next")
+        phase, chunk, eof = co_yield("next", out)
     end
 end
 
