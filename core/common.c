@@ -53,19 +53,3 @@ char *mg_strndup(const char *s, size_t len)
     d[len] = '\0';
     return d;
 }
-
-int mg_str_caseeq(mg_str_t a, mg_str_t b)
-{
-    if (a.len != b.len)
-        return 0;
-    for (size_t i = 0; i < a.len; i++) {
-        unsigned char x = (unsigned char)a.p[i], y = (unsigned char)b.p[i];
-        if (x >= 'A' && x <= 'Z')
-            x += 32;
-        if (y >= 'A' && y <= 'Z')
-            y += 32;
-        if (x != y)
-            return 0;
-    }
-    return 1;
-}

@@ -48,8 +48,23 @@ static inline int mg_str_eq(mg_str_t a, mg_str_t b)
     return a.len == b.len && (a.len == 0 || memcmp(a.p, b.p, a.len) == 0);
 }
 
-/* ASCII case-insensitive equality, for header names and tokens. */
-int mg_str_caseeq(mg_str_t a, mg_str_t b);
+/* ASCII case-insensitive equality, for header names and tokens. Inline:
+ * the proxy calls it for every header it forwards. */
+static inline int mg_str_caseeq(mg_str_t a, mg_str_t b)
+{
+    if (a.len != b.len)
+        return 0;
+    for (size_t i = 0; i < a.len; i++) {
+        unsigned char x = (unsigned char)a.p[i], y = (unsigned char)b.p[i];
+        if (x >= 'A' && x <= 'Z')
+            x += 32;
+        if (y >= 'A' && y <= 'Z')
+            y += 32;
+        if (x != y)
+            return 0;
+    }
+    return 1;
+}
 
 static inline mg_str_t mg_str_from_cstr(const char *s)
 {

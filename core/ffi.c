@@ -171,9 +171,26 @@ int mg_ffi_header_get(mg_req_t *r, int resp, const char *name, size_t nlen,
     return MG_DECLINED;
 }
 
+/* RFC 9110 tchar: what a header name is made of. */
+static int is_tchar(unsigned char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+           || (c >= '0' && c <= '9') || (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
 int mg_ffi_header_set(mg_req_t *r, int resp, const char *name, size_t nlen,
                       const char *value, size_t vlen, int replace)
 {
+    /* Checked here rather than with Lua patterns, which the JIT does not
+     * compile: plugins set headers on every request. */
+    if (nlen == 0)
+        return -2;
+    for (size_t i = 0; i < nlen; i++)
+        if (!is_tchar((unsigned char)name[i]))
+            return -2;
+    for (size_t i = 0; value && i < vlen; i++)
+        if (value[i] == '\r' || value[i] == '\n' || value[i] == '\0')
+            return -3;
     if (resp ? !r->resp_mutable : !r->req_mutable)
         return -1;
     header_list_t l = list_of(r, resp);

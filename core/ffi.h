@@ -10,7 +10,7 @@
 
 #include "http.h"
 
-#define MG_FFI_VERSION 2
+#define MG_FFI_VERSION 3
 
 typedef struct mg_lua_task_s mg_lua_task_t;
 
@@ -48,7 +48,8 @@ int mg_ffi_header_at(mg_req_t *r, int resp, int i, mg_str_t *name,
 int mg_ffi_header_get(mg_req_t *r, int resp, const char *name, size_t nlen,
                       mg_str_t *value);
 /* Removes every line of `name` when replace is set, then appends
- * name: value unless value is NULL. -1 when that side cannot change now. */
+ * name: value unless value is NULL. -1 when that side cannot change now,
+ * -2 for a name that is not a token, -3 for a value with CR, LF or NUL. */
 int mg_ffi_header_set(mg_req_t *r, int resp, const char *name, size_t nlen,
                       const char *value, size_t vlen, int replace);
 

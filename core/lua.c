@@ -214,6 +214,17 @@ int mg_lua_check(const char *path, size_t nroutes, char *err, size_t errlen)
  * A task on a fresh coroutine whose body is runtime[fn]; the caller pushes
  * the arguments (the task itself first, by convention) and resumes.
  */
+/*
+ * Pointers go to Lua as numbers: LuaJIT's JIT cannot pass a lightuserdata
+ * to an FFI function (the trace aborts and everything on that path stays
+ * interpreted), while casting a number to a pointer compiles. User-space
+ * addresses on x86-64 and arm64 fit a double's 53-bit mantissa.
+ */
+static void push_ptr(lua_State *L, const void *p)
+{
+    lua_pushnumber(L, (lua_Number)(uintptr_t)p);
+}
+
 static mg_lua_task_t *task_new(mg_lua_t *vm, const char *fn, mg_lua_task_cb cb,
                                void *data)
 {
@@ -225,7 +236,7 @@ static mg_lua_task_t *task_new(mg_lua_t *vm, const char *fn, mg_lua_task_cb cb,
     t->co_ref = luaL_ref(vm->L, LUA_REGISTRYINDEX);
     push_runtime_fn(vm, fn);
     lua_xmove(vm->L, t->co, 1);
-    lua_pushlightuserdata(t->co, t);
+    push_ptr(t->co, t);
     return t;
 }
 
@@ -294,10 +305,10 @@ int mg_lua_request_start(mg_lua_t *vm, mg_req_t *r, unsigned gen_id,
         push_runtime_fn(vm, "runner");
         lua_xmove(L, t->co, 1);
     }
-    lua_pushlightuserdata(t->co, t);
+    push_ptr(t->co, t);
     lua_pushinteger(t->co, gen_id);
     lua_pushinteger(t->co, (lua_Integer)route_idx + 1);
-    lua_pushlightuserdata(t->co, r);
+    push_ptr(t->co, r);
     return resume(t, 4);
 }
 

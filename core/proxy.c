@@ -132,22 +132,23 @@ static void append_str(char **w, mg_str_t s)
 
 static int is_hop_by_hop(mg_str_t name)
 {
-    static const mg_str_t hop[] = {
-        {"connection", 10},
-        {"keep-alive", 10},
-        {"te", 2},
-        {"trailer", 7},
-        {"transfer-encoding", 17},
-        {"upgrade", 7},
-        {"proxy-connection", 16},
-        {"proxy-authenticate", 18},
-        {"proxy-authorization", 19},
-        {"content-length", 14},
-    };
-    for (size_t i = 0; i < MG_ARRAY_SIZE(hop); i++)
-        if (mg_str_caseeq(name, hop[i]))
-            return 1;
-    return 0;
+    /* By length first: most names are told apart without a comparison.
+     * Content-Length counts here: framing is the gateway's. */
+    switch (name.len) {
+    case 2: return mg_str_caseeq(name, MG_STR("te"));
+    case 7:
+        return mg_str_caseeq(name, MG_STR("trailer"))
+               || mg_str_caseeq(name, MG_STR("upgrade"));
+    case 10:
+        return mg_str_caseeq(name, MG_STR("connection"))
+               || mg_str_caseeq(name, MG_STR("keep-alive"));
+    case 14: return mg_str_caseeq(name, MG_STR("content-length"));
+    case 16: return mg_str_caseeq(name, MG_STR("proxy-connection"));
+    case 17: return mg_str_caseeq(name, MG_STR("transfer-encoding"));
+    case 18: return mg_str_caseeq(name, MG_STR("proxy-authenticate"));
+    case 19: return mg_str_caseeq(name, MG_STR("proxy-authorization"));
+    default: return 0;
+    }
 }
 
 /* True when `name` is one of the comma-separated tokens in `list`. */

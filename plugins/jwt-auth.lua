@@ -16,7 +16,8 @@
 local gw = require("moongate.gw")
 
 local type, pairs, ipairs, next, tostring, setmetatable = type, pairs, ipairs, next, tostring, setmetatable
-local find, sub, lower, gsub, gmatch = string.find, string.sub, string.lower, string.gsub, string.gmatch
+local find, sub, lower, gsub, gmatch, byte = string.find, string.sub, string.lower, string.gsub,
+    string.gmatch, string.byte
 local concat = table.concat
 local crypto, json = gw.crypto, gw.json
 
@@ -427,7 +428,7 @@ local function header_safe(s)
 end
 
 --- P.consumer_of(conf, claims) -> { id, roles, claims }, or nil, reason.
-function P.consumer_of(conf, claims)
+local function consumer_of(conf, claims)
     local id = claims[conf.consumer_claim]
     if is_number(id) then id = tostring(id) end
     if not header_safe(id) then return nil, "missing or invalid " .. conf.consumer_claim .. " claim" end
@@ -441,6 +442,49 @@ function P.consumer_of(conf, claims)
         for _, r in ipairs(raw) do add(r) end
     end
     return { id = id, roles = roles, claims = claims }
+end
+
+-- Consumers of cached tokens' claims (the same claims table for the same
+-- token), so a repeated token does not rebuild its roles. Each request
+-- still gets a consumer table of its own: plugins may write to it.
+local consumers = setmetatable({}, { __mode = "k" })
+
+function P.consumer_of(conf, claims)
+    local by_conf = consumers[claims]
+    local base = by_conf and by_conf[conf]
+    if not base then
+        local err
+        base, err = consumer_of(conf, claims)
+        if not base then return nil, err end
+        base.roles_header = #base.roles > 0 and concat(base.roles, ",") or nil
+        by_conf = by_conf or setmetatable({}, { __mode = "k" })
+        by_conf[conf] = base
+        consumers[claims] = by_conf
+    end
+    local roles = {}
+    for i = 1, #base.roles do roles[i] = base.roles[i] end
+    return { id = base.id, roles = roles, claims = claims }, base.roles_header
+end
+
+local function is_space(b) return b == 32 or (b >= 9 and b <= 13) end
+
+-- The token of "Bearer <token>" (scheme case-insensitive), or nil. Byte
+-- by byte rather than with a pattern: string.match is not compiled by the
+-- JIT and this runs on every request.
+local function bearer_token(v)
+    local n, i = #v, 1
+    while i <= n and is_space(byte(v, i)) do i = i + 1 end
+    if n - i < 6 or lower(sub(v, i, i + 5)) ~= "bearer" then return nil end
+    i = i + 6
+    local j = i
+    while j <= n and is_space(byte(v, j)) do j = j + 1 end
+    if j == i or j > n then return nil end
+    local k = j
+    while k <= n and not is_space(byte(v, k)) do k = k + 1 end
+    local token = sub(v, j, k - 1)
+    while k <= n and is_space(byte(v, k)) do k = k + 1 end
+    if k <= n then return nil end
+    return token
 end
 
 local function cookie_value(ctx, name)
@@ -471,7 +515,7 @@ local function token_of(conf, ctx)
     if conf.header ~= "" then
         local v = gw.request.get_header(ctx, conf.header)
         if v then
-            local t = v:match("^%s*[Bb][Ee][Aa][Rr][Ee][Rr]%s+(%S+)%s*$")
+            local t = bearer_token(v)
             if t then return t end
             if lower(conf.header) ~= "authorization" then return (v:match("^%s*(.-)%s*$")) end
             -- another scheme (Basic ...) in Authorization: not ours
@@ -499,12 +543,14 @@ local function deny(ctx, reason)
 end
 
 --- Sets ctx.consumer and the upstream identity headers.
-function P.set_identity(conf, ctx, consumer)
+function P.set_identity(conf, ctx, consumer, roles_header)
     ctx.consumer = consumer
     if conf.id_header ~= "" then gw.request.set_header(ctx, conf.id_header, consumer.id) end
     if conf.roles_header ~= "" then
-        gw.request.set_header(ctx, conf.roles_header,
-            #consumer.roles > 0 and concat(consumer.roles, ",") or nil)
+        if roles_header == nil and #consumer.roles > 0 then
+            roles_header = concat(consumer.roles, ",")
+        end
+        gw.request.set_header(ctx, conf.roles_header, roles_header)
     end
 end
 
@@ -516,10 +562,9 @@ function P.access(conf, ctx)
     end
     local claims, err = P.verify(conf, token)
     if not claims then return deny(ctx, err) end
-    local consumer
-    consumer, err = P.consumer_of(conf, claims)
-    if not consumer then return deny(ctx, err) end
-    P.set_identity(conf, ctx, consumer)
+    local consumer, roles_header = P.consumer_of(conf, claims)
+    if not consumer then return deny(ctx, roles_header) end
+    P.set_identity(conf, ctx, consumer, roles_header)
 end
 
 return P

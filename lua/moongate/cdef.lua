@@ -3,7 +3,7 @@
 -- runtime refuses to start (the two cannot drift silently).
 local ffi = require("ffi")
 
-local _M = { version = 2 }
+local _M = { version = 3 }
 
 ffi.cdef [[
 typedef struct { const char *p; size_t len; } mg_str_t;

@@ -29,6 +29,18 @@ end
 local tasks = setmetatable({}, { __mode = "k" })
 _M._tasks = tasks
 
+-- The core passes a request's and a task's pointers as numbers (see
+-- push_ptr in core/lua.c); these make them FFI pointers once, at the start.
+local REQ_T, TASK_T = ffi.typeof("mg_req_t *"), ffi.typeof("mg_lua_task_t *")
+function _M._to_req(n)
+    if type(n) == "number" then return ffi.cast(REQ_T, n) end
+    return n
+end
+function _M._to_task(n)
+    if type(n) == "number" then return ffi.cast(TASK_T, n) end
+    return n
+end
+
 local function req_of(ctx)
     local r = type(ctx) == "table" and ctx._req
     if not r then error("expected the request's ctx as first argument", 3) end
@@ -115,23 +127,25 @@ local function headers_get(resp)
     end
 end
 
+-- mg_ffi_header_set's refusals.
+local HEADER_SET_ERRORS = {
+    [-1] = "headers cannot be changed in this phase",
+    [-2] = "invalid header name",
+    [-3] = "invalid header value",
+}
+
 local function header_set(resp, replace)
     return function(ctx, name, value)
         local r = req_of(ctx)
-        if type(name) ~= "string" or not name:find("^[%w!#$%%&'*+.^_`|~-]+$") then
-            error("invalid header name", 2)
-        end
+        if type(name) ~= "string" then error("invalid header name", 2) end
+        local rc
         if value == nil then
-            if C.mg_ffi_header_set(r, resp, name, #name, nil, 0, 1) ~= 0 then
-                error("headers cannot be changed in this phase", 2)
-            end
-            return
+            rc = C.mg_ffi_header_set(r, resp, name, #name, nil, 0, 1)
+        else
+            if type(value) ~= "string" then value = tostring(value) end
+            rc = C.mg_ffi_header_set(r, resp, name, #name, value, #value, replace)
         end
-        value = tostring(value)
-        if value:find("[\r\n%z]") then error("invalid header value", 2) end
-        if C.mg_ffi_header_set(r, resp, name, #name, value, #value, replace) ~= 0 then
-            error("headers cannot be changed in this phase", 2)
-        end
+        if rc ~= 0 then error(HEADER_SET_ERRORS[rc] or "cannot set the header", 2) end
     end
 end
 

@@ -8,7 +8,7 @@ local schema = require("moongate.schema")
 local gw = require("moongate.gw")
 
 local type, pairs, ipairs, pcall, error, tostring = type, pairs, ipairs, pcall, error, tostring
-local setmetatable, loadfile, setfenv = setmetatable, loadfile, setfenv
+local setmetatable, loadfile, loadstring, setfenv = setmetatable, loadfile, loadstring, setfenv
 local co_yield, co_running = coroutine.yield, coroutine.running
 local sort, concat = table.sort, table.concat
 local io_open, getenv = io.open, os.getenv
@@ -122,6 +122,33 @@ local function order_entries(entries, order, where, errors)
     end)
 end
 
+-- A phase's chain as one straight-line function: each call site then calls
+-- one plugin, which LuaJIT compiles without the guards and side exits of a
+-- loop calling a different function each time round (a chain of no-ops
+-- runs about twice as fast). rewrite and access stop at the first plugin
+-- that returns a status. nil for an empty chain.
+local function compile_phase(chain, phase, where)
+    if #chain == 0 then return nil end
+    local can_exit = phase == "rewrite" or phase == "access"
+    local src = { "local chain = ...\n" }
+    for i = 1, #chain do
+        src[#src + 1] = ("local f%d, c%d, n%d = chain[%d].fn, chain[%d].conf, chain[%d].name\n")
+            :format(i, i, i, i, i, i)
+    end
+    src[#src + 1] = ("return function(ctx)\nctx.phase = %q\nlocal s, b, h\n"):format(phase)
+    for i = 1, #chain do
+        if can_exit then
+            src[#src + 1] = ("ctx.plugin = n%d s, b, h = f%d(c%d, ctx) if s ~= nil then return s, b, h end\n")
+                :format(i, i, i)
+        else
+            src[#src + 1] = ("ctx.plugin = n%d f%d(c%d, ctx)\n"):format(i, i, i)
+        end
+    end
+    src[#src + 1] = "end\n"
+    local fn = assert(loadstring(concat(src), "=" .. where .. " " .. phase .. " chain"))
+    return fn(chain)
+end
+
 local function build_route(route, globals, paths, cache, where, errors)
     local merged = {}
     for name, value in pairs(globals) do merged[name] = value end
@@ -134,7 +161,7 @@ local function build_route(route, globals, paths, cache, where, errors)
         end
     end
     order_entries(entries, route.order, where, errors)
-    local chains, mask = {}, 0
+    local chains, run, mask = {}, {}, 0
     for _, phase in ipairs(PHASES) do
         local chain = {}
         for _, e in ipairs(entries) do
@@ -143,6 +170,7 @@ local function build_route(route, globals, paths, cache, where, errors)
             end
         end
         chains[phase] = chain
+        if phase ~= "body_filter" then run[phase] = compile_phase(chain, phase, where) end
         if #chain > 0 then mask = mask + PHASE_BIT[phase] end
     end
     if route.handler ~= nil then
@@ -154,7 +182,7 @@ local function build_route(route, globals, paths, cache, where, errors)
     local names = {}
     for i, e in ipairs(entries) do names[i] = e.name end
     return {
-        chains = chains, handler = route.handler, mask = mask, plugins = names,
+        chains = chains, run = run, handler = route.handler, mask = mask, plugins = names,
         info = { name = route.name or route.path, path = route.path },
     }
 end
@@ -233,7 +261,7 @@ function _M.init_worker(task, id)
     local gen = generations[id]
     if not gen then return end
     local co = co_running()
-    gw._tasks[co] = task
+    gw._tasks[co] = gw._to_task(task)
     gw.timer.gens[co] = id
     local names = {}
     for name, mod in pairs(gen.modules) do
@@ -293,18 +321,6 @@ local function response(status, body, headers)
     return status, body or "", flat
 end
 
-local function run_phase(chain, ctx, phase)
-    ctx.phase = phase
-    for i = 1, #chain do
-        local p = chain[i]
-        ctx.plugin = p.name
-        local status, body, headers = p.fn(p.conf, ctx)
-        if status ~= nil and (phase == "rewrite" or phase == "access") then
-            return status, body, headers
-        end
-    end
-end
-
 -- Passes one piece of the response body through the chain: each plugin
 -- gets what the one before it returned (nil from a plugin: unchanged).
 local function run_body_filter(chain, ctx, chunk, eof)
@@ -326,17 +342,22 @@ end
 --- The body of a request's coroutine (see core/lua.c). Yields "proxy" or
 -- "respond" once rewrite/access are done, then runs the phases the core
 -- resumes it with ("header_filter", "log") and returns after "log".
-function _M.handle(task, gen_id, route_idx, req)
+function _M.handle(task, gen_id, route_idx, req, co)
     local route = generations[gen_id].routes[route_idx]
-    local ctx = { _req = req, var = {}, route = route.info }
-    local co = co_running()
+    req, task = gw._to_req(req), gw._to_task(task)
+    -- phase and plugin are named here so that the table is built with
+    -- room for them (no rehash when the chain sets them).
+    local ctx = { _req = req, var = {}, route = route.info, phase = "rewrite", plugin = false }
+    co = co or co_running()
     ctxs[co] = ctx
     gw._tasks[co] = task
     gw.http.requests[co] = req
     gw.timer.gens[co] = gen_id
-    local status, body, headers = run_phase(route.chains.rewrite, ctx, "rewrite")
-    if status == nil then
-        status, body, headers = run_phase(route.chains.access, ctx, "access")
+    local run = route.run
+    local status, body, headers
+    if run.rewrite then status, body, headers = run.rewrite(ctx) end
+    if status == nil and run.access then
+        status, body, headers = run.access(ctx)
     end
     if status == nil and route.handler then
         ctx.phase, ctx.plugin = "handler", nil
@@ -349,16 +370,16 @@ function _M.handle(task, gen_id, route_idx, req)
     else
         phase, chunk, eof = co_yield("proxy")
     end
-    gw._tasks[co_running()] = nil -- later phases may not wait
+    gw._tasks[co] = nil -- later phases may not wait
     while true do
         out = nil
         if phase == "header_filter" then
-            run_phase(route.chains.header_filter, ctx, phase)
+            if run.header_filter then run.header_filter(ctx) end
         elseif phase == "body_filter" then
             out = run_body_filter(route.chains.body_filter, ctx, chunk, eof)
         elseif phase == "log" or phase == "finish" then
             gw._record_consumer(ctx)
-            if phase == "log" then run_phase(route.chains.log, ctx, phase) end
+            if phase == "log" and run.log then run.log(ctx) end
             ctx._done = true
             return "done"
         end
@@ -377,15 +398,16 @@ end
 -- (yield "park"), and is resumed with the next request's arguments. Saves
 -- creating and collecting a coroutine per request.
 function _M.runner(task, gen_id, route_idx, req)
+    local co, handle = co_running(), _M.handle
     while true do
-        _M.handle(task, gen_id, route_idx, req)
+        handle(task, gen_id, route_idx, req, co)
         task, gen_id, route_idx, req = co_yield("park")
     end
 end
 
 --- `moongate lua FILE args...`: runs a script as the main coroutine.
 function _M.run_script(task, file, ...)
-    gw._tasks[co_running()] = task
+    gw._tasks[co_running()] = gw._to_task(task)
     local chunk, err = loadfile(file)
     if not chunk then error(err, 0) end
     _G.arg = { [0] = file, ... }

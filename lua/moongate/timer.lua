@@ -59,7 +59,8 @@ function _M.run(task, id)
     if not t then return end
     if not t.every then timers[id] = nil end
     local co = co_running()
-    _M.tasks[co] = task
+    -- A number from the core (see push_ptr in core/lua.c).
+    _M.tasks[co] = type(task) == "number" and ffi.cast("mg_lua_task_t *", task) or task
     _M.gens[co] = t.gen
     t.fn(unpack(t.args, 1, t.n))
 end
