@@ -174,8 +174,10 @@ int mg_ffi_header_get(mg_req_t *r, int resp, const char *name, size_t nlen,
 /* RFC 9110 tchar: what a header name is made of. */
 static int is_tchar(unsigned char c)
 {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
-           || (c >= '0' && c <= '9') || (c && strchr("!#$%&'*+-.^_`|~", c));
+    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+        || (c >= '0' && c <= '9') || c == '-')
+        return 1; /* what names are made of, nearly always */
+    return c && strchr("!#$%&'*+.^_`|~", c) != NULL;
 }
 
 int mg_ffi_header_set(mg_req_t *r, int resp, const char *name, size_t nlen,

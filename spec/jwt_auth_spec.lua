@@ -456,3 +456,18 @@ describe("jwt-auth inline JWKS", function()
         assert.matches("no alg and jwks_algorithms", table.concat(errs, "; "))
     end)
 end)
+
+describe("jwt-auth Authorization parsing", function()
+    it("takes the token of a Bearer scheme, case-insensitive, trimmed", function()
+        assert.are.equal("abc.def.ghi", P.bearer_token("Bearer abc.def.ghi"))
+        assert.are.equal("abc", P.bearer_token("bearer abc"))
+        assert.are.equal("abc", P.bearer_token("  BEARER \t  abc  "))
+        assert.are.equal("abc", P.bearer_token("Bearer\tabc"))
+    end)
+    it("refuses anything else", function()
+        for _, v in ipairs({ "", "Bearer", "Bearer ", "Bearer   ", "Bearerabc", "Basic abc",
+                             "Bearer a b", "Bearer a\tb", "Bear abc", "xBearer abc" }) do
+            assert.is_nil(P.bearer_token(v), v)
+        end
+    end)
+end)
