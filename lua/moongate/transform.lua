@@ -478,14 +478,17 @@ end
 _M.is_object = is_object
 
 --- T.request_lookup(gw, ctx) -> lookup(source, name) reading the request:
--- route params, decoded query parameters (the first of a name), request
+-- decoded route params, decoded query parameters (the first of a name), request
 -- headers, and ctx.consumer (a dotted path; JSON null counts as missing).
 -- gw is passed in so this module stays free of the runtime.
 function _M.request_lookup(gw, ctx)
     local query
     return function(source, name)
         if source == "params" then
-            return gw.request.get_param(ctx, name)
+            -- The core gives the segment as in the normalized path (reserved
+            -- characters still escaped): a template wants the value.
+            local v = gw.request.get_param(ctx, name)
+            return v and (gsub(v, "%%(%x%x)", function(h) return char(tonumber(h, 16)) end))
         elseif source == "headers" then
             return gw.request.get_header(ctx, name)
         elseif source == "query" then
