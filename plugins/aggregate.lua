@@ -182,7 +182,7 @@ local function build(cp, lookup, request_id)
         local q = {}
         for _, e in ipairs(cp.query) do
             local v, m = T.render(e[2], lookup)
-            if v == nil then return nil, "no value for " .. m end
+            if v == nil then return nil, "no usable value for " .. m end
             q[#q + 1] = { e[1], tostring(v) }
         end
         local qs = T.build_query(q)
@@ -196,7 +196,7 @@ local function build(cp, lookup, request_id)
     local has_id = false
     for _, e in ipairs(cp.headers) do
         local v, m = T.render(e[2], lookup)
-        if v == nil then return nil, "no value for " .. m end
+        if v == nil then return nil, "no usable value for " .. m end
         v = tostring(v)
         if find(v, "[\r\n%z]") then return nil, "header " .. e[1] .. ": value with CR, LF or NUL" end
         req.headers[e[1]] = v
@@ -205,7 +205,7 @@ local function build(cp, lookup, request_id)
     if request_id and not has_id then req.headers["X-Request-Id"] = request_id end
     if cp.body ~= nil then
         local b, m = render_body(cp.body, cp.body_tpls, lookup)
-        if b == nil then return nil, "no value for " .. m end
+        if b == nil then return nil, "no usable value for " .. m end
         if type(b) == "table" then
             local text, err = T.encode(b)
             if not text then return nil, "body: " .. tostring(err) end
