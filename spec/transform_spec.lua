@@ -290,3 +290,35 @@ describe("request-transform operations", function()
         assert.matches("not a JSON object or array", why)
     end)
 end)
+
+describe("transform request_lookup", function()
+    local fake_gw = { request = {
+        get_param = function(_, n) return ({ id = "u%207", p = "a%2Fb" })[n] end,
+        get_header = function(_, n) return ({ ["x-tenant"] = "t1" })[n] end,
+        get_query = function() return "q=a+b&q=second&e=%26" end,
+    } }
+    local ctx = { consumer = { id = 7, claims = { tenant = "acme", gone = T.null } } }
+    local lookup = T.request_lookup(fake_gw, ctx)
+
+    it("decodes route params and query values, first query value wins", function()
+        assert.equal("u 7", lookup("params", "id"))
+        assert.equal("a/b", lookup("params", "p"))
+        assert.equal("a b", lookup("query", "q"))
+        assert.equal("&", lookup("query", "e"))
+        assert.is_nil(lookup("query", "nope"))
+    end)
+
+    it("reads headers and walks ctx.consumer, JSON null counting as missing", function()
+        assert.equal("t1", lookup("headers", "x-tenant"))
+        assert.equal(7, lookup("consumer", "id"))
+        assert.equal("acme", lookup("consumer", "claims.tenant"))
+        assert.is_nil(lookup("consumer", "claims.gone"))
+        assert.is_nil(lookup("consumer", "id.deeper"))
+        assert.is_nil(T.request_lookup(fake_gw, {})("consumer", "id"))
+    end)
+
+    it("re-encodes a decoded param for a path, so it stays one segment", function()
+        local tpl = assert(T.compile_template("/x/{params.p}"))
+        assert.equal("/x/a%2Fb", T.render(tpl, lookup, T.escape_path))
+    end)
+end)
