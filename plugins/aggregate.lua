@@ -98,6 +98,7 @@ local function compile(conf)
         elseif sub(p.path, 1, 1) ~= "/" then
             return nil, f .. ".path: must start with /"
         end
+        if find(src, "[%s%z]") then return nil, sfield .. ": no spaces or control characters" end
         local tpl, err = T.compile_template(src)
         if not tpl then return nil, sfield .. ": " .. err end
         cp.target = tpl

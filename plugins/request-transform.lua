@@ -87,6 +87,7 @@ local function compile(conf)
     end
     if conf.path then
         if conf.path:sub(1, 1) ~= "/" then return nil, "path: must start with /" end
+        if find(conf.path, "[%s%z]") then return nil, "path: no spaces or control characters" end
         local tpl, err = T.compile_template(conf.path)
         if not tpl then return nil, "path: " .. err end
         c.path = tpl
