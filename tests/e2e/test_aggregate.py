@@ -179,3 +179,28 @@ def test_check_names_the_field_of_a_bad_template():
         text = out.stdout + out.stderr
         assert 'routes[1] "/dashboard": plugins.aggregate: parts.user.path: ' \
                'unknown template source "user"' in text, text
+
+
+def test_a_hung_upstream_is_a_timeout_optional_or_required():
+    u, o, r = services()
+    with u as users, o as orders, r as recs:
+        hung_user = part("users", "/users/{consumer.id}", timeout=0.5)
+        with Gateway(config(users, orders, recs, [
+                route("/dashboard", dashboard(delay="0")),
+                route("/dashboard2", dashboard(delay="0", user=hung_user))])) as gw:
+            recs.pause()   # accepts connections (the kernel does), never answers
+            try:
+                resp = request(gw.port, "GET", "/dashboard", headers=KEY)
+                assert resp.status == 200, resp
+                assert resp.json()["errors"] == {"recommendations": "timeout"}, resp
+                users.pause()
+                try:
+                    t0 = time.monotonic()
+                    resp = request(gw.port, "GET", "/dashboard2", headers=KEY)
+                    assert time.monotonic() - t0 < 3, "not bounded by the parts' timeouts"
+                    assert_gateway_error(resp, 502)
+                    assert resp.json()["part"] == "user" and resp.json()["reason"] == "timeout", resp
+                finally:
+                    users.resume()
+            finally:
+                recs.resume()
