@@ -392,6 +392,91 @@ scenario() {
     stop "$sc_cand_sid"
 }
 
+# aggregate_scenario: issue 7's BFF figure. Not against nginx: one
+# moongate answers the same 3-part JSON two ways -- the aggregate plugin's
+# parallel parts (Host agg.bench) and a handler making the 3 gw.http calls
+# one after the other (Host seq.bench) -- in interleaved rounds, so the
+# table's ratio agg3/seq3 is the speedup. The parts go to
+# tests/e2e/upstream.py on the load core, which answers after
+# BENCH_AGG_DELAY seconds: with an instant upstream there are no round
+# trips to overlap and the two would cost about the same. wrk uses
+# BENCH_AGG_CONNECTIONS connections, few enough that the Python upstream
+# (3 calls per request) is never the bottleneck.
+aggregate_scenario() {
+    selected aggregate3 || return 0
+    log "scenario aggregate3"
+    ag_d=$DIR/moongate-aggregate3
+    mkdir -p "$ag_d"
+    ag_delay=${BENCH_AGG_DELAY:-0.02}
+    ag_up=$($TOOL port)
+    spawn "$LOAD_CPU" "$ag_d/upstream.log" \
+        "$PY" "$ROOT/tests/e2e/upstream.py" --port "$ag_up" --name slow
+    ag_up_sid=$SPAWNED
+    wait_ready "$ag_up_sid" "http://127.0.0.1:$ag_up/__stats" "$ag_d"
+    PROXY_PORT=$($TOOL port)
+    cat >"$ag_d/moongate.lua" <<EOF
+local gw = require("moongate.gw")
+local T = require("moongate.transform")
+local Q = { delay = "$ag_delay" }
+local function sequential(ctx)
+    local out = {}
+    for _, name in ipairs({ "a", "b", "c" }) do
+        local res, err = gw.http.request({ upstream = "slow", path = "/" .. name,
+                                           query = Q, timeout = 5 })
+        if not res or res.status ~= 200 then return 502, { error = tostring(err) } end
+        out[name] = T.decode(res.body)
+    end
+    return 200, T.encode(out), { ["Content-Type"] = "application/json" }
+end
+local function part(name)
+    return { upstream = "slow", path = "/" .. name, query = Q }
+end
+return {
+    listen = { "127.0.0.1:$PROXY_PORT" },
+    workers = 1,
+    pid_file = "$ag_d/moongate.pid",
+    error_log = "$ag_d/error.log",
+    log_level = "warn",
+    upstreams = {
+        bench = { targets = { "127.0.0.1:$UP_PORT" } },
+        slow = { targets = { "127.0.0.1:$ag_up" },
+                 keepalive = { max_idle = 256, idle_timeout = 60 } },
+    },
+    routes = {
+        { path = "/*", upstream = "bench" },
+        { path = "/*", hosts = { "agg.bench" }, upstream = "bench",
+          plugins = { aggregate = { parts = { a = part("a"), b = part("b"), c = part("c") } } } },
+        { path = "/*", hosts = { "seq.bench" }, handler = sequential },
+    },
+}
+EOF
+    spawn "$PROXY_CPU" "$ag_d/stdout.log" "$MOONGATE" -c "$ag_d/moongate.lua"
+    ag_sid=$SPAWNED
+    for ag_host in agg.bench seq.bench; do
+        WRK_HEADER="Host: $ag_host"
+        wait_ready "$ag_sid" "http://127.0.0.1:$PROXY_PORT/" "$ag_d"
+        ag_got=$(curl -s --max-time 5 -H "$WRK_HEADER" "http://127.0.0.1:$PROXY_PORT/")
+        case $ag_got in
+            *'"a":{'*'"service":"slow"'*) ;;
+            *) die "$ag_host answered '$ag_got', not the 3 parts" ;;
+        esac
+    done
+    ag_conns=$CONNS
+    CONNS=${BENCH_AGG_CONNECTIONS:-8}
+    ag_r=1
+    while [ "$ag_r" -le "$ROUNDS" ]; do
+        WRK_HEADER="Host: seq.bench"
+        measure aggregate3 seq3 "$ag_sid" "$PROXY_PORT" "$ag_r"
+        WRK_HEADER="Host: agg.bench"
+        measure aggregate3 agg3 "$ag_sid" "$PROXY_PORT" "$ag_r"
+        ag_r=$((ag_r + 1))
+    done
+    CONNS=$ag_conns
+    WRK_HEADER=""
+    stop "$ag_sid"
+    stop "$ag_up_sid"
+}
+
 # The scenarios, in order. Each adds (2 x (WARMUP + DURATION)) x ROUNDS
 # seconds. Later issues add theirs here (see bench/README.md).
 scenarios() {
@@ -417,6 +502,9 @@ print(h + "." + p + "." + s)')
     scenario ratelimit_local \
         'plugins = { ["rate-limit"] = { limit = 1000000000, window = 3600 } }' \
         'shared = { limits = "16m" },'
+    # Issue 7: aggregate's 3 parallel parts vs 3 sequential gw.http calls
+    # (ratio agg3/seq3 = the speedup; see aggregate_scenario).
+    aggregate_scenario
 }
 
 # ------------------------------------------------------------------ main
