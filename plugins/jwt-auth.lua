@@ -547,12 +547,14 @@ local function sync(conf, st, now)
     local ver = st.dict:get(st.k_ver)
     if ver == nil or ver == st.ver then return end
     local blob = st.dict:get(st.k_set)
-    local t, text = type(blob) == "string" and blob:match("^([%d.]+)\n(.*)$")
+    if type(blob) ~= "string" then return end
+    local t, text = blob:match("^([%d.]+)\n(.*)$")
     if not t then return end
     st.ver, st.fetched = ver, tonumber(t)
     if text == st.text then return end
-    local jwks = json.decode(text)
-    local keys = type(jwks) == "table" and compile_fetched(conf, jwks, st.src, false)
+    local set = json.decode(text)
+    local keys = type(set) == "table" and type(set.keys) == "table"
+        and compile_fetched(conf, set.keys, st.src, false)
     if keys then st.keys, st.text = keys, text end
 end
 
