@@ -307,3 +307,18 @@ def test_jwks_file_is_read_at_load_relative_to_the_config_and_again_on_reload():
             os.remove(path)
             code, out, err = run_cli("check", "-c", gw.conf_path)
             assert code == 1 and "jwks_file: cannot read" in out + err, out + err
+
+
+def test_a_misnamed_jwks_upstream_answers_401_and_logs_the_failed_fetch():
+    with JwksServer() as jw, Upstream() as up:
+        jw.serve("rsa-1")
+        route = ('    { path = "/api/*", upstream = "up", plugins = { ["jwt-auth"] = {\n'
+                 '        jwks_upstream = "nope", jwks_algorithms = %s } } },' % ALGS)
+        with Gateway(config(up, jw, route, workers=1)) as gw:
+            r = get(gw, token("rsa-1"))
+            assert r.status == 401, r
+            assert "signing keys unavailable" in r.header("www-authenticate"), r
+            assert r.json() == {"error": "signing keys unavailable"}, r
+            gw.wait_log(r"fetching the JWK Set from upstream nope/.well-known/jwks.json failed: "
+                        r"no such upstream \(no keys yet\)")
+            assert jw.fetches() == 0
