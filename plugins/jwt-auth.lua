@@ -21,8 +21,8 @@
 -- per plugin (no plugins/<name>/init.lua yet), so the JWKS part stays here.
 local gw = require("moongate.gw")
 
-local type, pairs, ipairs, next, tostring, tonumber, setmetatable =
-    type, pairs, ipairs, next, tostring, tonumber, setmetatable
+local type, pairs, ipairs, tostring, tonumber, setmetatable =
+    type, pairs, ipairs, tostring, tonumber, setmetatable
 local io_open, floor = io.open, math.floor
 local find, sub, lower, gsub, gmatch = string.find, string.sub, string.lower, string.gsub, string.gmatch
 local concat = table.concat
