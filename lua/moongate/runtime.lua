@@ -36,6 +36,11 @@ end
 -- The directory holding lua/ and plugins/ (set by core/lua.c).
 _M.root = "."
 
+-- The directory of the config file of the generation being built (or
+-- last built), for plugins that read files named in their config relative
+-- to it (jwt-auth's jwks_file), as plugin_paths are.
+_M.config_dir = nil
+
 local function resolve_dir(base, dir)
     if dir:sub(1, 1) == "/" then return dir end
     return base .. "/" .. dir
@@ -211,6 +216,7 @@ function _M.load_generation(id, path)
     local conf, err = run_config(path)
     if not conf then return nil, err end
     local base = dirname(path)
+    _M.config_dir = base
     local paths = {}
     if conf.plugin_paths ~= nil and type(conf.plugin_paths) ~= "table" then
         return nil, path .. ": top level: plugin_paths: expected a list"
