@@ -309,6 +309,40 @@ def report_scenario(sc, rows, machine, bad, noisy):
         machine.append("ratio %s %s %.3f" % (sc, key, ratio))
 
 
+def report_vs_proxy(rows, scenarios, machine):
+    """Each scenario's moongate against moongate's bare proxy run: what the
+    plugins cost. "direct" divides the medians; "via nginx" divides the two
+    scenarios' moongate/nginx ratios, which cancels drifts of the machine
+    between scenarios (nginx does the same work in both)."""
+    def med(sc, proxy, key):
+        vals = [r[key] for r in rows if r["scenario"] == sc and r["proxy"] == proxy]
+        return statistics.median(vals) if vals else None
+    if med("proxy", "moongate", "req_per_s") is None:
+        return
+    lines = []
+    for sc in scenarios:
+        if sc == "proxy" or med(sc, "moongate", "req_per_s") is None:
+            continue
+        out = []
+        for key in ("req_per_s", "cpu_us_per_req"):
+            direct = med(sc, "moongate", key) / med("proxy", "moongate", key)
+            via = None
+            if med(sc, "nginx", key) and med("proxy", "nginx", key):
+                via = (med(sc, "moongate", key) / med(sc, "nginx", key)) / \
+                    (med("proxy", "moongate", key) / med("proxy", "nginx", key))
+            out.append((key, direct, via))
+            machine.append("vs_proxy %s %s %.3f%s" % (sc, key, direct,
+                           "" if via is None else " via_nginx %.3f" % via))
+        lines.append("  %-16s" % sc + "".join(
+            "  %s %.3f%s" % ("req/s" if k == "req_per_s" else "CPU us/req", d,
+                             "" if v is None else " (via nginx %.3f)" % v)
+            for k, d, v in out))
+    if lines:
+        print("\nmoongate in each scenario / moongate in scenario proxy:")
+        for line in lines:
+            print(line)
+
+
 def cmd_report(path):
     rows = load(path)
     scenarios = []
@@ -319,6 +353,7 @@ def cmd_report(path):
     for sc in scenarios:
         report_scenario(sc, [r for r in rows if r["scenario"] == sc],
                         machine, bad, noisy)
+    report_vs_proxy(rows, scenarios, machine)
     print("\n(proxy/other/load %: the proxy's CPU and other work on the "
           "proxy's core, and\n how busy the load core (upstream + wrk) was, "
           "in % of one core)")

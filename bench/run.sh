@@ -392,6 +392,26 @@ scenario() {
     stop "$sc_cand_sid"
 }
 
+# redis_scenario: ratelimit_redis, with a redis-server started (and
+# stopped) here.
+redis_scenario() {
+    selected ratelimit_redis || return 0
+    rs_port=$($TOOL port)
+    spawn "$LOAD_CPU" "$DIR/redis.log" redis-server --port "$rs_port" \
+        --bind 127.0.0.1 --save "" --appendonly no
+    rs_sid=$SPAWNED
+    rs_i=0
+    until redis-cli -p "$rs_port" ping 2>/dev/null | grep -q PONG; do
+        rs_i=$((rs_i + 1))
+        [ "$rs_i" -lt 100 ] || die "redis-server not ready after 10 s"
+        sleep 0.1
+    done
+    scenario ratelimit_redis \
+        'plugins = { ["rate-limit"] = { limit = 1000000000, window = 3600, storage = "redis" } }' \
+        "redis = { url = \"redis://127.0.0.1:$rs_port\" },"
+    stop "$rs_sid"
+}
+
 # aggregate_scenario: issue 7's BFF figure. Not against nginx: one
 # moongate answers the same 3-part JSON two ways -- the aggregate plugin's
 # parallel parts (Host agg.bench) and a handler making the 3 gw.http calls
@@ -502,6 +522,9 @@ print(h + "." + p + "." + s)')
     scenario ratelimit_local \
         'plugins = { ["rate-limit"] = { limit = 1000000000, window = 3600 } }' \
         'shared = { limits = "16m" },'
+    # Issue 5: the same limit kept in Redis (one EVALSHA per request), in a
+    # redis-server of the bench's own on the load core.
+    redis_scenario
     # Issue 7: aggregate's 3 parallel parts vs 3 sequential gw.http calls
     # (ratio agg3/seq3 = the speedup; see aggregate_scenario).
     aggregate_scenario
