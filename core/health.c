@@ -181,6 +181,7 @@ static void on_interval(uv_timer_t *t)
     c->blen = 0;
     uv_tcp_init(c->h->loop, &c->tcp);
     c->tcp.data = c;
+    c->connect_req.data = c;
     c->probing = 1;
     c->handles++;
     int rc = uv_tcp_connect(&c->connect_req, &c->tcp,
