@@ -25,7 +25,7 @@
 typedef struct {
     _Atomic uint32_t used; /* 0 free, 1 being claimed, 2 ready */
     uint32_t keylen;
-    char key[MG_PEER_KEY_MAX]; /* "upstream\0host:port" (truncated) */
+    char key[MG_PEER_KEY_MAX];      /* "upstream\0host:port" (truncated) */
     _Atomic uint32_t down;          /* 1: skipped by the balancers */
     _Atomic uint64_t down_until_ms; /* passive mark without active checks:
                                        up again after this; 0 = until an

@@ -519,7 +519,8 @@ static void start_try(mg_proxy_t *p)
  * After a failed try (outcome MG_TRY_*, or the status a gateway would
  * answer): may the request go to another target? Only when the upstream's
  * retries allow this kind of failure, tries and budget remain, the method
- * is idempotent (or the upstream opted in), and the body can be sent again:
+ * is idempotent (or the upstream opted in; a connect failure sent nothing,
+ * so it is retried for any method), and the body can be sent again:
  * none, or buffered whole by gw.request.get_body, or not sent at all yet (a
  * connect failure: the body gate opens only once connected). A streamed
  * body is gone, so such a request is never retried.
@@ -533,7 +534,9 @@ static int may_retry(mg_proxy_t *p, int outcome, int status)
                  || (status && mg_status_set_has(&rc->statuses, status));
     if (!wanted || p->tries > rc->count || r->response_started)
         return 0;
-    if (!idempotent(r->method) && !rc->non_idempotent)
+    /* A connect failure sent nothing: safe for any method. */
+    if (outcome != MG_TRY_CONNECT && !idempotent(r->method)
+        && !rc->non_idempotent)
         return 0;
     int has_body = r->chunked || r->content_length > 0;
     if (has_body && !p->buffered && outcome != MG_TRY_CONNECT)
@@ -543,9 +546,15 @@ static int may_retry(mg_proxy_t *p, int outcome, int status)
     if (rc->total_timeout_ms
         && mg_peers_now_ms() - p->first_try_ms >= rc->total_timeout_ms)
         return 0;
-    if (p->upstream->retry_tokens < 1.0)
+    /* Nowhere else to go: the client gets this try's answer. */
+    mg_upstream_t *u = p->upstream;
+    uint64_t now = mg_peers_now_ms();
+    size_t left = 0;
+    for (size_t i = 0; i < u->ntargets; i++)
+        left += !p->tried[i] && mg_upstream_usable(u, i, now);
+    if (!left || u->retry_tokens < 1.0)
         return 0;
-    p->upstream->retry_tokens -= 1.0;
+    u->retry_tokens -= 1.0;
     return 1;
 }
 
@@ -1297,6 +1306,7 @@ static int retry(mg_proxy_t *p)
         || r->chunked || r->content_length > 0)
         return 0;
     p->retried = 1;
+    p->tries++; /* counts against retries.count like any other try */
     mg_upconn_t *old = p->uc;
     old->owner = NULL;
     old->on_close = NULL;

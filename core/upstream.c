@@ -40,8 +40,8 @@ void mg_upstream_init(mg_upstream_t *u, uint64_t seed)
         u->peers[i] = mg_peers_get(mg_str_from_cstr(c->name),
                                    mg_str_from_cstr(c->targets[i].text));
     }
-    u->balancer = mg_balancer_new((mg_balancer_kind_t)c->balance_kind, n,
-                                  names, weights, seed);
+    u->balancer = mg_balancer_new((mg_balancer_kind_t)c->balance_kind, n, names,
+                                  weights, seed);
     free(names);
     free(weights);
     u->usable = mg_calloc(n, 1);
@@ -90,9 +90,10 @@ int mg_upstream_choose(mg_upstream_t *u, uint64_t key, const uint8_t *tried,
         u->load[i] = atomic_load(&u->peers[i]->inflight);
         u->ewma[i] = atomic_load(&u->peers[i]->ewma_us);
     }
-    mg_balancer_in_t in = {
-        .usable = u->usable, .inflight = u->load, .ewma_us = u->ewma,
-        .key = key};
+    mg_balancer_in_t in = {.usable = u->usable,
+                           .inflight = u->load,
+                           .ewma_us = u->ewma,
+                           .key = key};
     return mg_balancer_pick(u->balancer, &in);
 }
 
@@ -212,8 +213,8 @@ unsigned mg_upstream_retry_after(mg_upstream_t *u, uint64_t now_ms)
         }
         if (c->breaker.enabled
             && mg_breaker_state(&pe->breaker) != MG_BREAKER_CLOSED) {
-            uint64_t end = atomic_load(&pe->breaker.since_ms)
-                           + c->breaker.open_ms;
+            uint64_t end =
+                atomic_load(&pe->breaker.since_ms) + c->breaker.open_ms;
             uint64_t bw = end > now_ms ? end - now_ms : 0;
             wait = bw > wait ? bw : wait;
         }
@@ -223,8 +224,7 @@ unsigned mg_upstream_retry_after(mg_upstream_t *u, uint64_t now_ms)
     return s < 1 ? 1 : s > 3600 ? 3600 : (unsigned)s;
 }
 
-size_t mg_upstream_status(mg_upstream_t *u, mg_target_status_t *out,
-                          size_t cap)
+size_t mg_upstream_status(mg_upstream_t *u, mg_target_status_t *out, size_t cap)
 {
     uint64_t now = mg_peers_now_ms();
     for (size_t i = 0; i < u->ntargets && i < cap; i++) {

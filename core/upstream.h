@@ -105,16 +105,16 @@ unsigned mg_upstream_retry_after(mg_upstream_t *u, uint64_t now_ms);
  * generation is referenced). Loop thread only.
  */
 typedef struct {
-    const char *address;  /* "127.0.0.1:9001" as configured */
+    const char *address; /* "127.0.0.1:9001" as configured */
     unsigned weight;
-    int healthy;          /* 0: down (passive or active) */
-    const char *breaker;  /* "closed", "open", "half_open" */
-    unsigned inflight;    /* requests on it now, all workers */
-    unsigned failures;    /* consecutive (passive) failures */
-    uint64_t requests;    /* tries sent since start */
-    uint64_t failed;      /* tries failed since start */
-    uint64_t checks;      /* active checks done since start */
-    double latency_ms;    /* EWMA of the time to the response head */
+    int healthy;         /* 0: down (passive or active) */
+    const char *breaker; /* "closed", "open", "half_open" */
+    unsigned inflight;   /* requests on it now, all workers */
+    unsigned failures;   /* consecutive (passive) failures */
+    uint64_t requests;   /* tries sent since start */
+    uint64_t failed;     /* tries failed since start */
+    uint64_t checks;     /* active checks done since start */
+    double latency_ms;   /* EWMA of the time to the response head */
 } mg_target_status_t;
 
 size_t mg_upstream_status(mg_upstream_t *u, mg_target_status_t *out,
