@@ -39,6 +39,14 @@ void mg_upstream_init(mg_upstream_t *u, uint64_t seed)
         weights[i] = c->targets[i].weight;
         u->peers[i] = mg_peers_get(mg_str_from_cstr(c->name),
                                    mg_str_from_cstr(c->targets[i].text));
+        /* A target held down for active checks that a reload turned off
+         * would stay down for ever: give it the passive time instead. */
+        mg_peer_t *pe = u->peers[i];
+        if (!c->health.enabled && atomic_load(&pe->down)
+            && !atomic_load(&pe->down_until_ms))
+            atomic_store(&pe->down_until_ms,
+                         mg_peers_now_ms()
+                             + (c->passive.enabled ? c->passive.down_ms : 1));
     }
     u->balancer = mg_balancer_new((mg_balancer_kind_t)c->balance_kind, n, names,
                                   weights, seed);
