@@ -91,3 +91,34 @@ def test_bad_health_settings_are_refused_naming_the_upstream_and_field():
         assert "upstreams.users: health.unhealthy: must be between 1 and 1000, got 0" in out
         assert "upstreams.users: breaker.open_for: expected a number of seconds, got string" \
             in out
+
+
+def test_a_passive_mark_survives_a_reload_and_expires_after_down_for():
+    a = Upstream(name="a")
+    with a:
+        b = Upstream(name="b").__enter__()
+        b_port = b.port
+        try:
+            conf = {"upstreams": {"p": upstream_conf(a.addr, b.addr, retries={"count": 0},
+                                                     passive={"failures": 2, "down_for": 3})},
+                    "routes": [route("/*", "p")]}
+            with Gateway(conf, workers=2) as gw:
+                b.kill()
+                since = gw.log_size()
+                for _ in range(6):
+                    request(gw.port, "GET", "/x")
+                gw.wait_log(r"127.0.0.1:%d marked down after 2 failures" % b_port, since=since,
+                            timeout=3)
+                marked = time.monotonic()
+                b = Upstream(name="b", fixed_ports=[b_port]).__enter__()
+                gw.reload(conf)
+                with Client(gw.port) as c:
+                    for _ in range(10):
+                        assert c.request("GET", "/x").status == 200
+                assert b.stats()["paths"].get("/x", 0) == 0, "the mark was lost by the reload"
+                time.sleep(max(0.0, marked + 3.2 - time.monotonic()))
+                for _ in range(10):
+                    assert request(gw.port, "GET", "/y").status == 200
+                assert b.stats()["paths"].get("/y", 0) > 0, "down_for did not expire"
+        finally:
+            b.kill()
