@@ -83,7 +83,7 @@ static const char *const limits_fields[] = {
 };
 static const char *const upstream_fields[] = {
     "targets", "balance", "timeouts", "keepalive", "max_pending", "hash_on",
-    "health",  "passive", "breaker",  "retries",   NULL,
+    "health",  "passive", "breaker",  "retries",   "dns_refresh", NULL,
 };
 static const char *const health_fields[] = {
     "path", "interval", "timeout", "healthy", "unhealthy", "statuses", NULL,
@@ -812,6 +812,23 @@ static void load_timeouts(ld_t *ld, int t, mg_timeouts_t *to)
     lua_pop(ld->L, 1);
 }
 
+/* The host of a valid "host:port" when it is a name rather than an IP
+ * literal (a copy), else NULL. */
+static char *name_of(const char *text)
+{
+    const char *colon = strrchr(text, ':');
+    unsigned char buf[sizeof(struct in6_addr)];
+    char host[256];
+    size_t n = (size_t)(colon - text);
+    if (text[0] == '[' || n >= sizeof(host))
+        return NULL;
+    memcpy(host, text, n);
+    host[n] = '\0';
+    if (inet_pton(AF_INET, host, buf) == 1)
+        return NULL;
+    return mg_strndup(host, n);
+}
+
 /* One target at the top of the stack: "host:port" or { "host:port",
  * weight = n }. */
 static void load_target(ld_t *ld, size_t i, mg_target_conf_t *tc)
@@ -833,8 +850,9 @@ static void load_target(ld_t *ld, size_t i, mg_target_conf_t *tc)
         fail_type(ld, f, -1, "\"host:port\" or { \"host:port\", weight = n }");
         return;
     }
-    if (to_string(ld, -1, f, &tc->text) == 0)
-        parse_addr(ld, f, tc->text, 0, &tc->addr, &tc->addrlen);
+    if (to_string(ld, -1, f, &tc->text) == 0
+        && parse_addr(ld, f, tc->text, 0, &tc->addr, &tc->addrlen) == 0)
+        tc->host = name_of(tc->text);
     if (table)
         lua_pop(L, 1);
 }
@@ -1105,8 +1123,14 @@ static void load_upstream(ld_t *ld, mg_upstream_conf_t *u)
     u->keepalive_max_idle = 64;
     u->keepalive_idle_ms = 60000;
     u->max_pending = 1024;
+    u->dns_refresh_ms = 30000;
     check_fields(ld, -1, upstream_fields, NULL);
     load_targets(ld, -1, u);
+    if (get_duration(ld, -1, "dns_refresh", &u->dns_refresh_ms) == 1
+        && u->dns_refresh_ms && u->dns_refresh_ms < 100)
+        fail(ld, "dns_refresh", "must be 0 (never) or at least 0.1 seconds");
+    for (size_t i = 0; i < u->ntargets; i++)
+        u->targets[i].resolve_ms = u->targets[i].host ? u->dns_refresh_ms : 0;
     if (get_string(ld, -1, "balance", &u->balance) == 1
         && mg_balancer_kind_parse(u->balance) < 0)
         fail(ld, "balance",
@@ -1521,8 +1545,10 @@ static void free_strv(char **v, size_t n)
 
 static void free_upstream(mg_upstream_conf_t *u)
 {
-    for (size_t i = 0; i < u->ntargets; i++)
+    for (size_t i = 0; i < u->ntargets; i++) {
         free(u->targets[i].text);
+        free(u->targets[i].host);
+    }
     free(u->targets);
     free(u->name);
     free(u->balance);

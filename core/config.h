@@ -38,7 +38,10 @@ typedef struct {
     char *text;                   /* "127.0.0.1:9001" as written */
     struct sockaddr_storage addr; /* resolved at load time */
     socklen_t addrlen;
-    unsigned weight; /* default 1 */
+    unsigned weight;     /* default 1 */
+    char *host;          /* the host when it is a name, not an IP literal:
+                            re-resolved every resolve_ms; NULL otherwise */
+    uint64_t resolve_ms; /* the upstream's dns_refresh; 0: never */
 } mg_target_conf_t;
 
 /* A set of HTTP status codes (0..639), e.g. `statuses = { 502, 503 }`. */
@@ -116,6 +119,8 @@ typedef struct {
     mg_passive_conf_t passive;
     mg_breaker_conf_t breaker;
     mg_retry_conf_t retries;
+    uint64_t dns_refresh_ms;     /* host-name targets re-resolved, default
+                                    30 s; 0: only at load */
     mg_timeouts_t timeouts;      /* defaults 5 s connect, 60 s send/read */
     unsigned keepalive_max_idle; /* idle conns kept per target, default 64 */
     uint64_t keepalive_idle_ms;  /* default 60 s */

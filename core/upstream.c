@@ -7,6 +7,8 @@
 #include "upstream.h"
 
 #include <errno.h>
+#include <netdb.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 
@@ -21,6 +23,15 @@ struct mg_target_s {
     socklen_t addrlen;
     mg_upconn_t *idle; /* most recently used first */
     unsigned nidle;
+    /* A host-name target re-resolves on a timer through libuv's thread
+     * pool (uv_getaddrinfo), never blocking the loop. */
+    char *host; /* NULL: an IP literal, nothing to resolve */
+    char port[8];
+    uv_timer_t resolve_timer;
+    uv_getaddrinfo_t gai;
+    unsigned pending; /* resolve_timer open + lookup in flight */
+    unsigned resolving : 1;
+    unsigned freeing : 1;
 };
 
 /* Initial retry tokens: a quiet upstream may still retry a few times. */
@@ -262,6 +273,75 @@ const char *mg_target_name(const mg_target_t *t)
     return t->name;
 }
 
+static void target_release(mg_target_t *t)
+{
+    if (--t->pending > 0)
+        return;
+    free(t->host);
+    free(t->name);
+    free(t);
+}
+
+static void on_resolve_timer_closed(uv_handle_t *h)
+{
+    target_release(h->data);
+}
+
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
+{
+    mg_target_t *t = req->data;
+    t->resolving = 0;
+    if (t->freeing) {
+        uv_freeaddrinfo(res);
+        target_release(t);
+        return;
+    }
+    t->pending--;
+    if (status < 0 || !res) {
+        /* Keep the last good address: a DNS hiccup must not take a
+         * working target away. */
+        mg_log_warn("target %s: cannot re-resolve %s: %s (keeping the "
+                    "last address)",
+                    t->name, t->host, uv_strerror(status));
+        uv_freeaddrinfo(res);
+        return;
+    }
+    if ((socklen_t)res->ai_addrlen == t->addrlen
+        && memcmp(res->ai_addr, &t->addr, t->addrlen) == 0) {
+        mg_log_debug("target %s: re-resolved, address unchanged", t->name);
+    } else {
+        char ip[INET6_ADDRSTRLEN] = "?";
+        if (res->ai_family == AF_INET)
+            uv_ip4_name((struct sockaddr_in *)res->ai_addr, ip, sizeof(ip));
+        else if (res->ai_family == AF_INET6)
+            uv_ip6_name((struct sockaddr_in6 *)res->ai_addr, ip, sizeof(ip));
+        memcpy(&t->addr, res->ai_addr, res->ai_addrlen);
+        t->addrlen = (socklen_t)res->ai_addrlen;
+        /* Idle connections go to the old address: drop them. */
+        while (t->idle)
+            mg_upconn_close(t->idle);
+        mg_log_info("target %s: now resolves to %s", t->name, ip);
+    }
+    uv_freeaddrinfo(res);
+}
+
+static void on_resolve_timer(uv_timer_t *timer)
+{
+    mg_target_t *t = timer->data;
+    if (t->resolving || t->freeing)
+        return;
+    struct addrinfo hints = {0};
+    hints.ai_family = AF_UNSPEC; /* as the config loader resolved it */
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV;
+    t->gai.data = t;
+    if (uv_getaddrinfo(t->loop, &t->gai, on_resolved, t->host, t->port, &hints)
+        == 0) {
+        t->resolving = 1;
+        t->pending++;
+    }
+}
+
 mg_target_t *mg_target_new(uv_loop_t *loop, const mg_target_conf_t *tc)
 {
     mg_target_t *t = mg_calloc(1, sizeof(*t));
@@ -269,11 +349,29 @@ mg_target_t *mg_target_new(uv_loop_t *loop, const mg_target_conf_t *tc)
     t->name = mg_strndup(tc->text, strlen(tc->text));
     t->addr = tc->addr;
     t->addrlen = tc->addrlen;
+    t->pending = 1; /* the target itself */
+    if (tc->host && tc->resolve_ms) {
+        const char *colon = strrchr(tc->text, ':');
+        t->host = mg_strndup(tc->host, strlen(tc->host));
+        snprintf(t->port, sizeof(t->port), "%s", colon ? colon + 1 : "");
+        uv_timer_init(loop, &t->resolve_timer);
+        t->resolve_timer.data = t;
+        uv_timer_start(&t->resolve_timer, on_resolve_timer, tc->resolve_ms,
+                       tc->resolve_ms);
+        /* The timer must not keep a draining worker's loop alive. */
+        uv_unref((uv_handle_t *)&t->resolve_timer);
+        t->pending++;
+    }
     return t;
 }
 
 int mg_target_matches(const mg_target_t *t, const mg_target_conf_t *tc)
 {
+    /* A host-name target is the name (its address may change); an IP
+     * target is the address. */
+    if (t->host || (tc->host && tc->resolve_ms))
+        return t->host && tc->host && tc->resolve_ms
+               && strcmp(t->name, tc->text) == 0;
     return t->addrlen == tc->addrlen
            && memcmp(&t->addr, &tc->addr, t->addrlen) == 0;
 }
@@ -282,8 +380,13 @@ void mg_target_free(mg_target_t *t)
 {
     while (t->idle)
         mg_upconn_close(t->idle);
-    free(t->name);
-    free(t);
+    t->freeing = 1;
+    if (t->host) {
+        if (t->resolving)
+            uv_cancel((uv_req_t *)&t->gai); /* on_resolved releases */
+        uv_close((uv_handle_t *)&t->resolve_timer, on_resolve_timer_closed);
+    }
+    target_release(t);
 }
 
 static void unlink_idle(mg_upconn_t *uc)

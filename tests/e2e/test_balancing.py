@@ -179,3 +179,22 @@ def test_all_targets_down_answers_503_with_retry_after_at_once_without_connectin
         assert med < 5.0
     finally:
         owned.close()
+
+
+def test_a_host_name_target_is_re_resolved_in_the_background_and_keeps_serving():
+    with Upstream() as up:
+        name = "localhost:%d" % up.port
+        conf = {"log_level": "debug",
+                "upstreams": {"n": upstream_conf(name, up.addr, dns_refresh=0.2)},
+                "routes": [route("/*", "n")]}
+        with Gateway(conf, workers=2) as gw:
+            since = gw.log_size()
+            gw.wait_log(r"worker 1: target %s: re-resolved, address unchanged" % name,
+                        since=since, timeout=5)
+            gw.wait_log(r"worker 2: target %s: re-resolved, address unchanged" % name,
+                        since=since, timeout=5)
+            with Client(gw.port) as c:
+                for _ in range(20):
+                    assert c.request("GET", "/x").status == 200
+            # The name and the address are two targets (two pools): both used.
+            assert up.stats()["connections"] >= 2

@@ -665,6 +665,32 @@ static void bad_resilience_options_name_upstream_and_field(void)
     CHECK_INT(count_lines(err), ==, 13);
 }
 
+static void host_name_targets_are_marked_for_re_resolution(void)
+{
+    mg_config_t *cfg;
+    CHECK_INT(load("return { listen = \":0\", upstreams = {\n"
+                   "  u = { targets = { \"localhost:9001\", \"127.0.0.1:9002\",\n"
+                   "                    \"[::1]:9003\" }, dns_refresh = 5 },\n"
+                   "  v = { targets = { \"localhost:9001\" }, dns_refresh = 0 } } }",
+                   &cfg),
+              ==, 0);
+    const mg_upstream_conf_t *u = &cfg->upstreams[0];
+    CHECK_STR(u->targets[0].host, "localhost");
+    CHECK_INT(u->targets[0].resolve_ms, ==, 5000);
+    CHECK(u->targets[1].host == NULL);
+    CHECK_INT(u->targets[1].resolve_ms, ==, 0);
+    CHECK(u->targets[2].host == NULL);
+    CHECK_INT(cfg->upstreams[1].targets[0].resolve_ms, ==, 0);
+    mg_config_free(cfg);
+    CHECK_INT(load("return { listen = \":0\", upstreams = {\n"
+                   "  u = { targets = { \"localhost:9001\" },\n"
+                   "        dns_refresh = 0.05 } } }",
+                   &cfg),
+              ==, MG_ECONFIG);
+    CHECK(has_error("upstreams.u: dns_refresh: must be 0 (never) or at least "
+                    "0.1 seconds"));
+}
+
 static void upstream_without_targets_is_an_error(void)
 {
     mg_config_t *cfg;
@@ -1010,6 +1036,7 @@ int main(void)
     RUN(resilience_options_are_loaded);
     RUN(resilience_defaults);
     RUN(bad_resilience_options_name_upstream_and_field);
+    RUN(host_name_targets_are_marked_for_re_resolution);
     RUN(upstream_without_targets_is_an_error);
     RUN(strip_prefix_true_needs_a_wildcard_path);
     RUN(missing_route_fields_and_empty_lists_are_reported);
