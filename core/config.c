@@ -18,6 +18,7 @@
  * mg_config_free can release a half-built one.
  */
 #include "config.h"
+#include "balancer.h"
 #include "lua.h"
 
 #include <arpa/inet.h>
@@ -61,8 +62,8 @@ static const struct {
 /*
  * Field lists per table. The reserved ones belong to features that are not
  * built yet (admin API, shared dicts, Redis, plugins, config watching, route
- * handlers, upstream health checks and breakers): they are accepted and
- * ignored for now, so configs written for them already load.
+ * handlers): they are accepted and ignored for now, so configs written for
+ * them already load.
  */
 static const char *const top_fields[] = {
     "listen",          "workers",          "pid_file", "error_log", "log_level",
@@ -81,9 +82,23 @@ static const char *const limits_fields[] = {
     "drain_timeout",     NULL,
 };
 static const char *const upstream_fields[] = {
-    "targets", "balance", "timeouts", "keepalive", "max_pending", NULL,
+    "targets", "balance", "timeouts", "keepalive", "max_pending", "hash_on",
+    "health",  "passive", "breaker",  "retries",   "dns_refresh", NULL,
 };
-static const char *const upstream_reserved[] = {"health", "breaker", NULL};
+static const char *const health_fields[] = {
+    "path", "interval", "timeout", "healthy", "unhealthy", "statuses", NULL,
+};
+static const char *const passive_fields[] = {
+    "failures", "statuses", "timeouts", "down_for", NULL,
+};
+static const char *const breaker_fields[] = {
+    "failures", "failure_ratio",    "window",   "min_requests",
+    "open_for", "half_open_probes", "statuses", NULL,
+};
+static const char *const retries_fields[] = {
+    "count",         "on", "budget", "retry_non_idempotent", "try_timeout",
+    "total_timeout", NULL,
+};
 static const char *const timeouts_fields[] = {
     "connect",
     "send",
@@ -797,6 +812,23 @@ static void load_timeouts(ld_t *ld, int t, mg_timeouts_t *to)
     lua_pop(ld->L, 1);
 }
 
+/* The host of a valid "host:port" when it is a name rather than an IP
+ * literal (a copy), else NULL. */
+static char *name_of(const char *text)
+{
+    const char *colon = strrchr(text, ':');
+    unsigned char buf[sizeof(struct in6_addr)];
+    char host[256];
+    size_t n = (size_t)(colon - text);
+    if (text[0] == '[' || n >= sizeof(host))
+        return NULL;
+    memcpy(host, text, n);
+    host[n] = '\0';
+    if (inet_pton(AF_INET, host, buf) == 1)
+        return NULL;
+    return mg_strndup(host, n);
+}
+
 /* One target at the top of the stack: "host:port" or { "host:port",
  * weight = n }. */
 static void load_target(ld_t *ld, size_t i, mg_target_conf_t *tc)
@@ -818,8 +850,9 @@ static void load_target(ld_t *ld, size_t i, mg_target_conf_t *tc)
         fail_type(ld, f, -1, "\"host:port\" or { \"host:port\", weight = n }");
         return;
     }
-    if (to_string(ld, -1, f, &tc->text) == 0)
-        parse_addr(ld, f, tc->text, 0, &tc->addr, &tc->addrlen);
+    if (to_string(ld, -1, f, &tc->text) == 0
+        && parse_addr(ld, f, tc->text, 0, &tc->addr, &tc->addrlen) == 0)
+        tc->host = name_of(tc->text);
     if (table)
         lua_pop(L, 1);
 }
@@ -846,6 +879,242 @@ static void load_targets(ld_t *ld, int t, mg_upstream_conf_t *u)
     lua_pop(L, 1);
 }
 
+/* A number in [0, 1]. */
+static int get_ratio(ld_t *ld, int t, const char *key, double *out)
+{
+    if (!push_field(ld, t, key))
+        return 0;
+    lua_State *L = ld->L;
+    int rc = 1;
+    if (lua_type(L, -1) != LUA_TNUMBER) {
+        fail_type(ld, key, -1, "a number between 0 and 1");
+        rc = -1;
+    } else if (!(lua_tonumber(L, -1) >= 0 && lua_tonumber(L, -1) <= 1)) {
+        fail(ld, key, "must be between 0 and 1, got %.14g",
+             lua_tonumber(L, -1));
+        rc = -1;
+    } else {
+        *out = lua_tonumber(L, -1);
+    }
+    lua_pop(L, 1);
+    return rc;
+}
+
+static int get_bool(ld_t *ld, int t, const char *key, int *out)
+{
+    if (!push_field(ld, t, key))
+        return 0;
+    int rc = 1;
+    if (lua_type(ld->L, -1) != LUA_TBOOLEAN) {
+        fail_type(ld, key, -1, "a boolean");
+        rc = -1;
+    } else {
+        *out = lua_toboolean(ld->L, -1);
+    }
+    lua_pop(ld->L, 1);
+    return rc;
+}
+
+static void status_add(mg_status_set_t *s, int status)
+{
+    s->bits[status / 64] |= (uint64_t)1 << (status % 64);
+}
+
+static void status_range(mg_status_set_t *s, int from, int to)
+{
+    for (int i = from; i <= to; i++)
+        status_add(s, i);
+}
+
+/* The value at the top of the stack as a status (100-599); reports
+ * against `field`. */
+static int to_status(ld_t *ld, const char *field, int *out)
+{
+    unsigned v;
+    if (to_uint(ld, -1, field, 100, 599, &v) < 0)
+        return -1;
+    *out = (int)v;
+    return 0;
+}
+
+/*
+ * A list of statuses, or for `retries.on` of statuses and the words
+ * "connect" and "timeout" (words != NULL receives them as bits 1, 2).
+ * Replaces *set when present.
+ */
+static void get_statuses(ld_t *ld, int t, const char *key, mg_status_set_t *set,
+                         int *words)
+{
+    lua_State *L = ld->L;
+    long n = push_list(ld, t, key);
+    if (n < 0)
+        return;
+    memset(set, 0, sizeof(*set));
+    if (words)
+        *words = 0;
+    for (long i = 0; i < n; i++) {
+        char f[48];
+        int st;
+        snprintf(f, sizeof(f), "%s[%ld]", key, i + 1);
+        lua_rawgeti(L, -1, (int)i + 1);
+        if (words && lua_type(L, -1) == LUA_TSTRING) {
+            const char *w = lua_tostring(L, -1);
+            if (strcmp(w, "connect") == 0)
+                *words |= 1;
+            else if (strcmp(w, "timeout") == 0)
+                *words |= 2;
+            else
+                fail(ld, f,
+                     "expected \"connect\", \"timeout\" or a status, "
+                     "got \"%s\"",
+                     w);
+        } else if (lua_type(L, -1) != LUA_TNUMBER) {
+            fail_type(ld, f, -1,
+                      words ? "a status or \"connect\"/\"timeout\""
+                            : "a status");
+        } else if (to_status(ld, f, &st) == 0) {
+            status_add(set, st);
+        }
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
+/* hash_on = "ip" | "consumer" | "path" | "header:NAME" */
+static void load_hash_on(ld_t *ld, mg_upstream_conf_t *u)
+{
+    char *h = NULL;
+    u->hash_on = MG_HASH_ON_IP;
+    if (get_string(ld, -1, "hash_on", &h) != 1)
+        return;
+    if (strcmp(h, "ip") == 0)
+        u->hash_on = MG_HASH_ON_IP;
+    else if (strcmp(h, "consumer") == 0)
+        u->hash_on = MG_HASH_ON_CONSUMER;
+    else if (strcmp(h, "path") == 0)
+        u->hash_on = MG_HASH_ON_PATH;
+    else if (strncmp(h, "header:", 7) == 0 && is_token(h + 7)) {
+        u->hash_on = MG_HASH_ON_HEADER;
+        u->hash_header = mg_strndup(h + 7, strlen(h + 7));
+    } else
+        fail(ld, "hash_on",
+             "expected \"ip\", \"consumer\", \"path\" or \"header:NAME\", "
+             "got \"%s\"",
+             h);
+    if (u->balance_kind != MG_BALANCE_HASH)
+        fail(ld, "hash_on", "only used with balance = \"hash\"");
+    free(h);
+}
+
+static void load_health(ld_t *ld, mg_upstream_conf_t *u)
+{
+    mg_health_conf_t *h = &u->health;
+    h->path = mg_strndup("/health", 7);
+    h->interval_ms = 5000;
+    h->timeout_ms = 1000;
+    h->healthy = 2;
+    h->unhealthy = 3;
+    status_range(&h->statuses, 200, 399);
+    if (!push_record(ld, -1, "health", health_fields, NULL))
+        return;
+    h->enabled = 1;
+    set_prefix(ld, "health.");
+    if (get_string(ld, -1, "path", &h->path) == 1 && h->path[0] != '/')
+        fail(ld, "path", "must start with '/'");
+    for (const char *c = h->path; *c; c++)
+        if ((unsigned char)*c <= ' ' || *c == 0x7f) {
+            fail(ld, "path", "must not contain spaces or control characters");
+            break;
+        }
+    if (get_duration(ld, -1, "interval", &h->interval_ms) == 1
+        && h->interval_ms < 10)
+        fail(ld, "interval", "must be at least 0.01 seconds");
+    if (get_duration(ld, -1, "timeout", &h->timeout_ms) == 1
+        && h->timeout_ms == 0)
+        fail(ld, "timeout", "must be more than 0");
+    get_uint(ld, -1, "healthy", 1, 1000, &h->healthy);
+    get_uint(ld, -1, "unhealthy", 1, 1000, &h->unhealthy);
+    get_statuses(ld, -1, "statuses", &h->statuses, NULL);
+    set_prefix(ld, "");
+    lua_pop(ld->L, 1);
+}
+
+static void load_passive(ld_t *ld, mg_upstream_conf_t *u)
+{
+    mg_passive_conf_t *p = &u->passive;
+    p->failures = 3;
+    status_add(&p->statuses, 500);
+    status_range(&p->statuses, 502, 504);
+    p->timeouts = 1;
+    p->down_ms = 10000;
+    if (!push_record(ld, -1, "passive", passive_fields, NULL))
+        return;
+    p->enabled = 1;
+    set_prefix(ld, "passive.");
+    get_uint(ld, -1, "failures", 1, 1000, &p->failures);
+    get_statuses(ld, -1, "statuses", &p->statuses, NULL);
+    get_bool(ld, -1, "timeouts", &p->timeouts);
+    if (get_duration(ld, -1, "down_for", &p->down_ms) == 1 && !p->down_ms)
+        fail(ld, "down_for", "must be more than 0");
+    set_prefix(ld, "");
+    lua_pop(ld->L, 1);
+}
+
+static void load_breaker(ld_t *ld, mg_upstream_conf_t *u)
+{
+    mg_breaker_conf_t *b = &u->breaker;
+    b->failures = 5;
+    b->failure_ratio = 0.5;
+    b->window_ms = 10000;
+    b->min_requests = 20;
+    b->open_ms = 30000;
+    b->half_open_probes = 3;
+    status_add(&b->statuses, 500);
+    status_range(&b->statuses, 502, 504);
+    if (!push_record(ld, -1, "breaker", breaker_fields, NULL))
+        return;
+    b->enabled = 1;
+    set_prefix(ld, "breaker.");
+    get_uint(ld, -1, "failures", 0, 100000, &b->failures);
+    get_ratio(ld, -1, "failure_ratio", &b->failure_ratio);
+    if (get_duration(ld, -1, "window", &b->window_ms) == 1
+        && b->window_ms < 100)
+        fail(ld, "window", "must be at least 0.1 seconds");
+    get_uint(ld, -1, "min_requests", 1, 1000000, &b->min_requests);
+    if (get_duration(ld, -1, "open_for", &b->open_ms) == 1 && !b->open_ms)
+        fail(ld, "open_for", "must be more than 0");
+    get_uint(ld, -1, "half_open_probes", 1, 1000, &b->half_open_probes);
+    get_statuses(ld, -1, "statuses", &b->statuses, NULL);
+    if (b->failures == 0 && b->failure_ratio == 0)
+        fail(ld, "failures",
+             "failures and failure_ratio are both 0: the breaker could "
+             "never open");
+    set_prefix(ld, "");
+    lua_pop(ld->L, 1);
+}
+
+static void load_retries(ld_t *ld, mg_upstream_conf_t *u)
+{
+    mg_retry_conf_t *r = &u->retries;
+    r->count = 1;
+    r->on_connect = 1;
+    r->budget = 0.2;
+    if (!push_record(ld, -1, "retries", retries_fields, NULL))
+        return;
+    set_prefix(ld, "retries.");
+    get_uint(ld, -1, "count", 0, 10, &r->count);
+    int words = 1;
+    get_statuses(ld, -1, "on", &r->statuses, &words);
+    r->on_connect = words & 1;
+    r->on_timeout = (words & 2) != 0;
+    get_ratio(ld, -1, "budget", &r->budget);
+    get_bool(ld, -1, "retry_non_idempotent", &r->non_idempotent);
+    get_duration(ld, -1, "try_timeout", &r->try_timeout_ms);
+    get_duration(ld, -1, "total_timeout", &r->total_timeout_ms);
+    set_prefix(ld, "");
+    lua_pop(ld->L, 1);
+}
+
 /* The upstream record at the top of the stack. */
 static void load_upstream(ld_t *ld, mg_upstream_conf_t *u)
 {
@@ -854,11 +1123,26 @@ static void load_upstream(ld_t *ld, mg_upstream_conf_t *u)
     u->keepalive_max_idle = 64;
     u->keepalive_idle_ms = 60000;
     u->max_pending = 1024;
-    check_fields(ld, -1, upstream_fields, upstream_reserved);
+    u->dns_refresh_ms = 30000;
+    check_fields(ld, -1, upstream_fields, NULL);
     load_targets(ld, -1, u);
+    if (get_duration(ld, -1, "dns_refresh", &u->dns_refresh_ms) == 1
+        && u->dns_refresh_ms && u->dns_refresh_ms < 100)
+        fail(ld, "dns_refresh", "must be 0 (never) or at least 0.1 seconds");
+    for (size_t i = 0; i < u->ntargets; i++)
+        u->targets[i].resolve_ms = u->targets[i].host ? u->dns_refresh_ms : 0;
     if (get_string(ld, -1, "balance", &u->balance) == 1
-        && strcmp(u->balance, "round_robin") != 0)
-        fail(ld, "balance", "expected \"round_robin\", got \"%s\"", u->balance);
+        && mg_balancer_kind_parse(u->balance) < 0)
+        fail(ld, "balance",
+             "expected one of \"round_robin\", \"weighted\", "
+             "\"least_conn\", \"hash\", \"p2c\", got \"%s\"",
+             u->balance);
+    u->balance_kind = mg_balancer_kind_parse(u->balance);
+    load_hash_on(ld, u);
+    load_health(ld, u);
+    load_passive(ld, u);
+    load_breaker(ld, u);
+    load_retries(ld, u);
     load_timeouts(ld, -1, &u->timeouts);
     if (push_record(ld, -1, "keepalive", keepalive_fields, NULL)) {
         set_prefix(ld, "keepalive.");
@@ -1261,11 +1545,15 @@ static void free_strv(char **v, size_t n)
 
 static void free_upstream(mg_upstream_conf_t *u)
 {
-    for (size_t i = 0; i < u->ntargets; i++)
+    for (size_t i = 0; i < u->ntargets; i++) {
         free(u->targets[i].text);
+        free(u->targets[i].host);
+    }
     free(u->targets);
     free(u->name);
     free(u->balance);
+    free(u->hash_header);
+    free(u->health.path);
 }
 
 static void free_route(mg_route_conf_t *r)

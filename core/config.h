@@ -38,14 +38,89 @@ typedef struct {
     char *text;                   /* "127.0.0.1:9001" as written */
     struct sockaddr_storage addr; /* resolved at load time */
     socklen_t addrlen;
-    unsigned weight; /* default 1 */
+    unsigned weight;     /* default 1 */
+    char *host;          /* the host when it is a name, not an IP literal:
+                            re-resolved every resolve_ms; NULL otherwise */
+    uint64_t resolve_ms; /* the upstream's dns_refresh; 0: never */
 } mg_target_conf_t;
+
+/* A set of HTTP status codes (0..639), e.g. `statuses = { 502, 503 }`. */
+typedef struct {
+    uint64_t bits[10];
+} mg_status_set_t;
+
+static inline int mg_status_set_has(const mg_status_set_t *s, int status)
+{
+    return status >= 0 && status < 640
+           && (s->bits[status / 64] >> (status % 64) & 1);
+}
+
+/* `hash_on`: where the consistent-hash key comes from. */
+enum { MG_HASH_ON_IP, MG_HASH_ON_HEADER, MG_HASH_ON_CONSUMER, MG_HASH_ON_PATH };
+
+/* `health = { ... }`: active checks (HTTP GET), off unless configured. */
+typedef struct {
+    int enabled;
+    char *path;               /* default "/health" */
+    uint64_t interval_ms;     /* default 5 s */
+    uint64_t timeout_ms;      /* default 1 s */
+    unsigned healthy;         /* successes in a row to restore, default 2 */
+    unsigned unhealthy;       /* failures in a row to take down, default 3 */
+    mg_status_set_t statuses; /* healthy statuses, default 200-399 */
+} mg_health_conf_t;
+
+/* `passive = { ... }`: real traffic marks a target down. */
+typedef struct {
+    int enabled;
+    unsigned failures;        /* in a row to take down, default 3 */
+    mg_status_set_t statuses; /* count as failures, default 500, 502-504 */
+    int timeouts;             /* a timeout counts, default true */
+    uint64_t down_ms;         /* without active checks: down this long,
+                                 default 10 s (with them: until they
+                                 restore it) */
+} mg_passive_conf_t;
+
+/* `breaker = { ... }`: per-target circuit breaker, off unless configured. */
+typedef struct {
+    int enabled;
+    unsigned failures;         /* consecutive, default 5; 0: off */
+    double failure_ratio;      /* over the window, default 0.5; 0: off */
+    uint64_t window_ms;        /* default 10 s */
+    unsigned min_requests;     /* in the window before the ratio counts,
+                                  default 20 */
+    uint64_t open_ms;          /* cool-down, default 30 s */
+    unsigned half_open_probes; /* default 3 */
+    mg_status_set_t statuses;  /* failures, default 500, 502-504 */
+} mg_breaker_conf_t;
+
+/* `retries = { ... }`. */
+typedef struct {
+    unsigned count;            /* extra tries, default 1 */
+    int on_connect;            /* connect failure (default on) */
+    int on_timeout;            /* connect/read timeout before any response
+                                  byte (default off) */
+    mg_status_set_t statuses;  /* retried statuses (default none) */
+    double budget;             /* retries / requests, default 0.2 */
+    int non_idempotent;        /* retry_non_idempotent, default false */
+    uint64_t try_timeout_ms;   /* per try read timeout, 0: timeouts.read */
+    uint64_t total_timeout_ms; /* no new try after this, 0: none */
+} mg_retry_conf_t;
 
 typedef struct {
     char *name;
     mg_target_conf_t *targets;
     size_t ntargets;
-    char *balance;               /* "round_robin" (only one for now) */
+    char *balance;     /* "round_robin" (default), "weighted",
+                          "least_conn", "hash", "p2c" */
+    int balance_kind;  /* mg_balancer_kind_t */
+    int hash_on;       /* MG_HASH_ON_*, default ip */
+    char *hash_header; /* hash_on = "header:NAME" */
+    mg_health_conf_t health;
+    mg_passive_conf_t passive;
+    mg_breaker_conf_t breaker;
+    mg_retry_conf_t retries;
+    uint64_t dns_refresh_ms;     /* host-name targets re-resolved, default
+                                    30 s; 0: only at load */
     mg_timeouts_t timeouts;      /* defaults 5 s connect, 60 s send/read */
     unsigned keepalive_max_idle; /* idle conns kept per target, default 64 */
     uint64_t keepalive_idle_ms;  /* default 60 s */

@@ -7,6 +7,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "worker.h"
 
@@ -82,6 +83,9 @@ mg_gen_t *mg_gen_new(mg_worker_t *w, mg_lua_t *lua, mg_config_t *cfg,
         u->targets = mg_calloc(u->ntargets, sizeof(*u->targets));
         for (size_t k = 0; k < u->ntargets; k++)
             u->targets[k] = mg_worker_target(w, &u->conf->targets[k]);
+        /* p2c's draws differ per worker and generation. */
+        mg_upstream_init(u, ((uint64_t)getpid() << 32) ^ (id * 2654435761u)
+                                ^ (uint64_t)(i + 1));
     }
     return g;
 }
@@ -90,8 +94,10 @@ void mg_gen_unref(mg_gen_t *g)
 {
     if (--g->refs > 0)
         return;
-    for (size_t i = 0; i < g->cfg->nupstreams; i++)
+    for (size_t i = 0; i < g->cfg->nupstreams; i++) {
+        mg_upstream_clear(&g->upstreams[i]);
         free(g->upstreams[i].targets);
+    }
     free(g->upstreams);
     mg_router_free(g->router);
     if (g->lua)

@@ -23,6 +23,7 @@
 
 #include "generation.h"
 #include "log.h"
+#include "peers.h"
 #include "worker.h"
 #include "zones.h"
 
@@ -344,6 +345,9 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
     int rc = mg_zones_apply(cfg);
     if (rc < 0)
         mg_log_error("cannot create the shared zones: %s", strerror(-rc));
+    /* Per-target health and breaker state, shared by every worker. */
+    if (rc == 0 && (rc = mg_peers_init()) < 0)
+        mg_log_error("cannot map the per-target state: %s", strerror(-rc));
     if (rc < 0 || write_pid_file(cfg->pid_file) < 0) {
         for (size_t i = 0; i < m.nfds; i++)
             close(m.fds[i]);

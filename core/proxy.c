@@ -26,6 +26,7 @@
 #include "http.h"
 #include "lua.h"
 #include "log.h"
+#include "ffi.h"
 #include "path.h"
 #include "upstream.h"
 #include "worker.h"
@@ -95,8 +96,13 @@ struct mg_proxy_s {
     unsigned conn_fields : 1;   /* the response has a Connection header */
     unsigned filter_body : 1;   /* body_filter runs on the response body */
     unsigned body_plugin_failed : 1;
-    mg_deadline_t deadline; /* the upstream wait, on uc->timer */
-    uint64_t up_start_ns;   /* when the upstream exchange began */
+    unsigned retry_status : 1; /* headers_complete asked for a retry */
+    mg_deadline_t deadline;    /* the upstream wait, on uc->timer */
+    uint64_t up_start_ns;      /* when the upstream exchange began */
+    mg_upstream_try_t try_;    /* the open try (health, breaker) */
+    uint8_t *tried;            /* per target: tried already (arena) */
+    unsigned tries;            /* tries started, the first included */
+    uint64_t first_try_ms;     /* for retries.total_timeout */
 };
 
 static llhttp_settings_t up_settings;
@@ -252,6 +258,8 @@ void mg_proxy_abort(mg_req_t *r)
         return;
     p->r = NULL;
     p->dead = 1;
+    if (p->upstream)
+        mg_upstream_try_cancel(p->upstream, &p->try_);
     if (p->counted) {
         p->upstream->inflight--;
         p->counted = 0;
@@ -428,6 +436,163 @@ static void set_request_id(mg_req_t *r)
     r->request_id = (mg_str_t){id, 32};
 }
 
+/* The consistent-hash key of the request, per the upstream's hash_on. A
+ * request without the header or consumer hashes on the client address. */
+static uint64_t hash_key(mg_req_t *r, const mg_upstream_conf_t *c)
+{
+    mg_str_t k = MG_NULL_STR;
+    if (c->balance_kind != MG_BALANCE_HASH)
+        return 0;
+    if (c->hash_on == MG_HASH_ON_PATH) {
+        k = r->path;
+    } else if (c->hash_on == MG_HASH_ON_CONSUMER) {
+        k = r->consumer;
+    } else if (c->hash_on == MG_HASH_ON_HEADER) {
+        for (size_t i = 0; i < r->nheaders; i++)
+            if (mg_str_caseeq(r->headers[i].name,
+                              mg_str_from_cstr(c->hash_header))) {
+                k = r->headers[i].value;
+                break;
+            }
+    }
+    if (!k.len)
+        k = mg_req_client_ip(r);
+    return mg_balancer_hash(k.p, k.len);
+}
+
+/* No target is usable: 503 at once, without touching any upstream. */
+static void fail_unavailable(mg_proxy_t *p)
+{
+    mg_req_t *r = p->r;
+    mg_upstream_t *u = p->upstream;
+    char after[16], body[256];
+    snprintf(after, sizeof(after), "%u",
+             mg_upstream_retry_after(u, mg_peers_now_ms()));
+    int n = snprintf(body, sizeof(body),
+                     "{\"error\":\"no healthy upstream target\","
+                     "\"upstream\":\"%.100s\"}\n",
+                     u->conf->name);
+    if (n >= (int)sizeof(body))
+        n = sizeof(body) - 1;
+    mg_header_t h[2] = {{MG_STR("Retry-After"), mg_str_from_cstr(after)},
+                        {MG_STR("Content-Type"), MG_STR("application/json")}};
+    mg_log_warn("%.*s %.*s: upstream %s: no healthy target, 503",
+                (int)r->method_name.len, r->method_name.p, (int)r->target.len,
+                r->target.p, u->conf->name);
+    r->resp_status = 503;
+    if (!p->lua_failed)
+        run_log_phase(p);
+    mg_proxy_abort(r);
+    mg_conn_respond(r, 503, h, 2, (mg_str_t){body, (size_t)n}, 0);
+}
+
+/* Starts one try: picks a target not tried yet, connects (or takes a
+ * pooled connection) and sends the request. */
+static void start_try(mg_proxy_t *p)
+{
+    mg_req_t *r = p->r;
+    const mg_route_conf_t *rt = p->route;
+    mg_upstream_t *u = p->upstream;
+    uint64_t now = mg_peers_now_ms(), key = hash_key(r, u->conf);
+    int i;
+    /* A half-open breaker may have handed its last probe to another
+     * worker between the pick and the ask: pick again without it. */
+    while ((i = mg_upstream_choose(u, key, p->tried, now)) >= 0
+           && !mg_upstream_try_begin(u, i, now, &p->try_))
+        p->tried[i] = 1;
+    if (i < 0) {
+        if (p->tries == 0)
+            fail_unavailable(p);
+        else
+            fail(p, 502, "no other target to retry on");
+        return;
+    }
+    p->tried[i] = 1;
+    p->tries++;
+    p->target = u->targets[i];
+    r->upstream_name = mg_target_name(p->target);
+    p->up_start_ns = uv_hrtime();
+    build_head(
+        p, r->path_set ? r->path : upstream_path(r, rt, p->wildcard, r->path),
+        r->query);
+    mg_upconn_t *uc;
+    int rc =
+        mg_upconn_get(p->target, p, rt->timeouts.connect_ms, on_connect, &uc);
+    if (rc == 0 || rc == MG_AGAIN) {
+        attach(p, uc);
+        if (rc == 0)
+            on_connect(uc, 0);
+    } else {
+        mg_upstream_try_end(u, &p->try_, MG_TRY_CONNECT, 0, mg_peers_now_ms());
+        fail(p, 502, mg_strerror(rc));
+    }
+}
+
+/*
+ * After a failed try (outcome MG_TRY_*, or the status a gateway would
+ * answer): may the request go to another target? Only when the upstream's
+ * retries allow this kind of failure, tries and budget remain, the method
+ * is idempotent (or the upstream opted in; a connect failure sent nothing,
+ * so it is retried for any method), and the body can be sent again:
+ * none, or buffered whole by gw.request.get_body, or not sent at all yet (a
+ * connect failure: the body gate opens only once connected). A streamed
+ * body is gone, so such a request is never retried.
+ */
+static int may_retry(mg_proxy_t *p, int outcome, int status)
+{
+    mg_req_t *r = p->r;
+    const mg_retry_conf_t *rc = &p->upstream->conf->retries;
+    int wanted = (outcome == MG_TRY_CONNECT && rc->on_connect)
+                 || (outcome == MG_TRY_TIMEOUT && rc->on_timeout)
+                 || (status && mg_status_set_has(&rc->statuses, status));
+    if (!wanted || p->tries > rc->count || r->response_started)
+        return 0;
+    /* A connect failure sent nothing: safe for any method. */
+    if (outcome != MG_TRY_CONNECT && !idempotent(r->method)
+        && !rc->non_idempotent)
+        return 0;
+    int has_body = r->chunked || r->content_length > 0;
+    if (has_body && !p->buffered && outcome != MG_TRY_CONNECT)
+        return 0;
+    if (has_body && !p->buffered && (p->head_sent || r->body_received))
+        return 0;
+    if (rc->total_timeout_ms
+        && mg_peers_now_ms() - p->first_try_ms >= rc->total_timeout_ms)
+        return 0;
+    /* Nowhere else to go: the client gets this try's answer. */
+    mg_upstream_t *u = p->upstream;
+    uint64_t now = mg_peers_now_ms();
+    size_t left = 0;
+    for (size_t i = 0; i < u->ntargets; i++)
+        left += !p->tried[i] && mg_upstream_usable(u, i, now);
+    if (!left || u->retry_tokens < 1.0)
+        return 0;
+    u->retry_tokens -= 1.0;
+    return 1;
+}
+
+/* Drops the current try's connection and starts the next try. */
+static void next_try(mg_proxy_t *p)
+{
+    mg_upconn_t *old = p->uc;
+    if (old) {
+        old->owner = NULL;
+        old->on_close = NULL;
+        mg_upconn_close(old);
+    }
+    p->uc = NULL;
+    p->head_sent = p->connected = p->resp_bytes = p->interim = 0;
+    p->retry_status = 0;
+    p->status = 0;
+    p->pos = 0;
+    p->parser.data = NULL; /* up_read_start initializes it again */
+    mg_deadline_forget_timer(&p->deadline);
+    mg_log_info("%.*s %.*s: retrying on another target (try %u)",
+                (int)p->r->method_name.len, p->r->method_name.p,
+                (int)p->r->target.len, p->r->target.p, p->tries + 1);
+    start_try(p);
+}
+
 /* Connects (or takes a pooled connection) and sends the request. */
 static void go_upstream(mg_proxy_t *p)
 {
@@ -445,22 +610,15 @@ static void go_upstream(mg_proxy_t *p)
     }
     u->inflight++;
     p->counted = 1;
-    p->target = mg_upstream_pick(u);
-    r->upstream_name = mg_target_name(p->target);
-    p->up_start_ns = uv_hrtime();
-    build_head(
-        p, r->path_set ? r->path : upstream_path(r, rt, p->wildcard, r->path),
-        r->query);
-    mg_upconn_t *uc;
-    int rc =
-        mg_upconn_get(p->target, p, rt->timeouts.connect_ms, on_connect, &uc);
-    if (rc == 0 || rc == MG_AGAIN) {
-        attach(p, uc);
-        if (rc == 0)
-            on_connect(uc, 0);
-    } else {
-        fail(p, 502, mg_strerror(rc));
-    }
+    p->try_.index = -1;
+    p->tried = mg_arena_alloc(r->arena, u->ntargets);
+    memset(p->tried, 0, u->ntargets);
+    p->first_try_ms = mg_peers_now_ms();
+    /* Each request adds to the retry budget; a retry spends one. */
+    u->retry_tokens += u->conf->retries.budget;
+    if (u->retry_tokens > 100.0)
+        u->retry_tokens = 100.0;
+    start_try(p);
 }
 
 /* Runs the route's log phase, if any (the response is fully decided), and
@@ -665,6 +823,12 @@ static void on_connect(mg_upconn_t *uc, int status)
     if (status < 0) {
         p->uc = NULL; /* upstream.c is closing it */
         uc->owner = NULL;
+        mg_upstream_try_end(p->upstream, &p->try_, MG_TRY_CONNECT, 0,
+                            mg_peers_now_ms());
+        if (may_retry(p, MG_TRY_CONNECT, 0)) {
+            next_try(p);
+            return;
+        }
         fail(p, status == MG_ETIMEOUT ? 504 : 502,
              status == MG_ETIMEOUT ? "connect timeout" : mg_strerror(status));
         return;
@@ -811,12 +975,31 @@ static void on_up_timeout(uv_timer_t *t)
     mg_proxy_t *p = uc->owner;
     if (!p || p->dead || !p->r)
         return;
-    if (mg_deadline_fired(&p->deadline, t, on_up_timeout))
+    if (!mg_deadline_fired(&p->deadline, t, on_up_timeout))
+        return;
+    mg_upstream_try_end(p->upstream, &p->try_, MG_TRY_TIMEOUT, 0,
+                        mg_peers_now_ms());
+    if (!p->r->response_started && may_retry(p, MG_TRY_TIMEOUT, 504))
+        next_try(p);
+    else
         fail(p, 504, "read timeout");
 }
 
 static void up_timer(mg_proxy_t *p, uint64_t ms)
 {
+    if (!p->uc)
+        return; /* between tries: the next connect sets its own */
+    /* retries.try_timeout caps each wait; retries.total_timeout caps the
+     * wait for the response head across all tries. */
+    const mg_retry_conf_t *rc = &p->upstream->conf->retries;
+    if (rc->try_timeout_ms && ms > rc->try_timeout_ms)
+        ms = rc->try_timeout_ms;
+    if (rc->total_timeout_ms && !p->status) {
+        uint64_t spent = mg_peers_now_ms() - p->first_try_ms;
+        uint64_t left =
+            spent < rc->total_timeout_ms ? rc->total_timeout_ms - spent : 1;
+        ms = ms < left ? ms : left;
+    }
     mg_deadline_set(&p->deadline, &p->uc->timer, on_up_timeout, ms);
 }
 
@@ -990,6 +1173,12 @@ static int up_on_headers_complete(llhttp_t *parser)
         return 0;
     }
     p->interim = 0;
+    mg_upstream_try_end(p->upstream, &p->try_, MG_TRY_OK, status,
+                        mg_peers_now_ms());
+    if (may_retry(p, MG_TRY_OK, status)) {
+        p->retry_status = 1; /* parse_response starts the next try */
+        return -1;
+    }
     p->status = status;
     r->resp_status = status;
     p->conn_fields = 0;
@@ -1222,6 +1411,7 @@ static int retry(mg_proxy_t *p)
         || r->chunked || r->content_length > 0)
         return 0;
     p->retried = 1;
+    p->tries++; /* counts against retries.count like any other try */
     mg_upconn_t *old = p->uc;
     old->owner = NULL;
     old->on_close = NULL;
@@ -1254,7 +1444,13 @@ static void parse_response(mg_proxy_t *p)
         p->pos = uc->rlen;
     } else if (err == HPE_PAUSED) {
         p->pos = (size_t)(llhttp_get_error_pos(&p->parser) - uc->rbuf);
+    } else if (p->retry_status) {
+        next_try(p);
+        return;
     } else {
+        if (!p->plugin_failed)
+            mg_upstream_try_end(p->upstream, &p->try_, MG_TRY_ERROR, 0,
+                                mg_peers_now_ms());
         fail(p, p->plugin_failed ? 500 : 502,
              !p->plugin_failed       ? "invalid response"
              : p->body_plugin_failed ? "body_filter failed"
@@ -1312,10 +1508,16 @@ static void on_up_data(mg_upconn_t *uc, ssize_t nread)
             fail(p, 502, "upstream closed mid-response");
             return;
         }
-        if (!retry(p))
-            fail(p, 502,
-                 nread == UV_EOF ? "connection closed"
-                                 : uv_strerror((int)nread));
+        if (retry(p))
+            return; /* a stale pooled connection: same target, anew */
+        mg_upstream_try_end(p->upstream, &p->try_, MG_TRY_ERROR, 0,
+                            mg_peers_now_ms());
+        if (!p->r->response_started && may_retry(p, MG_TRY_ERROR, 502)) {
+            next_try(p);
+            return;
+        }
+        fail(p, 502,
+             nread == UV_EOF ? "connection closed" : uv_strerror((int)nread));
         return;
     }
     p->resp_bytes = 1;

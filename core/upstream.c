@@ -7,6 +7,8 @@
 #include "upstream.h"
 
 #include <errno.h>
+#include <netdb.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 
@@ -21,19 +23,323 @@ struct mg_target_s {
     socklen_t addrlen;
     mg_upconn_t *idle; /* most recently used first */
     unsigned nidle;
+    /* A host-name target re-resolves on a timer through libuv's thread
+     * pool (uv_getaddrinfo), never blocking the loop. */
+    char *host; /* NULL: an IP literal, nothing to resolve */
+    char port[8];
+    uv_timer_t resolve_timer;
+    uv_getaddrinfo_t gai;
+    unsigned pending; /* resolve_timer open + lookup in flight */
+    unsigned resolving : 1;
+    unsigned freeing : 1;
 };
+
+/* Initial retry tokens: a quiet upstream may still retry a few times. */
+#define RETRY_TOKENS_START 10.0
+#define RETRY_TOKENS_MAX 100.0
+
+void mg_upstream_init(mg_upstream_t *u, uint64_t seed)
+{
+    const mg_upstream_conf_t *c = u->conf;
+    size_t n = u->ntargets;
+    const char **names = mg_calloc(n, sizeof(char *));
+    unsigned *weights = mg_calloc(n, sizeof(unsigned));
+    u->peers = mg_calloc(n, sizeof(mg_peer_t *));
+    for (size_t i = 0; i < n; i++) {
+        names[i] = c->targets[i].text;
+        weights[i] = c->targets[i].weight;
+        u->peers[i] = mg_peers_get(mg_str_from_cstr(c->name),
+                                   mg_str_from_cstr(c->targets[i].text));
+        /* A target held down for active checks that a reload turned off
+         * would stay down for ever: give it the passive time instead. */
+        mg_peer_t *pe = u->peers[i];
+        if (!c->health.enabled && atomic_load(&pe->down)
+            && !atomic_load(&pe->down_until_ms))
+            atomic_store(&pe->down_until_ms,
+                         mg_peers_now_ms()
+                             + (c->passive.enabled ? c->passive.down_ms : 1));
+    }
+    u->balancer = mg_balancer_new((mg_balancer_kind_t)c->balance_kind, n, names,
+                                  weights, seed);
+    free(names);
+    free(weights);
+    u->usable = mg_calloc(n, 1);
+    u->load = mg_calloc(n, sizeof(uint32_t));
+    u->ewma = mg_calloc(n, sizeof(uint64_t));
+    u->retry_tokens = RETRY_TOKENS_START;
+}
+
+void mg_upstream_clear(mg_upstream_t *u)
+{
+    mg_balancer_free(u->balancer);
+    free(u->peers);
+    free(u->usable);
+    free(u->load);
+    free(u->ewma);
+}
+
+int mg_upstream_usable(mg_upstream_t *u, size_t i, uint64_t now_ms)
+{
+    mg_peer_t *pe = u->peers[i];
+    if (atomic_load(&pe->down)) {
+        uint64_t until = atomic_load(&pe->down_until_ms);
+        if (!until || now_ms < until)
+            return 0;
+        /* A passive mark whose time is up (no active checks to decide):
+         * the first worker to notice lifts it. */
+        uint32_t one = 1;
+        if (atomic_compare_exchange_strong(&pe->down, &one, 0)) {
+            atomic_store(&pe->fails, 0);
+            mg_log_info("upstream %s: target %s back in rotation after %.1fs "
+                        "down",
+                        u->conf->name, u->conf->targets[i].text,
+                        (double)u->conf->passive.down_ms / 1000.0);
+        }
+    }
+    const mg_breaker_conf_t *bc = &u->conf->breaker;
+    return !bc->enabled || mg_breaker_usable(&pe->breaker, bc, now_ms);
+}
+
+int mg_upstream_choose(mg_upstream_t *u, uint64_t key, const uint8_t *tried,
+                       uint64_t now_ms)
+{
+    for (size_t i = 0; i < u->ntargets; i++) {
+        u->usable[i] =
+            (!tried || !tried[i]) && mg_upstream_usable(u, i, now_ms);
+        u->load[i] = atomic_load(&u->peers[i]->inflight);
+        u->ewma[i] = atomic_load(&u->peers[i]->ewma_us);
+    }
+    mg_balancer_in_t in = {.usable = u->usable,
+                           .inflight = u->load,
+                           .ewma_us = u->ewma,
+                           .key = key};
+    return mg_balancer_pick(u->balancer, &in);
+}
 
 mg_target_t *mg_upstream_pick(mg_upstream_t *u)
 {
-    /* Round robin; weights, health and breakers come with the balancers. */
+    int i = mg_upstream_choose(u, 0, NULL, mg_peers_now_ms());
+    if (i >= 0)
+        return u->targets[i];
     mg_target_t *t = u->targets[u->next % u->ntargets];
     u->next++;
     return t;
 }
 
+int mg_upstream_try_begin(mg_upstream_t *u, int index, uint64_t now_ms,
+                          mg_upstream_try_t *t)
+{
+    mg_peer_t *pe = u->peers[index];
+    const mg_breaker_conf_t *bc = &u->conf->breaker;
+    t->ticket = (mg_breaker_ticket_t){0, 0};
+    if (bc->enabled && !mg_breaker_allow(&pe->breaker, bc, now_ms, &t->ticket))
+        return 0;
+    t->index = index;
+    t->start_ms = now_ms;
+    atomic_fetch_add(&pe->inflight, 1);
+    atomic_fetch_add(&pe->requests, 1);
+    return 1;
+}
+
+/* Passive health: a failure in a row too many marks the target down. */
+static void passive(mg_upstream_t *u, int index, int failed, uint64_t now_ms)
+{
+    const mg_passive_conf_t *pc = &u->conf->passive;
+    mg_peer_t *pe = u->peers[index];
+    if (!pc->enabled)
+        return;
+    if (!failed) {
+        atomic_store(&pe->fails, 0);
+        return;
+    }
+    uint32_t run = atomic_fetch_add(&pe->fails, 1) + 1;
+    if (run < pc->failures)
+        return;
+    /* With active checks, only they bring a target back. */
+    atomic_store(&pe->down_until_ms,
+                 u->conf->health.enabled ? 0 : now_ms + pc->down_ms);
+    atomic_store(&pe->active_ok, 0); /* `healthy` fresh passes to return */
+    uint32_t up = 0;
+    if (atomic_compare_exchange_strong(&pe->down, &up, 1))
+        mg_log_warn("upstream %s: target %s marked down after %u failures "
+                    "in a row",
+                    u->conf->name, u->conf->targets[index].text, run);
+}
+
+void mg_upstream_try_end(mg_upstream_t *u, mg_upstream_try_t *t, int outcome,
+                         int status, uint64_t now_ms)
+{
+    if (t->index < 0)
+        return;
+    int i = t->index;
+    t->index = -1;
+    mg_peer_t *pe = u->peers[i];
+    const mg_upstream_conf_t *c = u->conf;
+    atomic_fetch_sub(&pe->inflight, 1);
+
+    int hard = outcome == MG_TRY_CONNECT || outcome == MG_TRY_ERROR;
+    int ok_status = outcome == MG_TRY_OK;
+    int breaker_fail =
+        hard || outcome == MG_TRY_TIMEOUT
+        || (ok_status && mg_status_set_has(&c->breaker.statuses, status));
+    int passive_fail =
+        hard || (outcome == MG_TRY_TIMEOUT && c->passive.timeouts)
+        || (ok_status && mg_status_set_has(&c->passive.statuses, status));
+    if (breaker_fail || passive_fail)
+        atomic_fetch_add(&pe->failures, 1);
+    if (c->breaker.enabled) {
+        int before = mg_breaker_state(&pe->breaker);
+        mg_breaker_report(&pe->breaker, &c->breaker, now_ms, &t->ticket,
+                          !breaker_fail);
+        int after = mg_breaker_state(&pe->breaker);
+        if (after != before)
+            mg_log_warn("upstream %s: target %s: breaker %s", c->name,
+                        c->targets[i].text, mg_breaker_state_name(after));
+    }
+    passive(u, i, passive_fail, now_ms);
+
+    /* Latency EWMA (alpha 0.3) of the time to the head or the failure:
+     * a target that times out looks slow to p2c, as it should. Workers
+     * race on it; a lost update only delays the average a little. */
+    uint64_t sample = (now_ms - t->start_ms) * 1000 + 1;
+    uint64_t old = atomic_load(&pe->ewma_us);
+    atomic_store(&pe->ewma_us, old ? (old * 7 + sample * 3) / 10 : sample);
+}
+
+void mg_upstream_try_cancel(mg_upstream_t *u, mg_upstream_try_t *t)
+{
+    if (t->index < 0)
+        return;
+    mg_peer_t *pe = u->peers[t->index];
+    atomic_fetch_sub(&pe->inflight, 1);
+    if (u->conf->breaker.enabled)
+        mg_breaker_cancel(&pe->breaker, &t->ticket);
+    t->index = -1;
+}
+
+unsigned mg_upstream_retry_after(mg_upstream_t *u, uint64_t now_ms)
+{
+    const mg_upstream_conf_t *c = u->conf;
+    uint64_t best = UINT64_MAX;
+    for (size_t i = 0; i < u->ntargets; i++) {
+        mg_peer_t *pe = u->peers[i];
+        uint64_t wait = 0;
+        if (atomic_load(&pe->down)) {
+            uint64_t until = atomic_load(&pe->down_until_ms);
+            /* Down until active checks pass `healthy` times. */
+            wait = until ? (until > now_ms ? until - now_ms : 0)
+                         : c->health.interval_ms * c->health.healthy;
+        }
+        if (c->breaker.enabled
+            && mg_breaker_state(&pe->breaker) != MG_BREAKER_CLOSED) {
+            uint64_t end =
+                atomic_load(&pe->breaker.since_ms) + c->breaker.open_ms;
+            uint64_t bw = end > now_ms ? end - now_ms : 0;
+            wait = bw > wait ? bw : wait;
+        }
+        best = wait < best ? wait : best;
+    }
+    uint64_t s = (best + 999) / 1000;
+    return s < 1 ? 1 : s > 3600 ? 3600 : (unsigned)s;
+}
+
+size_t mg_upstream_status(mg_upstream_t *u, mg_target_status_t *out, size_t cap)
+{
+    uint64_t now = mg_peers_now_ms();
+    for (size_t i = 0; i < u->ntargets && i < cap; i++) {
+        mg_peer_t *pe = u->peers[i];
+        int state = mg_breaker_state(&pe->breaker);
+        if (state == MG_BREAKER_OPEN && u->conf->breaker.enabled
+            && mg_breaker_usable(&pe->breaker, &u->conf->breaker, now))
+            state = MG_BREAKER_HALF_OPEN; /* the next request probes */
+        out[i] = (mg_target_status_t){
+            .address = u->conf->targets[i].text,
+            .weight = u->conf->targets[i].weight,
+            .healthy = !atomic_load(&pe->down),
+            .breaker = mg_breaker_state_name(state),
+            .inflight = atomic_load(&pe->inflight),
+            .failures = atomic_load(&pe->fails),
+            .requests = atomic_load(&pe->requests),
+            .failed = atomic_load(&pe->failures),
+            .checks = atomic_load(&pe->checks),
+            .latency_ms = (double)atomic_load(&pe->ewma_us) / 1000.0,
+        };
+    }
+    return u->ntargets;
+}
+
 const char *mg_target_name(const mg_target_t *t)
 {
     return t->name;
+}
+
+static void target_release(mg_target_t *t)
+{
+    if (--t->pending > 0)
+        return;
+    free(t->host);
+    free(t->name);
+    free(t);
+}
+
+static void on_resolve_timer_closed(uv_handle_t *h)
+{
+    target_release(h->data);
+}
+
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
+{
+    mg_target_t *t = req->data;
+    t->resolving = 0;
+    if (t->freeing) {
+        uv_freeaddrinfo(res);
+        target_release(t);
+        return;
+    }
+    t->pending--;
+    if (status < 0 || !res) {
+        /* Keep the last good address: a DNS hiccup must not take a
+         * working target away. */
+        mg_log_warn("target %s: cannot re-resolve %s: %s (keeping the "
+                    "last address)",
+                    t->name, t->host, uv_strerror(status));
+        uv_freeaddrinfo(res);
+        return;
+    }
+    if ((socklen_t)res->ai_addrlen == t->addrlen
+        && memcmp(res->ai_addr, &t->addr, t->addrlen) == 0) {
+        mg_log_debug("target %s: re-resolved, address unchanged", t->name);
+    } else {
+        char ip[INET6_ADDRSTRLEN] = "?";
+        if (res->ai_family == AF_INET)
+            uv_ip4_name((struct sockaddr_in *)res->ai_addr, ip, sizeof(ip));
+        else if (res->ai_family == AF_INET6)
+            uv_ip6_name((struct sockaddr_in6 *)res->ai_addr, ip, sizeof(ip));
+        memcpy(&t->addr, res->ai_addr, res->ai_addrlen);
+        t->addrlen = (socklen_t)res->ai_addrlen;
+        /* Idle connections go to the old address: drop them. */
+        while (t->idle)
+            mg_upconn_close(t->idle);
+        mg_log_info("target %s: now resolves to %s", t->name, ip);
+    }
+    uv_freeaddrinfo(res);
+}
+
+static void on_resolve_timer(uv_timer_t *timer)
+{
+    mg_target_t *t = timer->data;
+    if (t->resolving || t->freeing)
+        return;
+    struct addrinfo hints = {0};
+    hints.ai_family = AF_UNSPEC; /* as the config loader resolved it */
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV;
+    t->gai.data = t;
+    if (uv_getaddrinfo(t->loop, &t->gai, on_resolved, t->host, t->port, &hints)
+        == 0) {
+        t->resolving = 1;
+        t->pending++;
+    }
 }
 
 mg_target_t *mg_target_new(uv_loop_t *loop, const mg_target_conf_t *tc)
@@ -43,11 +349,29 @@ mg_target_t *mg_target_new(uv_loop_t *loop, const mg_target_conf_t *tc)
     t->name = mg_strndup(tc->text, strlen(tc->text));
     t->addr = tc->addr;
     t->addrlen = tc->addrlen;
+    t->pending = 1; /* the target itself */
+    if (tc->host && tc->resolve_ms) {
+        const char *colon = strrchr(tc->text, ':');
+        t->host = mg_strndup(tc->host, strlen(tc->host));
+        snprintf(t->port, sizeof(t->port), "%s", colon ? colon + 1 : "");
+        uv_timer_init(loop, &t->resolve_timer);
+        t->resolve_timer.data = t;
+        uv_timer_start(&t->resolve_timer, on_resolve_timer, tc->resolve_ms,
+                       tc->resolve_ms);
+        /* The timer must not keep a draining worker's loop alive. */
+        uv_unref((uv_handle_t *)&t->resolve_timer);
+        t->pending++;
+    }
     return t;
 }
 
 int mg_target_matches(const mg_target_t *t, const mg_target_conf_t *tc)
 {
+    /* A host-name target is the name (its address may change); an IP
+     * target is the address. */
+    if (t->host || (tc->host && tc->resolve_ms))
+        return t->host && tc->host && tc->resolve_ms
+               && strcmp(t->name, tc->text) == 0;
     return t->addrlen == tc->addrlen
            && memcmp(&t->addr, &tc->addr, t->addrlen) == 0;
 }
@@ -56,8 +380,13 @@ void mg_target_free(mg_target_t *t)
 {
     while (t->idle)
         mg_upconn_close(t->idle);
-    free(t->name);
-    free(t);
+    t->freeing = 1;
+    if (t->host) {
+        if (t->resolving)
+            uv_cancel((uv_req_t *)&t->gai); /* on_resolved releases */
+        uv_close((uv_handle_t *)&t->resolve_timer, on_resolve_timer_closed);
+    }
+    target_release(t);
 }
 
 static void unlink_idle(mg_upconn_t *uc)

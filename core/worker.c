@@ -14,6 +14,7 @@
 
 #include "accesslog.h"
 #include "generation.h"
+#include "health.h"
 #include "log.h"
 #include "upstream.h"
 
@@ -38,6 +39,7 @@ struct mg_worker_s {
     int draining;
     int shut;
     uint64_t rng[2];
+    mg_health_t *health; /* active health checks: worker 1 only */
 };
 
 mg_gen_t *mg_worker_gen(mg_worker_t *w)
@@ -237,6 +239,8 @@ static void reload(mg_worker_t *w)
     /* Requests in flight keep their own references to the old one. */
     mg_gen_unref(old);
     mg_log_info("generation %u active (%zu routes)", g->id, g->cfg->nroutes);
+    if (w->health)
+        mg_health_apply(w->health, g);
     set_access_log(w, g->cfg);
     mg_lua_gen_init_worker(w->lua, g->id);
 }
@@ -252,6 +256,8 @@ static void shutdown_worker(mg_worker_t *w)
     if (w->shut)
         return;
     w->shut = 1;
+    mg_health_close(w->health);
+    w->health = NULL;
     uv_close((uv_handle_t *)&w->sig_reload, on_close_noop);
     uv_close((uv_handle_t *)&w->sig_term, on_close_noop);
     uv_close((uv_handle_t *)&w->sig_int, on_close_noop);
@@ -281,6 +287,9 @@ static void drain(mg_worker_t *w)
     if (w->draining)
         return;
     w->draining = 1;
+    /* A replacement worker 1 takes the health checks over. */
+    mg_health_close(w->health);
+    w->health = NULL;
     mg_log_info("draining %u connections", w->conns.count);
     for (size_t i = 0; i < w->opts.nlisten; i++)
         uv_close((uv_handle_t *)&w->listeners[i], on_close_noop);
@@ -379,6 +388,11 @@ int mg_worker_run(const mg_worker_opts_t *opts, mg_config_t *cfg)
     if (listen_all(&w) < 0)
         return 1;
     mg_log_info("generation 1 active (%zu routes)", w.gen->cfg->nroutes);
+    /* One process checks health for the whole gateway (health.h). */
+    if (opts->slot == 1) {
+        w.health = mg_health_new(&w.loop);
+        mg_health_apply(w.health, w.gen);
+    }
     set_access_log(&w, w.gen->cfg);
     mg_lua_gen_init_worker(w.lua, 1);
 

@@ -64,6 +64,14 @@ Control paths (not counted as requests):
   POST /__reset   zeroes the counters ("open" stays: connections still open;
                   an open connection is counted again in "connections" when
                   it carries its next request)
+  POST /__mode?hang=1|0
+                  hang=1: every counted request is read and counted, then
+                  never answered (the connection is held open, silent, until
+                  hang=0, then closed without an answer): a hung upstream
+                  that still counts what reaches it
+  POST /__mode?health=N
+                  requests for /health answer status N (default 200)
+  "/__stats" also has "paths": {path: requests} (query left out).
 
 Usage: upstream.py [--port P]... [--ports N] [--name NAME]
 Binds 127.0.0.1 on each --port (0 = any free port; default one free port)
@@ -137,6 +145,7 @@ class Stats:
         self.accepted = 0
         self.ports = {}
         self.last = []
+        self.paths = {}
 
     def reset(self):
         with self.lock:
@@ -156,6 +165,7 @@ class Stats:
                 "accepted": self.accepted,
                 "ports": {str(k): v for k, v in self.ports.items()},
                 "last": list(self.last),
+                "paths": dict(self.paths),
             }
 
     def error(self, why):
@@ -167,6 +177,8 @@ class Stats:
 
 STATS = Stats()
 SERVICE = ""
+# /__mode: the hang switch and the /health status.
+MODE = {"hang": threading.Event(), "health": 200}
 _conn_ids = iter(range(1, 1 << 62))
 _conn_ids_lock = threading.Lock()
 
@@ -340,6 +352,17 @@ class Connection:
         def p(name, default=None):
             return params.get(name, [default])[-1]
 
+        if path == "/__mode":
+            self.read_body(headers, lambda d: None)
+            if p("hang") is not None:
+                if p("hang") == "1":
+                    MODE["hang"].set()
+                else:
+                    MODE["hang"].clear()
+            if p("health") is not None:
+                MODE["health"] = int(p("health"))
+            self.send_json(200, {"hang": MODE["hang"].is_set(), "health": MODE["health"]})
+            return True
         if path == "/__stats" or path == "/__reset":
             self.read_body(headers, lambda d: None)
             if path == "/__reset":
@@ -355,6 +378,7 @@ class Connection:
             STATS.ports[self.port] = STATS.ports.get(self.port, 0) + 1
             STATS.last.append("%s %s" % (method, target[:200]))
             del STATS.last[:-20]
+            STATS.paths[path] = STATS.paths.get(path, 0) + 1
             if not self.counted:
                 self.counted = True
                 STATS.open += 1
@@ -368,6 +392,15 @@ class Connection:
             self.read_body(headers, lambda d: None)
             raise Closed()
 
+        if MODE["hang"].is_set():
+            # Hung: silent until the switch is turned off, then closed.
+            while MODE["hang"].is_set():
+                time.sleep(0.05)
+            raise Closed()
+        if path == "/health" and MODE["health"] != 200:
+            self.read_body(headers, lambda d: None)
+            self.send_json(MODE["health"], {"health": MODE["health"]})
+            return True
         if p("stall"):
             time.sleep(float(p("stall")))
         if p("early"):

@@ -536,7 +536,8 @@ static void invalid_values_are_reported(void)
                     "31536000 seconds, got -1"));
     CHECK(has_error("top level: limits.max_header_fields: expected an "
                     "integer, got 1.5"));
-    CHECK(has_error("upstreams.u: balance: expected \"round_robin\", got "
+    CHECK(has_error("upstreams.u: balance: expected one of \"round_robin\", "
+                    "\"weighted\", \"least_conn\", \"hash\", \"p2c\", got "
                     "\"random\""));
     CHECK(has_error("upstreams.u: targets[1].weight: must be between 1 and "
                     "1000, got 1001"));
@@ -546,6 +547,148 @@ static void invalid_values_are_reported(void)
                     "OPTIONS, TRACE, PATCH)"));
     CHECK(has_error("routes[1] \"a\": rewrite: must start with '/'"));
     CHECK_INT(count_lines(err), ==, 14);
+}
+
+static void resilience_options_are_loaded(void)
+{
+    mg_config_t *cfg;
+    CHECK_INT(
+        load("return { listen = \":0\", upstreams = { u = {\n"
+             "  targets = { \"127.0.0.1:9001\",\n"
+             "              { \"127.0.0.1:9002\", weight = 2 } },\n"
+             "  balance = \"hash\", hash_on = \"header:X-User\",\n"
+             "  health = { path = \"/up\", interval = 0.5, timeout = 0.2,\n"
+             "             healthy = 1, unhealthy = 4, statuses = { 204 } },\n"
+             "  passive = { failures = 2, statuses = { 500 },\n"
+             "              timeouts = false, down_for = 3 },\n"
+             "  breaker = { failures = 4, failure_ratio = 0.25, window = 5,\n"
+             "              min_requests = 8, open_for = 2,\n"
+             "              half_open_probes = 1 },\n"
+             "  retries = { count = 2, on = { \"timeout\", 502 },\n"
+             "              budget = 0.5, retry_non_idempotent = true,\n"
+             "              try_timeout = 0.3, total_timeout = 2 } } },\n"
+             "  routes = { { path = \"/a\", upstream = \"u\" } } }",
+             &cfg),
+        ==, 0);
+    const mg_upstream_conf_t *u = &cfg->upstreams[0];
+    CHECK_INT(u->balance_kind, ==, 3);
+    CHECK_INT(u->hash_on, ==, MG_HASH_ON_HEADER);
+    CHECK_STR(u->hash_header, "X-User");
+    CHECK_INT(u->targets[1].weight, ==, 2);
+    CHECK(u->health.enabled);
+    CHECK_STR(u->health.path, "/up");
+    CHECK_INT(u->health.interval_ms, ==, 500);
+    CHECK_INT(u->health.timeout_ms, ==, 200);
+    CHECK_INT(u->health.healthy, ==, 1);
+    CHECK_INT(u->health.unhealthy, ==, 4);
+    CHECK(mg_status_set_has(&u->health.statuses, 204));
+    CHECK(!mg_status_set_has(&u->health.statuses, 200));
+    CHECK(u->passive.enabled);
+    CHECK_INT(u->passive.failures, ==, 2);
+    CHECK(mg_status_set_has(&u->passive.statuses, 500));
+    CHECK(!mg_status_set_has(&u->passive.statuses, 502));
+    CHECK_INT(u->passive.timeouts, ==, 0);
+    CHECK_INT(u->passive.down_ms, ==, 3000);
+    CHECK(u->breaker.enabled);
+    CHECK_INT(u->breaker.failures, ==, 4);
+    CHECK(u->breaker.failure_ratio == 0.25);
+    CHECK_INT(u->breaker.window_ms, ==, 5000);
+    CHECK_INT(u->breaker.min_requests, ==, 8);
+    CHECK_INT(u->breaker.open_ms, ==, 2000);
+    CHECK_INT(u->breaker.half_open_probes, ==, 1);
+    CHECK_INT(u->retries.count, ==, 2);
+    CHECK_INT(u->retries.on_connect, ==, 0);
+    CHECK_INT(u->retries.on_timeout, ==, 1);
+    CHECK(mg_status_set_has(&u->retries.statuses, 502));
+    CHECK(u->retries.budget == 0.5);
+    CHECK_INT(u->retries.non_idempotent, ==, 1);
+    CHECK_INT(u->retries.try_timeout_ms, ==, 300);
+    CHECK_INT(u->retries.total_timeout_ms, ==, 2000);
+    mg_config_free(cfg);
+}
+
+static void resilience_defaults(void)
+{
+    mg_config_t *cfg;
+    CHECK_INT(load("return { listen = \":0\", upstreams = { u = {\n"
+                   "  targets = { \"127.0.0.1:9001\" } } } }",
+                   &cfg),
+              ==, 0);
+    const mg_upstream_conf_t *u = &cfg->upstreams[0];
+    CHECK_INT(u->balance_kind, ==, 0);
+    CHECK(!u->health.enabled);
+    CHECK(!u->passive.enabled);
+    CHECK(!u->breaker.enabled);
+    CHECK_INT(u->retries.count, ==, 1);
+    CHECK_INT(u->retries.on_connect, ==, 1);
+    CHECK_INT(u->retries.non_idempotent, ==, 0);
+    mg_config_free(cfg);
+}
+
+static void bad_resilience_options_name_upstream_and_field(void)
+{
+    mg_config_t *cfg;
+    CHECK_INT(
+        load("return { listen = \":0\", upstreams = { u = {\n"
+             "  targets = { \"127.0.0.1:9001\" }, hash_on = \"cookie\",\n"
+             "  health = { path = \"up\", interval = 0, statuses = { 99 },\n"
+             "             nope = 1 },\n"
+             "  passive = { failures = 0, timeouts = 1 },\n"
+             "  breaker = { failure_ratio = 2, half_open_probes = 0 },\n"
+             "  retries = { on = { \"reset\", \"x\" }, budget = -1 } } } }",
+             &cfg),
+        ==, MG_ECONFIG);
+    CHECK(has_error("upstreams.u: hash_on: expected \"ip\", \"consumer\", "
+                    "\"path\" or \"header:NAME\", got \"cookie\""));
+    CHECK(has_error("upstreams.u: hash_on: only used with balance = "
+                    "\"hash\""));
+    CHECK(has_error("upstreams.u: health.nope: unknown field"));
+    CHECK(has_error("upstreams.u: health.path: must start with '/'"));
+    CHECK(has_error("upstreams.u: health.interval: must be at least 0.01 "
+                    "seconds"));
+    CHECK(has_error("upstreams.u: health.statuses[1]: must be between 100 "
+                    "and 599, got 99"));
+    CHECK(has_error("upstreams.u: passive.failures: must be between 1 and "
+                    "1000, got 0"));
+    CHECK(has_error("upstreams.u: passive.timeouts: expected a boolean, got "
+                    "number"));
+    CHECK(has_error("upstreams.u: breaker.failure_ratio: must be between 0 "
+                    "and 1, got 2"));
+    CHECK(has_error("upstreams.u: breaker.half_open_probes: must be between "
+                    "1 and 1000, got 0"));
+    CHECK(has_error("upstreams.u: retries.on[1]: expected \"connect\", "
+                    "\"timeout\" or a status, got \"reset\""));
+    CHECK(has_error("upstreams.u: retries.on[2]: expected \"connect\", "
+                    "\"timeout\" or a status, got \"x\""));
+    CHECK(has_error("upstreams.u: retries.budget: must be between 0 and 1, "
+                    "got -1"));
+    CHECK_INT(count_lines(err), ==, 13);
+}
+
+static void host_name_targets_are_marked_for_re_resolution(void)
+{
+    mg_config_t *cfg;
+    CHECK_INT(load("return { listen = \":0\", upstreams = {\n"
+                   "  u = { targets = { \"localhost:9001\", \"127.0.0.1:9002\",\n"
+                   "                    \"[::1]:9003\" }, dns_refresh = 5 },\n"
+                   "  v = { targets = { \"localhost:9001\" }, dns_refresh = 0 } } }",
+                   &cfg),
+              ==, 0);
+    const mg_upstream_conf_t *u = &cfg->upstreams[0];
+    CHECK_STR(u->targets[0].host, "localhost");
+    CHECK_INT(u->targets[0].resolve_ms, ==, 5000);
+    CHECK(u->targets[1].host == NULL);
+    CHECK_INT(u->targets[1].resolve_ms, ==, 0);
+    CHECK(u->targets[2].host == NULL);
+    CHECK_INT(cfg->upstreams[1].targets[0].resolve_ms, ==, 0);
+    mg_config_free(cfg);
+    CHECK_INT(load("return { listen = \":0\", upstreams = {\n"
+                   "  u = { targets = { \"localhost:9001\" },\n"
+                   "        dns_refresh = 0.05 } } }",
+                   &cfg),
+              ==, MG_ECONFIG);
+    CHECK(has_error("upstreams.u: dns_refresh: must be 0 (never) or at least "
+                    "0.1 seconds"));
 }
 
 static void upstream_without_targets_is_an_error(void)
@@ -890,6 +1033,10 @@ int main(void)
     RUN(unknown_fields_are_errors_at_every_level);
     RUN(reserved_keys_are_accepted_and_ignored);
     RUN(invalid_values_are_reported);
+    RUN(resilience_options_are_loaded);
+    RUN(resilience_defaults);
+    RUN(bad_resilience_options_name_upstream_and_field);
+    RUN(host_name_targets_are_marked_for_re_resolution);
     RUN(upstream_without_targets_is_an_error);
     RUN(strip_prefix_true_needs_a_wildcard_path);
     RUN(missing_route_fields_and_empty_lists_are_reported);
