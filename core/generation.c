@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "metrics.h"
 #include "worker.h"
 
 /* Compiles the config's routes (the part of validation that needs the
@@ -83,6 +84,7 @@ mg_gen_t *mg_gen_new(mg_worker_t *w, mg_lua_t *lua, mg_config_t *cfg,
         for (size_t k = 0; k < u->ntargets; k++)
             u->targets[k] = mg_worker_target(w, &u->conf->targets[k]);
     }
+    mg_metrics_add_generations(1);
     return g;
 }
 
@@ -90,6 +92,7 @@ void mg_gen_unref(mg_gen_t *g)
 {
     if (--g->refs > 0)
         return;
+    mg_metrics_add_generations(-1);
     for (size_t i = 0; i < g->cfg->nupstreams; i++)
         free(g->upstreams[i].targets);
     free(g->upstreams);
