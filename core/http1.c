@@ -956,7 +956,7 @@ static void conn_close(mg_conn_t *c)
     if (c->closing)
         return;
     c->closing = 1;
-    if (c->active && c->req.method_name.len)
+    if (c->active && (c->req.method_name.len || c->req.resp_status))
         mg_metrics_record(&c->req, c->req.resp_status && c->resp_done
                                        ? c->req.resp_status
                                        : 499);

@@ -216,7 +216,9 @@ void mg_metrics_record(const mg_req_t *r, int status)
     unsigned cls = status < 200    ? 0
                    : status >= 500 ? 4
                                    : (unsigned)status / 100 - 1;
-    add(&s->requests[method_index(r->method)][cls], 1);
+    /* A request refused before its method was accepted has none. */
+    unsigned m = r->method_name.len ? method_index(r->method) : NMETHODS - 1;
+    add(&s->requests[m][cls], 1);
     uint64_t total = r->start_ns ? uv_hrtime() - r->start_ns : 0;
     add(&s->duration[bucket(total)], 1);
     add(&s->duration_sum_ns, total);
