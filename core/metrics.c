@@ -26,6 +26,7 @@
 #include <uv.h>
 
 #include "config.h"
+#include "ffi.h"
 
 #define SHARDS 8
 #define NAME_MAX_LEN 200
@@ -70,8 +71,31 @@ typedef struct {
     uint64_t bytes_in, bytes_out;
 } route_stats_t;
 
+/* Plugin counters (gw.metrics): families and their series. */
+#define MAX_FAMILIES 64
+#define MAX_SERIES 2048
+#define FAMILY_NAME_LEN 96
+#define FAMILY_HELP_LEN 160
+#define LABELS_LEN 200
+
+typedef struct {
+    uint32_t state;
+    char name[FAMILY_NAME_LEN];
+    char help[FAMILY_HELP_LEN];
+    char labelnames[FAMILY_HELP_LEN]; /* "a,b": same name, same labels */
+} family_t;
+
+typedef struct {
+    uint32_t state;
+    uint32_t family;
+    char labels[LABELS_LEN];
+    uint64_t value;
+} series_t;
+
 typedef struct {
     route_slot_t routes[MG_METRICS_MAX_ROUTES];
+    family_t families[MAX_FAMILIES];
+    series_t series[MAX_SERIES];
     proc_gauges_t procs[MG_METRICS_MAX_PROCS];
     route_stats_t shards[SHARDS][MG_METRICS_MAX_ROUTES];
 } area_t;
@@ -242,6 +266,104 @@ void mg_metrics_add_generations(int delta)
     if (area && my_slot >= 0)
         __atomic_fetch_add(&area->procs[my_slot].generations, delta,
                            __ATOMIC_RELAXED);
+}
+
+/* ---- plugin counters ---------------------------------------------------- */
+
+/* Waits out another process writing slot `state`; returns its final state. */
+static uint32_t settled(uint32_t *state)
+{
+    uint32_t st;
+    while ((st = __atomic_load_n(state, __ATOMIC_ACQUIRE)) == SLOT_WRITING)
+        sched_yield();
+    return st;
+}
+
+/* Claims an empty slot (returns 1, state WRITING) or reports it taken. */
+static int try_claim(uint32_t *state)
+{
+    uint32_t expect = SLOT_EMPTY;
+    return __atomic_compare_exchange_n(state, &expect, SLOT_WRITING, 0,
+                                       __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
+int mg_ffi_metrics_define(const char *name, const char *help,
+                          const char *labelnames)
+{
+    if (!area)
+        return 0;
+    if (strlen(name) >= FAMILY_NAME_LEN
+        || strlen(labelnames) >= FAMILY_HELP_LEN)
+        return -1;
+    unsigned start = hash_name(name) % MAX_FAMILIES;
+    for (unsigned k = 0; k < MAX_FAMILIES; k++) {
+        family_t *f = &area->families[(start + k) % MAX_FAMILIES];
+        if (try_claim(&f->state)) {
+            snprintf(f->name, sizeof(f->name), "%s", name);
+            snprintf(f->help, sizeof(f->help), "%s", help);
+            snprintf(f->labelnames, sizeof(f->labelnames), "%s", labelnames);
+            __atomic_store_n(&f->state, SLOT_READY, __ATOMIC_RELEASE);
+            return (int)((start + k) % MAX_FAMILIES);
+        }
+        settled(&f->state);
+        if (strcmp(f->name, name) == 0)
+            return strcmp(f->labelnames, labelnames) == 0
+                       ? (int)((start + k) % MAX_FAMILIES)
+                       : -1;
+    }
+    return -2;
+}
+
+int mg_ffi_metrics_series(int fam, const char *labels)
+{
+    if (!area)
+        return 0;
+    if (fam < 0 || fam >= MAX_FAMILIES || strlen(labels) >= LABELS_LEN)
+        return -2;
+    unsigned start =
+        (hash_name(labels) ^ (uint32_t)fam * 2654435761u) % MAX_SERIES;
+    for (unsigned k = 0; k < MAX_SERIES; k++) {
+        unsigned idx = (start + k) % MAX_SERIES;
+        series_t *sr = &area->series[idx];
+        if (try_claim(&sr->state)) {
+            sr->family = (uint32_t)fam;
+            snprintf(sr->labels, sizeof(sr->labels), "%s", labels);
+            __atomic_store_n(&sr->state, SLOT_READY, __ATOMIC_RELEASE);
+            return (int)idx;
+        }
+        settled(&sr->state);
+        if (sr->family == (uint32_t)fam && strcmp(sr->labels, labels) == 0)
+            return (int)idx;
+    }
+    return -2;
+}
+
+void mg_ffi_metrics_add(int series, uint64_t n)
+{
+    if (area && series >= 0 && series < MAX_SERIES)
+        add(&area->series[series].value, n);
+}
+
+static void family(mg_strbuf_t *out, const char *name, const char *type,
+                   const char *help);
+
+static void render_plugin_counters(mg_strbuf_t *out)
+{
+    for (unsigned f = 0; f < MAX_FAMILIES; f++) {
+        const family_t *fam = &area->families[f];
+        if (__atomic_load_n(&fam->state, __ATOMIC_ACQUIRE) != SLOT_READY)
+            continue;
+        family(out, fam->name, "counter", fam->help);
+        for (unsigned i = 0; i < MAX_SERIES; i++) {
+            const series_t *sr = &area->series[i];
+            if (__atomic_load_n(&sr->state, __ATOMIC_ACQUIRE) != SLOT_READY
+                || sr->family != f)
+                continue;
+            mg_strbuf_printf(
+                out, sr->labels[0] ? "%s{%s} %llu\n" : "%s%s %llu\n", fam->name,
+                sr->labels, (unsigned long long)load(&sr->value));
+        }
+    }
 }
 
 /* ---- rendering (master) ------------------------------------------------ */
@@ -419,4 +541,5 @@ void mg_metrics_render(mg_strbuf_t *out, const mg_metrics_master_t *m)
            "The running config: its sha256 in the hash label.");
     mg_strbuf_printf(out, "moongate_config_info{hash=\"%s\"} 1\n",
                      m->config_hash);
+    render_plugin_counters(out);
 }

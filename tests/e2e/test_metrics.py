@@ -300,3 +300,58 @@ def _answers(port):
         return True
     except OSError:
         return False
+
+
+COUNTER_PLUGIN = """local gw = require("moongate.gw")
+local hits = gw.metrics.counter("team_hits_total", "Hits by kind.", { "kind" })
+local P = { name = "counting", priority = 5, schema = { fields = {} } }
+function P.access(conf, ctx)
+    hits:inc(1, { gw.request.get_header(ctx, "x-kind") or "none" })
+end
+return P
+"""
+
+
+def test_plugin_counters_rate_limit_decisions_and_auth_failures():
+    import test_auth
+    aport = free_port()
+    with Upstream() as up:
+        conf = {"admin": {"listen": "127.0.0.1:%d" % aport, "token": TOKEN},
+                "shared": {"limits": "1m"}, "plugin_paths": ["plugins"],
+                "upstreams": {"up": upstream_conf(up.addr)},
+                "routes": [route("/c/*", name="counted", plugins={"counting": True}),
+                           route("/rl", plugins={"rate-limit": {"limit": 3, "window": 3600}}),
+                           route("/jwt", plugins={"jwt-auth": {"keys": {"k": {
+                               "secret": test_auth.SECRET, "algorithms": ["HS256"]}}}})]}
+        gw = Gateway(conf, workers=2)
+        os.makedirs(os.path.join(gw.dir, "plugins"))
+        with open(os.path.join(gw.dir, "plugins", "counting.lua"), "w") as f:
+            f.write(COUNTER_PLUGIN)
+        with gw:
+            for i in range(10):
+                request(gw.port, "GET", "/c/x", headers=[("X-Kind", "a" if i < 7 else 'q"b')])
+            statuses = [request(gw.port, "GET", "/rl").status for _ in range(5)]
+            assert statuses == [200, 200, 200, 429, 429], statuses
+            good = test_auth.jwt(test_auth.claims(), kid="k")
+            assert request(gw.port, "GET", "/jwt", headers=test_auth.bearer(good)).status == 200
+            assert request(gw.port, "GET", "/jwt").status == 401
+            bad = test_auth.jwt(test_auth.claims(), kid="k", secret="nope")
+            for _ in range(2):
+                assert request(gw.port, "GET", "/jwt",
+                               headers=test_auth.bearer(bad)).status == 401
+            # A reload re-runs counter() in every worker: same counters.
+            gw.reload(conf)
+            request(gw.port, "GET", "/c/x", headers=[("X-Kind", "a")])
+            text = scrape(aport)
+            check_with_promtool(text)
+            s = parse(text)
+            assert val(s, "team_hits_total", kind="a") == 8, text
+            assert val(s, "team_hits_total", kind='q\\"b') == 3, text
+            rl = "moongate_ratelimit_decisions_total"
+            assert val(s, rl, route="/rl", decision="allowed") == 3, text
+            assert val(s, rl, route="/rl", decision="limited") == 2, text
+            af = "moongate_auth_failures_total"
+            assert val(s, af, route="/jwt", plugin="jwt-auth", reason="missing token") == 1, text
+            assert val(s, af, route="/jwt", plugin="jwt-auth",
+                       reason="signature mismatch") == 2, text
+            assert "# TYPE team_hits_total counter" in text
