@@ -62,6 +62,7 @@ typedef struct {
     int stopping;
     uint64_t stop_deadline_ms;
     /* What the admin API reports. */
+    int sfd;              /* the signalfd the loop waits on */
     mg_admin_t *admin;    /* NULL: no admin listener */
     int admin_dirty;      /* admin address changed: reopen after the
                              current admin request is answered */
@@ -143,6 +144,7 @@ static pid_t spawn(master_t *m, unsigned slot, int mslot)
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
         mg_admin_close_fds(m->admin);
+        close(m->sfd); /* the worker takes its signals through libuv */
         mg_metrics_attach(mslot);
         mg_worker_opts_t opts = {.listen_fds = m->fds,
                                  .nlisten = m->nfds,
@@ -615,6 +617,7 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
     if (rc == 0 && (rc = mg_metrics_init()) < 0)
         mg_log_error("cannot map the metrics area: %s", strerror(-rc));
     int sfd = rc < 0 ? -1 : signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+    m.sfd = sfd;
     if (rc == 0 && sfd < 0)
         mg_log_error("signalfd: %s", strerror(errno));
     m.generation = 1;
