@@ -63,6 +63,9 @@ static int check(const char *path)
            cfg->nroutes, cfg->nupstreams, cfg->workers);
     for (size_t i = 0; i < cfg->nlisten; i++)
         printf(" %s", cfg->listen[i].text);
+    if (cfg->admin.listen.text)
+        printf(", admin %s%s", cfg->admin.listen.text,
+               cfg->admin.token ? " (token)" : "");
     printf("\n");
     for (size_t i = 0; i < cfg->nroutes; i++) {
         const mg_route_conf_t *rt = &cfg->routes[i];

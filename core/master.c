@@ -9,19 +9,20 @@
  * workers inherit them through fork. A worker's death or replacement
  * therefore never drops a connection waiting in an accept queue.
  *
- * With an admin listener configured the master also serves it (admin.c
- * says why): the loop then waits in poll() on a signalfd and the admin
- * sockets instead of in sigtimedwait, dispatching signals the same way.
+ * The master also serves the admin listener when one is configured
+ * (admin.c says why), so its loop waits in poll() on a signalfd and the
+ * admin sockets; signals are still taken synchronously, one at a time.
  */
 #include "master.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <llhttp.h>
+#include <openssl/evp.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <openssl/evp.h>
-#include <poll.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -29,8 +30,6 @@
 #include <unistd.h>
 
 #include "admin.h"
-#include <llhttp.h>
-
 #include "generation.h"
 #include "log.h"
 #include "lua.h"
@@ -61,11 +60,11 @@ typedef struct {
     size_t nretired;
     int stopping;
     uint64_t stop_deadline_ms;
-    /* What the admin API reports. */
-    int sfd;              /* the signalfd the loop waits on */
+    int sfd; /* the signalfd the loop waits on */
+    /* The admin listener and what it reports. */
     mg_admin_t *admin;    /* NULL: no admin listener */
-    int admin_dirty;      /* admin address changed: reopen after the
-                             current admin request is answered */
+    int admin_dirty;      /* a reload may have changed the admin config:
+                             apply it once the admin request is answered */
     unsigned generation;  /* 1 at start, +1 per accepted reload */
     char config_hash[65]; /* hex sha256 of the config file */
     char **chains;        /* per route: plugin chain JSON (lua.h) */
