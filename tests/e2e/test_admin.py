@@ -353,3 +353,43 @@ def test_reload_under_load_loses_nothing_and_keeps_rate_limit_counters():
             statuses = [request(gw.port, "GET", "/rl").status for _ in range(8)]
             assert statuses == [200] * 6 + [429] * 2, statuses
             assert admin(aport).json()["reloads"] == {"success": 20, "failure": 0}
+
+
+def test_reload_that_changes_the_workers_replaces_them_and_one_that_cannot_listen_is_a_500():
+    import socket
+    aport = free_port()
+    with Upstream() as up:
+        conf = {"admin": admin_conf(aport), "workers": 1,
+                "upstreams": {"up": upstream_conf(up.addr)}, "routes": [route("/a/*")]}
+        with Gateway(conf, workers=1) as gw:
+            old = admin(aport).json()["workers"][0]["pid"]
+            gw.write_config(dict(conf, workers=2))
+            r = admin(aport, "POST", "/reload")
+            assert r.status == 200 and r.json()["workers"] == 2, r
+            st = admin(aport).json()
+            assert len(st["workers"]) == 2 and old not in [w["pid"] for w in st["workers"]], st
+            gw.workers = 2
+            wait_until(lambda: old not in gw.worker_pids() and len(gw.worker_pids()) == 2, 10,
+                       what="the old worker to drain and the new ones to run")
+            wait_until(lambda: not admin(aport).json()["draining_workers"], 5,
+                       what="no worker draining")
+            assert request(gw.port, "GET", "/a/1").status == 200
+            # A new listen address that is taken: valid config, cannot apply.
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            s.listen(1)
+            try:
+                taken = "127.0.0.1:%d" % s.getsockname()[1]
+                gw.write_config(dict(conf, workers=2,
+                                     listen=["127.0.0.1:%d" % gw.port, taken]))
+                r = admin(aport, "POST", "/reload")
+                assert r.status == 500, r
+                assert r.json()["reloaded"] is False, r
+                assert "listeners could not be opened: Address already in use" in \
+                    r.json()["error"], r
+            finally:
+                s.close()
+            st = admin(aport).json()
+            assert st["generation"] == 2 and st["reloads"] == {"success": 1, "failure": 1}, st
+            assert sorted(w["pid"] for w in st["workers"]) == sorted(gw.worker_pids())
+            assert request(gw.port, "GET", "/a/1").status == 200
