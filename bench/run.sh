@@ -497,6 +497,29 @@ EOF
     stop "$ag_up_sid"
 }
 
+# scenario_self NAME LABEL_A TOP_LUA_A LABEL_B TOP_LUA_B: moongate against
+# moongate — two instances of the bare proxy config on the proxy core, A
+# the baseline, B the candidate (TOP_LUA_* spliced into the top-level
+# table) — in interleaved rounds; the nginx baseline is not involved. For
+# the cost of a feature that has no nginx counterpart in the bare proxy.
+scenario_self() {
+    selected "$1" || return 0
+    WRK_HEADER=""
+    log "scenario $1 ($2 vs $4)"
+    start_moongate "moongate-$1-$2" "" "$3"
+    ss_a_sid=$PROXY_SID ss_a_port=$PROXY_PORT
+    start_moongate "moongate-$1-$4" "" "$5"
+    ss_b_sid=$PROXY_SID ss_b_port=$PROXY_PORT
+    ss_r=1
+    while [ "$ss_r" -le "$ROUNDS" ]; do
+        measure "$1" "$2" "$ss_a_sid" "$ss_a_port" "$ss_r"
+        measure "$1" "$4" "$ss_b_sid" "$ss_b_port" "$ss_r"
+        ss_r=$((ss_r + 1))
+    done
+    stop "$ss_a_sid"
+    stop "$ss_b_sid"
+}
+
 # The scenarios, in order. Each adds (2 x (WARMUP + DURATION)) x ROUNDS
 # seconds. Later issues add theirs here (see bench/README.md).
 scenarios() {
@@ -528,6 +551,12 @@ print(h + "." + p + "." + s)')
     # Issue 7: aggregate's 3 parallel parts vs 3 sequential gw.http calls
     # (ratio agg3/seq3 = the speedup; see aggregate_scenario).
     aggregate_scenario
+    # Issue 9: metrics (recorded when an admin listener is configured) and
+    # the JSON access log, against the same bare proxy with both off. The
+    # target: req/s of "obs" at least 0.9x "off".
+    sc_admin=$($TOOL port)
+    scenario_self observability off "" obs \
+        "admin = { listen = \"127.0.0.1:$sc_admin\" }, access_log = \"$DIR/access-obs.log\","
 }
 
 # ------------------------------------------------------------------ main

@@ -68,11 +68,11 @@ static const struct {
 static const char *const top_fields[] = {
     "listen",          "workers",          "pid_file", "error_log", "log_level",
     "trusted_proxies", "identity_headers", "limits",   "upstreams", "routes",
-    "shared",          "access_log",       NULL,
+    "shared",          "access_log",       "admin",    NULL,
 };
 /* plugin_paths and plugins are read by the Lua runtime (runtime.lua). */
 static const char *const top_reserved[] = {
-    "admin", "redis", "plugin_paths", "plugins", "watch", NULL,
+    "redis", "plugin_paths", "plugins", "watch", NULL,
 };
 static const char *const limits_fields[] = {
     "max_uri",           "max_header_bytes",
@@ -121,6 +121,8 @@ static const char *const route_reserved[] = {
     NULL,
 };
 static const char *const target_fields[] = {"weight", NULL};
+static const char *const admin_fields[] = {"listen", "token", "allow_remote",
+                                           NULL};
 
 /* The loader's state: the Lua state, the error collector, the context. */
 typedef struct {
@@ -1437,6 +1439,65 @@ static void load_routes(ld_t *ld, int t)
     lua_pop(L, 1);
 }
 
+/* ---- admin --------------------------------------------------------------- */
+
+static int is_loopback(const struct sockaddr_storage *ss)
+{
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        return (ntohl(a->sin_addr.s_addr) >> 24) == 127;
+    }
+    if (ss->ss_family == AF_INET6) {
+        const struct in6_addr *a =
+            &((const struct sockaddr_in6 *)ss)->sin6_addr;
+        return IN6_IS_ADDR_LOOPBACK(a)
+               || (IN6_IS_ADDR_V4MAPPED(a) && a->s6_addr[12] == 127);
+    }
+    return 0;
+}
+
+/* admin = { listen = "127.0.0.1:9901", token = "...", allow_remote = bool }:
+ * loopback only unless allow_remote, since /reload changes what runs. */
+static void load_admin(ld_t *ld, int t)
+{
+    lua_State *L = ld->L;
+    mg_admin_conf_t *a = &ld->cfg->admin;
+    if (!push_record(ld, t, "admin", admin_fields, NULL))
+        return;
+    snprintf(ld->prefix, sizeof(ld->prefix), "admin.");
+    if (push_field(ld, -1, "allow_remote")) {
+        if (lua_type(L, -1) == LUA_TBOOLEAN)
+            a->allow_remote = lua_toboolean(L, -1);
+        else
+            fail_type(ld, "allow_remote", -1, "a boolean");
+        lua_pop(L, 1);
+    }
+    if (get_string(ld, -1, "listen", &a->listen.text) == 0)
+        fail(ld, "listen", "required");
+    if (a->listen.text
+        && parse_addr(ld, "listen", a->listen.text, 1, &a->listen.addr,
+                      &a->listen.addrlen)
+               == 0
+        && !a->allow_remote && !is_loopback(&a->listen.addr))
+        fail(ld, "listen",
+             "\"%s\" is not a loopback address; the admin API can reload "
+             "the gateway, so set admin.allow_remote = true (and a token) "
+             "to expose it",
+             a->listen.text);
+    if (get_string(ld, -1, "token", &a->token) == 1 && !a->token[0])
+        fail(ld, "token", "must not be empty");
+    for (size_t i = 0; a->listen.text && i < ld->cfg->nlisten; i++)
+        if (ld->cfg->listen[i].text
+            && ld->cfg->listen[i].addrlen == a->listen.addrlen
+            && memcmp(&ld->cfg->listen[i].addr, &a->listen.addr,
+                      a->listen.addrlen)
+                   == 0)
+            fail(ld, "listen", "\"%s\" is also a proxy listener",
+                 a->listen.text);
+    ld->prefix[0] = '\0';
+    lua_pop(L, 1);
+}
+
 /* ---- Lua glue ----------------------------------------------------------- */
 
 /* env(name[, default]): the environment variable, else default (or nil). */
@@ -1469,6 +1530,7 @@ static int convert(lua_State *L)
     load_shared(ld, 1);
     load_upstreams(ld, 1);
     load_routes(ld, 1);
+    load_admin(ld, 1);
     return 0;
 }
 
@@ -1587,6 +1649,8 @@ void mg_config_free(mg_config_t *cfg)
     free(cfg->pid_file);
     free(cfg->error_log);
     free(cfg->access_log);
+    free(cfg->admin.listen.text);
+    free(cfg->admin.token);
     free(cfg);
 }
 

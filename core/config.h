@@ -145,6 +145,9 @@ typedef struct {
                                a path parameter, "{*}" by the wildcard */
     mg_timeouts_t timeouts; /* the upstream's, overridden per field */
     uint64_t max_body;      /* the global limit unless set per route */
+    /* The route's series in the shared metrics (metrics.h), set by the
+     * worker when it builds a generation; 0 until then. */
+    unsigned metrics_series;
 } mg_route_conf_t;
 
 typedef struct {
@@ -164,6 +167,13 @@ typedef struct {
     char *name;
     uint64_t size;
 } mg_zone_conf_t;
+
+/* The admin listener: `admin = { listen = "127.0.0.1:9901", token = .. }`. */
+typedef struct {
+    mg_listen_conf_t listen; /* listen.text NULL: no admin listener */
+    char *token;             /* NULL: no token required */
+    int allow_remote;        /* a non-loopback address was allowed */
+} mg_admin_conf_t;
 
 struct mg_config_s {
     char *file; /* path it was loaded from */
@@ -186,6 +196,7 @@ struct mg_config_s {
     size_t nroutes;
     mg_zone_conf_t *zones; /* sorted by name */
     size_t nzones;
+    mg_admin_conf_t admin;
 };
 
 /*

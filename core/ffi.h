@@ -10,7 +10,7 @@
 
 #include "http.h"
 
-#define MG_FFI_VERSION 3
+#define MG_FFI_VERSION 4
 
 typedef struct mg_lua_task_s mg_lua_task_t;
 
@@ -120,5 +120,18 @@ int mg_ffi_redis_send(mg_lua_task_t *t, int serial, int kind, int n,
                       const int *argc, const char **argv, const size_t *lens,
                       const char *script, size_t slen, const char **err);
 void mg_ffi_redis_sha1(const char *s, size_t len, char *out);
+
+/* -- gw.metrics (metrics.c, lua/moongate/metrics.lua) --
+ * define: a counter family (name ends in _total; help one line); returns
+ * its index (the same one for the same name, in every worker), -1 for a
+ * name taken by a family with other label names, -2 when the table is
+ * full. series: the series of family `fam` with the label text `labels`
+ * ('a="x",b="y"', escaped by the caller); its index, or -2 when full.
+ * add: adds n to a series. Without a metrics area (moongate lua) define and
+ * series return 0 and add does nothing. */
+int mg_ffi_metrics_define(const char *name, const char *help,
+                          const char *labelnames);
+int mg_ffi_metrics_series(int fam, const char *labels);
+void mg_ffi_metrics_add(int series, uint64_t n);
 
 #endif

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include "metrics.h"
 #include "worker.h"
 
 /* Compiles the config's routes (the part of validation that needs the
@@ -87,6 +88,7 @@ mg_gen_t *mg_gen_new(mg_worker_t *w, mg_lua_t *lua, mg_config_t *cfg,
         mg_upstream_init(u, ((uint64_t)getpid() << 32) ^ (id * 2654435761u)
                                 ^ (uint64_t)(i + 1));
     }
+    mg_metrics_add_generations(1);
     return g;
 }
 
@@ -94,6 +96,7 @@ void mg_gen_unref(mg_gen_t *g)
 {
     if (--g->refs > 0)
         return;
+    mg_metrics_add_generations(-1);
     for (size_t i = 0; i < g->cfg->nupstreams; i++) {
         mg_upstream_clear(&g->upstreams[i]);
         free(g->upstreams[i].targets);

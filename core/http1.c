@@ -26,6 +26,7 @@
 #include "generation.h"
 #include "http.h"
 #include "log.h"
+#include "metrics.h"
 #include "worker.h"
 
 #define READ_CHUNK 16384
@@ -905,6 +906,7 @@ static void finish_request(mg_conn_t *c)
 {
     mg_req_t *r = &c->req;
     int close = mg_conn_should_close(r);
+    mg_metrics_record(r, r->resp_status);
     if (mg_worker_accesslog(c->w))
         mg_accesslog_write(mg_worker_accesslog(c->w), r);
     if (r->proxy) {
@@ -954,6 +956,10 @@ static void conn_close(mg_conn_t *c)
     if (c->closing)
         return;
     c->closing = 1;
+    if (c->active && (c->req.method_name.len || c->req.resp_status))
+        mg_metrics_record(&c->req, c->req.resp_status && c->resp_done
+                                       ? c->req.resp_status
+                                       : 499);
     if (c->active && c->req.method_name.len && mg_worker_accesslog(c->w)) {
         /* The client went away first: logged as nginx does, 499. */
         if (!c->req.resp_status || !c->resp_done)

@@ -207,6 +207,35 @@ int mg_lua_check(const char *path, size_t nroutes, char *err, size_t errlen)
     return rc;
 }
 
+int mg_lua_describe(const char *path, int with_conf, size_t nroutes,
+                    char ***out, char *err, size_t errlen)
+{
+    mg_lua_t *vm = mg_lua_new(NULL, err, errlen);
+    if (!vm)
+        return MG_ECONFIG;
+    lua_State *L = vm->L;
+    int rc = 0;
+    push_runtime_fn(vm, "describe");
+    lua_pushstring(L, path);
+    lua_pushboolean(L, with_conf);
+    if (lua_pcall(L, 2, 2, 0) || lua_isnil(L, -2)) {
+        snprintf(err, errlen, "%s", lua_tostring(L, -1));
+        rc = MG_ECONFIG;
+    } else {
+        char **v = mg_calloc(nroutes + 1, sizeof(char *));
+        for (size_t i = 0; i < nroutes; i++) {
+            lua_rawgeti(L, -2, (int)i + 1);
+            size_t len = 0;
+            const char *s = lua_tolstring(L, -1, &len);
+            v[i] = s ? mg_strndup(s, len) : mg_strndup("null", 4);
+            lua_pop(L, 1);
+        }
+        *out = v;
+    }
+    mg_lua_free(vm);
+    return rc;
+}
+
 /* ------------------------------------------------------------------ */
 /* Tasks                                                              */
 

@@ -70,6 +70,17 @@ void mg_lua_gen_init_worker(mg_lua_t *vm, unsigned id);
 int mg_lua_check(const char *path, size_t nroutes, char *err, size_t errlen);
 
 /*
+ * Describes the plugin chains of the config at `path`, built in a throwaway
+ * VM (runtime.describe): *out gets `nroutes` JSON strings, one per route in
+ * config order, each {"plugins":[...],"phases":{phase:[{name, priority
+ * [, config]}]},"handler":bool}; configs only when `with_conf`. Caller
+ * frees each string and the array. Returns 0, or MG_ECONFIG with the
+ * errors in err. May block (file reads): master or CLI only.
+ */
+int mg_lua_describe(const char *path, int with_conf, size_t nroutes,
+                    char ***out, char *err, size_t errlen);
+
+/*
  * Starts the coroutine for request `r` on route `route_idx` (0-based) of
  * generation `gen_id`, and runs it until its first decision, which is
  * returned (MG_LUA_WAIT means `cb` will bring it later). Loop thread only.

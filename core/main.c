@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "config.h"
+#include "explain.h"
 #include "generation.h"
 #include "lua.h"
 #include "log.h"
@@ -18,16 +19,21 @@
 
 static void usage(FILE *out)
 {
-    fprintf(out,
-            "usage: moongate [-c FILE]          run the gateway\n"
-            "       moongate check [-c FILE]    validate a config\n"
-            "       moongate reload [-c FILE]   reload a running gateway\n"
-            "       moongate stop [-c FILE]     stop a running gateway "
-            "gracefully\n"
-            "       moongate lua FILE [ARGS]    run a Lua script with the gw "
-            "API\n"
-            "       moongate version\n"
-            "FILE defaults to " DEFAULT_CONFIG ".\n");
+    fprintf(
+        out,
+        "usage: moongate [-c FILE]          run the gateway\n"
+        "       moongate check [-c FILE]    validate a config\n"
+        "       moongate reload [-c FILE]   reload a running gateway\n"
+        "       moongate stop [-c FILE]     stop a running gateway "
+        "gracefully\n"
+        "       moongate lua FILE [ARGS]    run a Lua script with the gw "
+        "API\n"
+        "       moongate explain [-c FILE] METHOD URL [-H 'Name: value']...\n"
+        "                                   show the route, plugins and "
+        "upstream\n"
+        "                                   a request would meet\n"
+        "       moongate version\n"
+        "FILE defaults to " DEFAULT_CONFIG ".\n");
 }
 
 /* Loads and fully validates a config; prints every error to stderr. */
@@ -57,6 +63,9 @@ static int check(const char *path)
            cfg->nroutes, cfg->nupstreams, cfg->workers);
     for (size_t i = 0; i < cfg->nlisten; i++)
         printf(" %s", cfg->listen[i].text);
+    if (cfg->admin.listen.text)
+        printf(", admin %s%s", cfg->admin.listen.text,
+               cfg->admin.token ? " (token)" : "");
     printf("\n");
     for (size_t i = 0; i < cfg->nroutes; i++) {
         const mg_route_conf_t *rt = &cfg->routes[i];
@@ -106,6 +115,26 @@ int main(int argc, char **argv)
         }
         signal(SIGPIPE, SIG_IGN);
         return mg_lua_run_script(argv[i], argc - i - 1, argv + i + 1);
+    }
+    if (strcmp(cmd, "explain") == 0) {
+        /* -c may come anywhere; everything else is the request. */
+        char **rest = calloc((size_t)argc + 1, sizeof(char *));
+        int n = 0;
+        for (; i < argc; i++) {
+            if (strcmp(argv[i], "-c") == 0 && i + 1 < argc)
+                path = argv[++i];
+            else if (strcmp(argv[i], "-H") == 0 && i + 1 < argc) {
+                rest[n++] = argv[i++];
+                rest[n++] = argv[i];
+            } else
+                rest[n++] = argv[i];
+        }
+        signal(SIGPIPE, SIG_IGN);
+        mg_config_t *cfg = load(path);
+        int rc = cfg ? mg_explain_run(cfg, n, rest) : 2;
+        mg_config_free(cfg);
+        free(rest);
+        return rc;
     }
     for (; i < argc; i++) {
         if (strcmp(argv[i], "-c") == 0 && i + 1 < argc) {

@@ -8,21 +8,32 @@
  * Listening sockets stay open in the master for the gateway's whole life;
  * workers inherit them through fork. A worker's death or replacement
  * therefore never drops a connection waiting in an accept queue.
+ *
+ * The master also serves the admin listener when one is configured
+ * (admin.c says why), so its loop waits in poll() on a signalfd and the
+ * admin sockets; signals are still taken synchronously, one at a time.
  */
 #include "master.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <llhttp.h>
+#include <openssl/evp.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "admin.h"
 #include "generation.h"
 #include "log.h"
+#include "lua.h"
+#include "metrics.h"
 #include "peers.h"
 #include "worker.h"
 #include "zones.h"
@@ -34,6 +45,8 @@ typedef struct {
     unsigned slot;
     uint64_t started_ms;
     uint64_t restart_at_ms; /* 0: no restart pending */
+    unsigned restarts;      /* times this slot's worker was restarted */
+    int mslot;              /* metrics gauge slot of the running worker */
 } worker_slot_t;
 
 typedef struct {
@@ -44,9 +57,19 @@ typedef struct {
     worker_slot_t *slots; /* current workers */
     size_t nslots;
     pid_t *retired; /* old workers draining after a replacement */
+    int *retired_mslot;
     size_t nretired;
     int stopping;
     uint64_t stop_deadline_ms;
+    int sfd; /* the signalfd the loop waits on */
+    /* The admin listener and what it reports. */
+    mg_admin_t *admin;    /* NULL: no admin listener */
+    int admin_dirty;      /* a reload may have changed the admin config:
+                             apply it once the admin request is answered */
+    unsigned generation;  /* 1 at start, +1 per accepted reload */
+    char config_hash[65]; /* hex sha256 of the config file */
+    char **chains;        /* per route: plugin chain JSON (lua.h) */
+    uint64_t reloads_ok, reloads_failed, restarts;
 } master_t;
 
 static uint64_t now_ms(void)
@@ -109,7 +132,7 @@ static int open_listeners(const mg_config_t *cfg, const mg_config_t *old,
     return 0;
 }
 
-static pid_t spawn(master_t *m, unsigned slot)
+static pid_t spawn(master_t *m, unsigned slot, int mslot)
 {
     pid_t pid = fork();
     if (pid < 0) {
@@ -120,6 +143,9 @@ static pid_t spawn(master_t *m, unsigned slot)
         sigset_t none;
         sigemptyset(&none);
         sigprocmask(SIG_SETMASK, &none, NULL);
+        mg_admin_close_fds(m->admin);
+        close(m->sfd); /* the worker takes its signals through libuv */
+        mg_metrics_attach(mslot);
         mg_worker_opts_t opts = {.listen_fds = m->fds,
                                  .nlisten = m->nfds,
                                  .slot = slot,
@@ -132,7 +158,10 @@ static pid_t spawn(master_t *m, unsigned slot)
 
 static void start_slot(master_t *m, worker_slot_t *s)
 {
-    s->pid = spawn(m, s->slot);
+    s->mslot = mg_metrics_proc_acquire();
+    s->pid = spawn(m, s->slot, s->mslot);
+    if (!s->pid)
+        mg_metrics_proc_release(s->mslot);
     s->started_ms = now_ms();
     s->restart_at_ms = s->pid ? 0 : now_ms() + RESTART_BACKOFF_MS;
 }
@@ -171,7 +200,10 @@ static void reap(master_t *m)
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
         for (size_t i = 0; i < m->nretired; i++)
             if (m->retired[i] == pid) {
-                m->retired[i] = m->retired[--m->nretired];
+                mg_metrics_proc_release(m->retired_mslot[i]);
+                m->nretired--;
+                m->retired[i] = m->retired[m->nretired];
+                m->retired_mslot[i] = m->retired_mslot[m->nretired];
                 pid = 0;
                 break;
             }
@@ -180,8 +212,11 @@ static void reap(master_t *m)
             if (s->pid != pid)
                 continue;
             s->pid = 0;
+            mg_metrics_proc_release(s->mslot);
             if (m->stopping)
                 break;
+            s->restarts++;
+            m->restarts++;
             if (WIFSIGNALED(status))
                 mg_log_error("worker %u (pid %d) killed by signal %d, "
                              "restarting",
@@ -213,19 +248,25 @@ static int same_listeners(const mg_config_t *a, const mg_config_t *b)
 }
 
 /* Replaces every worker: new ones start on the new listeners, old ones
- * drain. Only when the worker count or the listeners change. */
-static void replace_workers(master_t *m, mg_config_t *cfg)
+ * drain. Only when the worker count or the listeners change. Takes cfg;
+ * returns 0, or -1 with the reason in err (the old workers keep going). */
+static int replace_workers(master_t *m, mg_config_t *cfg, char *err,
+                           size_t errlen)
 {
     int *fds;
-    if (open_listeners(cfg, m->cfg, m->fds, &fds) < 0) {
-        mg_log_error("reload refused: listeners could not be opened");
+    int lrc = open_listeners(cfg, m->cfg, m->fds, &fds);
+    if (lrc < 0) {
+        snprintf(err, errlen, "listeners could not be opened: %s",
+                 strerror(-lrc));
+        mg_log_error("reload refused: %s", err);
         mg_config_free(cfg);
-        return;
+        return -1;
     }
     /* Zones kept by name and size keep their contents; the new workers
      * map the new set. */
     int rc = mg_zones_apply(cfg);
     if (rc < 0) {
+        snprintf(err, errlen, "shared zones: %s", strerror(-rc));
         mg_log_error("reload refused: shared zones: %s", strerror(-rc));
         for (size_t i = 0; i < cfg->nlisten; i++) {
             int reused = 0;
@@ -236,13 +277,16 @@ static void replace_workers(master_t *m, mg_config_t *cfg)
         }
         free(fds);
         mg_config_free(cfg);
-        return;
+        return -1;
     }
     for (size_t i = 0; i < m->nslots; i++) {
         if (!m->slots[i].pid)
             continue;
         kill(m->slots[i].pid, SIGTERM);
         m->retired = mg_realloc(m->retired, (m->nretired + 1) * sizeof(pid_t));
+        m->retired_mslot =
+            mg_realloc(m->retired_mslot, (m->nretired + 1) * sizeof(int));
+        m->retired_mslot[m->nretired] = m->slots[i].mslot;
         m->retired[m->nretired++] = m->slots[i].pid;
     }
     /* Close sockets the new config no longer listens on. */
@@ -261,28 +305,253 @@ static void replace_workers(master_t *m, mg_config_t *cfg)
     m->nfds = cfg->nlisten;
     start_workers(m);
     mg_log_info("workers replaced: %u workers", cfg->workers);
+    return 0;
 }
 
-static void reload(master_t *m)
+/* Hex sha256 of the file's bytes into out[65] ("" when unreadable). */
+static void hash_file(const char *path, char out[65])
 {
-    char err[8192];
+    out[0] = '\0';
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return;
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+    EVP_DigestInit_ex(ctx, EVP_sha256(), NULL);
+    unsigned char buf[8192], md[EVP_MAX_MD_SIZE];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof(buf), f)) > 0)
+        EVP_DigestUpdate(ctx, buf, n);
+    unsigned mdlen = 0;
+    EVP_DigestFinal_ex(ctx, md, &mdlen);
+    EVP_MD_CTX_free(ctx);
+    fclose(f);
+    for (unsigned i = 0; i < mdlen && i < 32; i++)
+        snprintf(out + 2 * i, 3, "%02x", md[i]);
+}
+
+static void free_chains(master_t *m)
+{
+    for (size_t i = 0; m->chains && i < m->cfg->nroutes; i++)
+        free(m->chains[i]);
+    free(m->chains);
+    m->chains = NULL;
+}
+
+/* Facts about the config just made current, for /status and /metrics. */
+static void describe_config(master_t *m)
+{
+    char err[4096];
+    free_chains(m);
+    hash_file(m->config_path, m->config_hash);
+    if (mg_lua_describe(m->config_path, 0, m->cfg->nroutes, &m->chains, err,
+                        sizeof(err)))
+        mg_log_lines(MG_LOG_WARN, "plugin chains not described: ", err);
+}
+
+/*
+ * Validates the config file again and applies it. Returns 0 when the new
+ * config is running (or being rolled out to the workers); otherwise the
+ * previous one keeps serving and the reason is in err: MG_ECONFIG for an
+ * invalid config, -1 when it was valid but could not be applied.
+ */
+static int reload(master_t *m, char *err, size_t errlen)
+{
     mg_config_t *cfg;
-    if (mg_config_load(m->config_path, &cfg, err, sizeof(err))
-        || (mg_gen_check(cfg, err, sizeof(err)) && (mg_config_free(cfg), 1))) {
+    int rc = mg_config_load(m->config_path, &cfg, err, errlen);
+    if (rc == 0 && (rc = mg_gen_check(cfg, err, errlen)) != 0)
+        mg_config_free(cfg);
+    if (rc) {
         mg_log_lines(MG_LOG_ERROR,
                      "reload refused, the running config keeps serving: ", err);
-        return;
+        m->reloads_failed++;
+        return MG_ECONFIG;
     }
+    /* The chains describe routes of the config being replaced. */
+    free_chains(m);
     if (cfg->workers != m->cfg->workers || !same_listeners(cfg, m->cfg)
         || !mg_zones_same(cfg)) {
-        replace_workers(m, cfg);
+        if (replace_workers(m, cfg, err, errlen) < 0) {
+            m->reloads_failed++;
+            describe_config(m);
+            return -1;
+        }
+    } else {
+        /* Same shape: each worker swaps generations in place. */
+        mg_config_free(m->cfg);
+        m->cfg = cfg;
+        signal_all(m, SIGHUP);
+        mg_log_info("reload: config valid, workers signalled");
+    }
+    m->reloads_ok++;
+    m->generation++;
+    m->admin_dirty = 1;
+    describe_config(m);
+    return 0;
+}
+
+/* ---- admin endpoints ---------------------------------------------------- */
+
+static void status_routes(const master_t *m, mg_strbuf_t *b)
+{
+    const mg_config_t *cfg = m->cfg;
+    mg_strbuf_puts(b, "\"routes\":[");
+    for (size_t i = 0; i < cfg->nroutes; i++) {
+        const mg_route_conf_t *rt = &cfg->routes[i];
+        mg_strbuf_puts(b, i ? ",{\"name\":" : "{\"name\":");
+        mg_strbuf_json_str(b, rt->name);
+        mg_strbuf_puts(b, ",\"path\":");
+        mg_strbuf_json_str(b, rt->path);
+        mg_strbuf_puts(b, ",\"methods\":[");
+        int first = 1;
+        for (unsigned k = 0; k < 64; k++)
+            if (rt->methods & ((uint64_t)1 << k)) {
+                mg_strbuf_puts(b, first ? "" : ",");
+                mg_strbuf_json_str(b, llhttp_method_name((llhttp_method_t)k));
+                first = 0;
+            }
+        mg_strbuf_puts(b, "],\"hosts\":[");
+        for (size_t k = 0; k < rt->nhosts; k++) {
+            mg_strbuf_puts(b, k ? "," : "");
+            mg_strbuf_json_str(b, rt->hosts[k]);
+        }
+        mg_strbuf_puts(b, "],\"upstream\":");
+        if (rt->upstream >= 0)
+            mg_strbuf_json_str(b, cfg->upstreams[rt->upstream].name);
+        else
+            mg_strbuf_puts(b, "null");
+        mg_strbuf_puts(b, ",\"plugin_chain\":");
+        mg_strbuf_puts(b, m->chains && m->chains[i] ? m->chains[i] : "null");
+        mg_strbuf_puts(b, "}");
+    }
+    mg_strbuf_puts(b, "]");
+}
+
+static void status_upstreams(const mg_config_t *cfg, mg_strbuf_t *b)
+{
+    mg_strbuf_puts(b, "\"upstreams\":[");
+    for (size_t i = 0; i < cfg->nupstreams; i++) {
+        const mg_upstream_conf_t *u = &cfg->upstreams[i];
+        mg_strbuf_puts(b, i ? ",{\"name\":" : "{\"name\":");
+        mg_strbuf_json_str(b, u->name);
+        mg_strbuf_puts(b, ",\"balance\":");
+        mg_strbuf_json_str(b, u->balance ? u->balance : "round_robin");
+        mg_strbuf_puts(b, ",\"targets\":[");
+        for (size_t k = 0; k < u->ntargets; k++) {
+            mg_strbuf_puts(b, k ? ",{\"address\":" : "{\"address\":");
+            mg_strbuf_json_str(b, u->targets[k].text);
+            mg_strbuf_printf(b, ",\"weight\":%u}", u->targets[k].weight);
+        }
+        mg_strbuf_puts(b, "]}");
+    }
+    mg_strbuf_puts(b, "]");
+}
+
+static int admin_status(void *arg, mg_strbuf_t *b)
+{
+    const master_t *m = arg;
+    mg_strbuf_puts(b, "{\"version\":");
+    mg_strbuf_json_str(b, MG_VERSION);
+    mg_strbuf_puts(b, ",\"config_file\":");
+    mg_strbuf_json_str(b, m->config_path);
+    mg_strbuf_puts(b, ",\"config_hash\":");
+    mg_strbuf_json_str(b, m->config_hash);
+    mg_strbuf_printf(b,
+                     ",\"generation\":%u,\"master_pid\":%d,"
+                     "\"reloads\":{\"success\":%llu,\"failure\":%llu},"
+                     "\"workers\":[",
+                     m->generation, (int)getpid(),
+                     (unsigned long long)m->reloads_ok,
+                     (unsigned long long)m->reloads_failed);
+    for (size_t i = 0; i < m->nslots; i++) {
+        const worker_slot_t *w = &m->slots[i];
+        mg_strbuf_printf(b,
+                         "%s{\"slot\":%u,\"pid\":%d,\"running\":%s,"
+                         "\"restarts\":%u}",
+                         i ? "," : "", w->slot, (int)w->pid,
+                         w->pid ? "true" : "false", w->restarts);
+    }
+    mg_strbuf_puts(b, "],\"draining_workers\":[");
+    for (size_t i = 0; i < m->nretired; i++)
+        mg_strbuf_printf(b, "%s%d", i ? "," : "", (int)m->retired[i]);
+    mg_strbuf_puts(b, "],");
+    status_routes(m, b);
+    mg_strbuf_puts(b, ",");
+    status_upstreams(m->cfg, b);
+    mg_strbuf_puts(b, "}\n");
+    return 200;
+}
+
+static int admin_metrics(void *arg, mg_strbuf_t *b)
+{
+    const master_t *m = arg;
+    mg_metrics_master_t mm = {.config_hash = m->config_hash,
+                              .reloads_ok = m->reloads_ok,
+                              .reloads_failed = m->reloads_failed,
+                              .worker_restarts = m->restarts,
+                              .workers = m->cfg->workers};
+    mg_metrics_render(b, &mm);
+    return 200;
+}
+
+static int admin_reload(void *arg, mg_strbuf_t *b)
+{
+    master_t *m = arg;
+    char err[8192];
+    if (m->stopping) {
+        mg_strbuf_puts(b, "{\"reloaded\":false,\"error\":\"stopping\"}\n");
+        return 503;
+    }
+    int rc = reload(m, err, sizeof(err));
+    if (rc == 0) {
+        mg_strbuf_printf(b,
+                         "{\"reloaded\":true,\"generation\":%u,"
+                         "\"config_hash\":",
+                         m->generation);
+        mg_strbuf_json_str(b, m->config_hash);
+        mg_strbuf_printf(b, ",\"routes\":%zu,\"workers\":%u}\n",
+                         m->cfg->nroutes, m->cfg->workers);
+        return 200;
+    }
+    size_t n = strlen(err);
+    while (n && err[n - 1] == '\n')
+        err[--n] = '\0';
+    mg_strbuf_printf(
+        b, "{\"reloaded\":false,\"generation\":%u,\"error\":", m->generation);
+    mg_strbuf_json_str(b, err);
+    mg_strbuf_puts(b, "}\n");
+    return rc == MG_ECONFIG ? 400 : 500;
+}
+
+/* Makes the admin listener match m->cfg: opened, kept, moved or closed.
+ * A new address that cannot be bound is logged; the old one is kept. */
+static void sync_admin(master_t *m)
+{
+    const mg_admin_conf_t *ac = &m->cfg->admin;
+    m->admin_dirty = 0;
+    if (!ac->listen.text) {
+        if (m->admin)
+            mg_log_info("admin listener closed");
+        mg_admin_close(m->admin);
+        m->admin = NULL;
         return;
     }
-    /* Same shape: each worker swaps generations in place. */
-    mg_config_free(m->cfg);
-    m->cfg = cfg;
-    signal_all(m, SIGHUP);
-    mg_log_info("reload: config valid, workers signalled");
+    if (m->admin && mg_admin_same_address(m->admin, ac)) {
+        mg_admin_set_token(m->admin, ac->token);
+        return;
+    }
+    mg_admin_handlers_t h = {admin_status, admin_metrics, admin_reload, m};
+    mg_admin_t *a;
+    int rc = mg_admin_open(ac, &h, &a);
+    if (rc < 0) {
+        mg_log_error("cannot listen on admin address %s: %s", ac->listen.text,
+                     strerror(-rc));
+        if (m->admin)
+            mg_admin_set_token(m->admin, ac->token);
+        return;
+    }
+    mg_admin_close(m->admin);
+    m->admin = a;
+    mg_log_info("admin listening on %s", ac->listen.text);
 }
 
 static void begin_stop(master_t *m)
@@ -348,10 +617,26 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
     /* Per-target health and breaker state, shared by every worker. */
     if (rc == 0 && (rc = mg_peers_init()) < 0)
         mg_log_error("cannot map the per-target state: %s", strerror(-rc));
-    if (rc < 0 || write_pid_file(cfg->pid_file) < 0) {
+    if (rc == 0 && (rc = mg_metrics_init()) < 0)
+        mg_log_error("cannot map the metrics area: %s", strerror(-rc));
+    int sfd = rc < 0 ? -1 : signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+    m.sfd = sfd;
+    if (rc == 0 && sfd < 0)
+        mg_log_error("signalfd: %s", strerror(errno));
+    m.generation = 1;
+    if (sfd >= 0) {
+        describe_config(&m);
+        sync_admin(&m); /* logs why when it cannot listen */
+    }
+    if (sfd < 0 || (cfg->admin.listen.text && !m.admin)
+        || write_pid_file(cfg->pid_file) < 0) {
         for (size_t i = 0; i < m.nfds; i++)
             close(m.fds[i]);
+        if (sfd >= 0)
+            close(sfd);
+        mg_admin_close(m.admin);
         free(m.fds);
+        free_chains(&m);
         mg_config_free(cfg);
         return 1;
     }
@@ -359,14 +644,27 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
     start_workers(&m);
 
     while (!m.stopping || running(&m) > 0) {
-        struct timespec timeout = {0, 200 * 1000000};
-        siginfo_t info;
-        int sig = sigtimedwait(&set, &info, &timeout);
+        struct pollfd pfds[1 + MG_ADMIN_MAX_POLLFDS];
+        int timeout = 200;
+        pfds[0] = (struct pollfd){.fd = sfd, .events = POLLIN};
+        size_t na =
+            mg_admin_pollfds(m.admin, pfds + 1, MG_ADMIN_MAX_POLLFDS, &timeout);
+        int sig = 0;
+        if (poll(pfds, 1 + na, timeout) > 0) {
+            mg_admin_process(m.admin, pfds + 1, na);
+            struct signalfd_siginfo si;
+            if (read(sfd, &si, sizeof(si)) == (ssize_t)sizeof(si))
+                sig = (int)si.ssi_signo;
+        }
+        if (m.admin_dirty)
+            sync_admin(&m);
+        char err[8192];
         switch (sig) {
+        case 0: break;
         case SIGCHLD: reap(&m); break;
         case SIGHUP:
-            if (!m.stopping)
-                reload(&m);
+            if (!m.stopping && reload(&m, err, sizeof(err)) == 0)
+                sync_admin(&m);
             break;
         case SIGTERM:
         case SIGINT:
@@ -376,19 +674,23 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
             mg_log_init(m.cfg->error_log, m.cfg->log_level, NULL);
             signal_all(&m, SIGUSR1);
             break;
-        default:
-            reap(&m); /* a SIGCHLD may merge with another signal */
-            break;
+        default: break;
         }
+        /* Several SIGCHLD merge into one: reap on every turn. */
+        reap(&m);
         tick(&m);
     }
     unlink(m.cfg->pid_file);
     for (size_t i = 0; i < m.nfds; i++)
         close(m.fds[i]);
+    mg_admin_close(m.admin);
+    close(sfd);
     mg_log_info("stopped");
     free(m.fds);
     free(m.slots);
     free(m.retired);
+    free(m.retired_mslot);
+    free_chains(&m);
     mg_config_free(m.cfg);
     return 0;
 }

@@ -16,6 +16,7 @@
 #include "generation.h"
 #include "health.h"
 #include "log.h"
+#include "metrics.h"
 #include "upstream.h"
 
 struct mg_worker_s {
@@ -202,6 +203,18 @@ void mg_worker_write(mg_worker_t *w, uv_stream_t *s, mg_wreq_t *wr,
 
 /* ------------------------------------------------------------------ */
 
+/* Points a new generation's routes at their shared metrics series
+ * (registered by name, so a reload keeps counting into the same ones) and
+ * turns recording on when an admin listener can read it. */
+static void set_metrics(mg_gen_t *g)
+{
+    int on = g->cfg->admin.listen.text != NULL;
+    mg_metrics_enable(on);
+    for (size_t i = 0; on && i < g->cfg->nroutes; i++)
+        g->cfg->routes[i].metrics_series =
+            mg_metrics_route_series(g->cfg->routes[i].name);
+}
+
 static void on_connection(uv_stream_t *server, int status)
 {
     mg_worker_t *w = server->data;
@@ -212,6 +225,7 @@ static void on_connection(uv_stream_t *server, int status)
     if (w->draining)
         return;
     mg_http1_accept(w, server);
+    mg_metrics_set_connections(w->conns.count);
 }
 
 static void reload(mg_worker_t *w)
@@ -234,6 +248,7 @@ static void reload(mg_worker_t *w)
         return;
     }
     w->next_gen_id++;
+    set_metrics(g);
     mg_gen_t *old = w->gen;
     w->gen = g;
     /* Requests in flight keep their own references to the old one. */
@@ -303,6 +318,7 @@ static void drain(mg_worker_t *w)
 void mg_worker_conn_closed(mg_worker_t *w)
 {
     w->conns.count--;
+    mg_metrics_set_connections(w->conns.count);
     if (w->draining && w->conns.count == 0)
         shutdown_worker(w);
 }
@@ -370,6 +386,7 @@ int mg_worker_run(const mg_worker_opts_t *opts, mg_config_t *cfg)
         return 1;
     }
     w.next_gen_id = 2;
+    set_metrics(w.gen);
     start_signal(&w, &w.sig_reload, SIGHUP);
     start_signal(&w, &w.sig_term, SIGTERM);
     start_signal(&w, &w.sig_int, SIGINT);

@@ -902,8 +902,19 @@ end
 
 local function quote(s) return (gsub(s, "[\"\\]", "")) end
 
+-- On the admin listener's /metrics. Reasons are this file's fixed texts
+-- (and claim names from the config): a bounded set.
+local failures = gw.metrics.counter("moongate_auth_failures_total",
+    "Requests refused by an auth plugin, by route, plugin and reason.",
+    { "route", "plugin", "reason" })
+
+local function count_failure(ctx, reason)
+    failures:inc(1, { ctx.route and ctx.route.name or "", "jwt-auth", reason })
+end
+
 local function deny(ctx, reason)
     gw.log("info", "jwt-auth: ", reason, " (route ", ctx.route and ctx.route.name or "?", ")")
+    count_failure(ctx, reason)
     return 401, { error = reason }, {
         ["WWW-Authenticate"] = 'Bearer error="invalid_token", error_description="'
             .. quote(reason) .. '"',
@@ -926,6 +937,7 @@ function P.access(conf, ctx)
     local token = token_of(conf, ctx)
     if not token then
         gw.log("info", "jwt-auth: missing token (route ", ctx.route and ctx.route.name or "?", ")")
+        count_failure(ctx, "missing token")
         return 401, { error = "missing token" }, { ["WWW-Authenticate"] = "Bearer" }
     end
     local claims, err = P.verify(conf, token)

@@ -23,6 +23,15 @@ local LOG_EVERY = 1                               -- seconds between redis failu
 
 local BY = { ip = true, consumer = true, route = true, header = true }
 
+-- On the admin listener's /metrics: one count per decision.
+local decisions = gw.metrics.counter("moongate_ratelimit_decisions_total",
+    "Rate-limit decisions by route: allowed, limited, or what a storage failure led to.",
+    { "route", "decision" })
+
+local function count(ctx, decision)
+    decisions:inc(1, { ctx.route and ctx.route.name or "", decision })
+end
+
 local P = {
     name = "rate-limit",
     priority = 910,
@@ -451,8 +460,9 @@ function P.access(conf, ctx)
         allowed, err = check_redis(conf, c, id)
         if allowed == nil then
             redis_failed(conf, err)
-            if conf.on_redis_error == "fail_open" then return end
+            if conf.on_redis_error == "fail_open" then return count(ctx, "fail_open") end
             if conf.on_redis_error == "fail_closed" then
+                count(ctx, "fail_closed")
                 return 503, { error = "rate limit unavailable" }
             end
             allowed, r = check_local(conf, c, id, gw.now())
@@ -465,14 +475,16 @@ function P.access(conf, ctx)
     if allowed == nil then
         -- The dict is full or broken: a gateway fault, not the client's.
         gw.log("error", "rate-limit: ", r)
-        return
+        return count(ctx, "error")
     end
     local h = headers_of(r)
     ctx.var.rate_limit_headers = h
     if not allowed then
         h["Retry-After"] = int_str(max(ceil(r.retry - 1e-6), 1))
+        count(ctx, "limited")
         return 429, { error = "rate limit exceeded" }, h
     end
+    count(ctx, "allowed")
 end
 
 function P.header_filter(conf, ctx)

@@ -12,7 +12,7 @@ set -eu
 DEBIAN_PKGS="build-essential pkg-config git curl ca-certificates procps
 libluajit2-5.1-dev libuv1-dev libssl-dev lua-cjson libhiredis-dev
 libnghttp2-dev zlib1g-dev libbrotli-dev redis-server lua-busted
-wrk nginx-light python3 clang libclang-rt-14-dev"
+wrk nginx-light python3 clang libclang-rt-14-dev prometheus"
 LLHTTP_PKGS="libllhttp9.2 libllhttp-dev"
 TRIXIE_MIRROR="${MG_TRIXIE_MIRROR:-http://deb.debian.org/debian}"
 
@@ -38,7 +38,7 @@ if [ -n "$need_debian" ]; then
     apt-get update -q
     apt-get install -y -q --no-install-recommends $need_debian
     # Debian starts the services it installs; tests start their own.
-    for svc in redis-server nginx; do
+    for svc in redis-server nginx prometheus; do
         if command -v systemctl >/dev/null 2>&1; then
             systemctl disable --now "$svc" >/dev/null 2>&1 || true
         fi

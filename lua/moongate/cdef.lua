@@ -3,7 +3,7 @@
 -- runtime refuses to start (the two cannot drift silently).
 local ffi = require("ffi")
 
-local _M = { version = 3 }
+local _M = { version = 4 }
 
 ffi.cdef [[
 typedef struct { const char *p; size_t len; } mg_str_t;
@@ -78,6 +78,11 @@ int mg_ffi_redis_send(mg_lua_task_t *t, int serial, int kind, int n, const int *
                       const char **argv, const size_t *lens, const char *script,
                       size_t slen, const char **err);
 void mg_ffi_redis_sha1(const char *s, size_t len, char *out);
+
+/* gw.metrics */
+int mg_ffi_metrics_define(const char *name, const char *help, const char *labelnames);
+int mg_ffi_metrics_series(int fam, const char *labels);
+void mg_ffi_metrics_add(int series, uint64_t n);
 ]]
 
 return _M

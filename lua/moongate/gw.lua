@@ -274,6 +274,9 @@ _M.crypto = require("moongate.crypto")
 --- gw.shared.<zone>: shared-memory dicts (lua/moongate/shared.lua).
 _M.shared = require("moongate.shared")
 
+--- gw.metrics.counter: plugin counters on /metrics (lua/moongate/metrics.lua).
+_M.metrics = require("moongate.metrics")
+
 --- gw.json.encode(t) -> string or nil, err; gw.json.decode(s) -> value or nil, err.
 _M.json.encode = cjson.encode
 _M.json.decode = cjson.decode

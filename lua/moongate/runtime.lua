@@ -420,4 +420,68 @@ function _M.run_script(task, file, ...)
     return chunk(...)
 end
 
+-- A plugin config as plain JSON-able data: functions (inline plugins) and
+-- other non-data values shown by their type; keys of non-array tables
+-- made strings. Depth-limited, since a config may be cyclic.
+local function plain(v, depth)
+    local t = type(v)
+    if t == "string" or t == "number" or t == "boolean" then return v end
+    if t ~= "table" or depth > 16 then return "<" .. t .. ">" end
+    local n, count = #v, 0
+    for _ in pairs(v) do count = count + 1 end
+    local out = {}
+    if n > 0 and n == count then
+        for i = 1, n do out[i] = plain(v[i], depth + 1) end
+        return out
+    end
+    for k, x in pairs(v) do out[tostring(k)] = plain(x, depth + 1) end
+    return out
+end
+
+-- JSON arrays built by hand: this cjson (2.1.0) encodes {} as an object.
+local function json_list(items)
+    return "[" .. concat(items, ",") .. "]"
+end
+
+--- Describes the plugin chains of the config at `path` without keeping a
+-- generation: one JSON string per route, in config order, with the chain
+-- of each phase in run order ({"plugins": [names], "phases": {phase:
+-- [{name, priority[, config]}]}, "handler": bool}). Plugin configs (as
+-- checked, defaults filled) only when `with_conf`. Returns the list, or
+-- nil and the errors. Used by `moongate explain` and the admin /status.
+function _M.describe(path, with_conf)
+    local masks, err = _M.load_generation(0, path)
+    if not masks then return nil, err end
+    local gen = generations[0]
+    generations[0] = nil
+    local enc = gw.json.encode
+    local out = {}
+    for i, route in ipairs(gen.routes) do
+        local phases = {}
+        for k, phase in ipairs(PHASES) do
+            local list = {}
+            for j, p in ipairs(route.chains[phase]) do
+                local mod = gen.modules[p.name]
+                local prio = mod and mod.priority or p.conf.priority or 0
+                local e = '{"name":' .. enc(p.name) .. ',"priority":' .. enc(prio)
+                if with_conf then
+                    local c, cerr = enc(plain(p.conf, 0))
+                    if not c then
+                        return nil, path .. ": routes[" .. i .. "]: plugins." .. p.name
+                            .. ": " .. tostring(cerr)
+                    end
+                    e = e .. ',"config":' .. c
+                end
+                list[j] = e .. "}"
+            end
+            phases[k] = enc(phase) .. ":" .. json_list(list)
+        end
+        local names = {}
+        for j, name in ipairs(route.plugins) do names[j] = enc(name) end
+        out[i] = '{"plugins":' .. json_list(names) .. ',"phases":{' .. concat(phases, ",")
+            .. '},"handler":' .. tostring(route.handler ~= nil) .. "}"
+    end
+    return out
+end
+
 return _M

@@ -507,6 +507,62 @@ static void reserved_keys_are_accepted_and_ignored(void)
     mg_config_free(cfg);
 }
 
+static void admin_listener_is_loaded_loopback_only(void)
+{
+    mg_config_t *cfg;
+    CHECK_INT(load("return { listen = \":0\",\n"
+                   "  admin = { listen = \"127.0.0.1:9901\", token = \"t\" } }",
+                   &cfg),
+              ==, 0);
+    CHECK_STR(cfg->admin.listen.text, "127.0.0.1:9901");
+    CHECK_STR(cfg->admin.token, "t");
+    CHECK_INT(cfg->admin.allow_remote, ==, 0);
+    mg_config_free(cfg);
+    CHECK_INT(load("return { listen = \":0\",\n"
+                   "  admin = { listen = \"[::1]:9901\" } }",
+                   &cfg),
+              ==, 0);
+    CHECK(cfg->admin.token == NULL);
+    mg_config_free(cfg);
+    CHECK_INT(load("return { listen = \":0\",\n"
+                   "  admin = { listen = \"0.0.0.0:9901\",\n"
+                   "            allow_remote = true } }",
+                   &cfg),
+              ==, 0);
+    CHECK_INT(cfg->admin.allow_remote, ==, 1);
+    mg_config_free(cfg);
+    CHECK_INT(load("return { listen = \":0\" }", &cfg), ==, 0);
+    CHECK(cfg->admin.listen.text == NULL);
+    mg_config_free(cfg);
+}
+
+static void admin_listener_errors_are_reported(void)
+{
+    mg_config_t *cfg;
+    CHECK_INT(load("return { listen = \":0\",\n"
+                   "  admin = { listen = \":9901\" } }",
+                   &cfg),
+              ==, MG_ECONFIG);
+    CHECK(has_error("top level: admin.listen: \":9901\" is not a loopback "
+                    "address; the admin API can reload the gateway, so set "
+                    "admin.allow_remote = true (and a token) to expose it"));
+    CHECK_INT(load("return { listen = \"127.0.0.1:9000\",\n"
+                   "  admin = { token = \"\", allow_remote = 1, port = 3 } }",
+                   &cfg),
+              ==, MG_ECONFIG);
+    CHECK(has_error("top level: admin.port: unknown field"));
+    CHECK(has_error("top level: admin.allow_remote: expected a boolean, got "
+                    "number"));
+    CHECK(has_error("top level: admin.listen: required"));
+    CHECK(has_error("top level: admin.token: must not be empty"));
+    CHECK_INT(load("return { listen = \"127.0.0.1:9000\",\n"
+                   "  admin = { listen = \"127.0.0.1:9000\" } }",
+                   &cfg),
+              ==, MG_ECONFIG);
+    CHECK(has_error("top level: admin.listen: \"127.0.0.1:9000\" is also a "
+                    "proxy listener"));
+}
+
 static void invalid_values_are_reported(void)
 {
     mg_config_t *cfg;
@@ -1032,6 +1088,8 @@ int main(void)
     RUN(wrong_types_say_what_was_expected);
     RUN(unknown_fields_are_errors_at_every_level);
     RUN(reserved_keys_are_accepted_and_ignored);
+    RUN(admin_listener_is_loaded_loopback_only);
+    RUN(admin_listener_errors_are_reported);
     RUN(invalid_values_are_reported);
     RUN(resilience_options_are_loaded);
     RUN(resilience_defaults);

@@ -1,0 +1,445 @@
+/*
+ * The admin listener, served by the master. Why the master and not a
+ * worker: every answer is master knowledge. /status lists the workers with
+ * their pids and restart counts and the generation the master validated;
+ * /reload must validate the new config and report the result, which is
+ * exactly what the master does on SIGHUP; /metrics sums the shared counters
+ * plus the master's own (restarts, reloads). A worker would have to ask the
+ * master for each of these. Admin traffic is a few requests a minute, so
+ * one poll() loop in the master is enough: it also keeps the admin API
+ * alive while every worker is busy, dying or being replaced.
+ *
+ * The server is deliberately small: one request per connection
+ * (Connection: close), a 16 KiB request head, a 64 KiB body that is read and
+ * ignored, at most 16 connections, 5 s per connection. Sockets are
+ * non-blocking, so a slow or silent client cannot stall the master; a
+ * reload does block it while the config loads, as SIGHUP always did.
+ */
+#include "admin.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "log.h"
+
+#define MAX_CONNS (MG_ADMIN_MAX_POLLFDS - 1)
+#define HEAD_MAX 16384
+#define BODY_MAX 65536
+#define CONN_TIMEOUT_MS 5000
+
+typedef struct {
+    int fd;      /* -1: free */
+    int writing; /* the reply is built and going out */
+    uint64_t deadline_ms;
+    char *in; /* request bytes, HEAD_MAX + BODY_MAX at most */
+    size_t in_len, head_len, body_want;
+    mg_strbuf_t out;
+    size_t out_pos;
+} conn_t;
+
+struct mg_admin_s {
+    int fd;
+    struct sockaddr_storage addr;
+    socklen_t addrlen;
+    char *token;
+    mg_admin_handlers_t h;
+    conn_t conns[MAX_CONNS];
+};
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+int mg_admin_open(const mg_admin_conf_t *conf, const mg_admin_handlers_t *h,
+                  mg_admin_t **out)
+{
+    const mg_listen_conf_t *l = &conf->listen;
+    int fd = socket(l->addr.ss_family,
+                    SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -errno;
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (l->addr.ss_family == AF_INET6)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+    if (bind(fd, (const struct sockaddr *)&l->addr, l->addrlen) < 0
+        || listen(fd, 64) < 0) {
+        int e = -errno;
+        close(fd);
+        return e;
+    }
+    mg_admin_t *a = mg_calloc(1, sizeof(*a));
+    a->fd = fd;
+    a->addr = l->addr;
+    a->addrlen = l->addrlen;
+    a->h = *h;
+    for (size_t i = 0; i < MAX_CONNS; i++)
+        a->conns[i].fd = -1;
+    mg_admin_set_token(a, conf->token);
+    *out = a;
+    return 0;
+}
+
+int mg_admin_same_address(const mg_admin_t *a, const mg_admin_conf_t *conf)
+{
+    return a->addrlen == conf->listen.addrlen
+           && memcmp(&a->addr, &conf->listen.addr, a->addrlen) == 0;
+}
+
+void mg_admin_set_token(mg_admin_t *a, const char *token)
+{
+    free(a->token);
+    a->token = token ? mg_strndup(token, strlen(token)) : NULL;
+}
+
+static void conn_free(conn_t *c)
+{
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+    free(c->in);
+    c->in = NULL;
+    mg_strbuf_free(&c->out);
+    c->in_len = c->head_len = c->body_want = c->out_pos = 0;
+    c->writing = 0;
+}
+
+void mg_admin_close(mg_admin_t *a)
+{
+    if (!a)
+        return;
+    for (size_t i = 0; i < MAX_CONNS; i++)
+        conn_free(&a->conns[i]);
+    close(a->fd);
+    free(a->token);
+    free(a);
+}
+
+void mg_admin_close_fds(mg_admin_t *a)
+{
+    if (!a)
+        return;
+    close(a->fd);
+    for (size_t i = 0; i < MAX_CONNS; i++)
+        if (a->conns[i].fd >= 0)
+            close(a->conns[i].fd);
+}
+
+/* ---- answers ------------------------------------------------------------ */
+
+static const char *reason(int status)
+{
+    switch (status) {
+    case 200: return "OK";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 413: return "Payload Too Large";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 503: return "Service Unavailable";
+    default: return "Unknown";
+    }
+}
+
+/* Builds the whole reply in c->out: head, then body. */
+static void reply(conn_t *c, int status, const char *ctype,
+                  const char *extra_headers, const mg_strbuf_t *body)
+{
+    mg_strbuf_free(&c->out);
+    mg_strbuf_printf(&c->out,
+                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\n"
+                     "Content-Length: %zu\r\nCache-Control: no-store\r\n"
+                     "%sConnection: close\r\n\r\n",
+                     status, reason(status), ctype, body ? body->len : 0,
+                     extra_headers ? extra_headers : "");
+    if (body && body->len)
+        mg_strbuf_add(&c->out, body->p, body->len);
+    c->writing = 1;
+    c->out_pos = 0;
+}
+
+static void reply_error(conn_t *c, int status, const char *msg,
+                        const char *extra_headers)
+{
+    mg_strbuf_t b = {0};
+    mg_strbuf_puts(&b, "{\"error\":");
+    mg_strbuf_json_str(&b, msg);
+    mg_strbuf_puts(&b, "}\n");
+    reply(c, status, "application/json", extra_headers, &b);
+    mg_strbuf_free(&b);
+}
+
+/* The value of header `name` in the head (NUL-terminated lines), or NULL. */
+static const char *header(const char *head, const char *name, size_t *len)
+{
+    size_t nlen = strlen(name);
+    const char *p = strstr(head, "\r\n");
+    while (p && p[2] != '\r') {
+        const char *line = p + 2, *end = strstr(line, "\r\n");
+        if (!end)
+            return NULL;
+        if ((size_t)(end - line) > nlen && line[nlen] == ':'
+            && strncasecmp(line, name, nlen) == 0) {
+            const char *v = line + nlen + 1;
+            while (v < end && (*v == ' ' || *v == '\t'))
+                v++;
+            const char *e = end;
+            while (e > v && (e[-1] == ' ' || e[-1] == '\t'))
+                e--;
+            *len = (size_t)(e - v);
+            return v;
+        }
+        p = end;
+    }
+    return NULL;
+}
+
+/* Compares in time independent of where the first difference is. */
+static int token_ok(const char *want, const char *got, size_t len)
+{
+    size_t wl = strlen(want);
+    unsigned diff = (unsigned)(wl ^ len);
+    for (size_t i = 0; i < wl; i++)
+        diff |= (unsigned char)want[i] ^ (unsigned char)(i < len ? got[i] : 0);
+    return diff == 0;
+}
+
+static void route_request(mg_admin_t *a, conn_t *c, const char *method,
+                          const char *path)
+{
+    if (a->token) {
+        size_t len = 0;
+        const char *v = header(c->in, "Authorization", &len);
+        if (!v || len < 7 || strncasecmp(v, "Bearer ", 7) != 0
+            || !token_ok(a->token, v + 7, len - 7)) {
+            reply_error(
+                c, 401, "missing or wrong admin token",
+                "WWW-Authenticate: Bearer realm=\"moongate admin\"\r\n");
+            return;
+        }
+    }
+    static const struct {
+        const char *path, *method;
+    } endpoints[] = {
+        {"/status", "GET"}, {"/metrics", "GET"}, {"/reload", "POST"}};
+    for (size_t i = 0; i < MG_ARRAY_SIZE(endpoints); i++) {
+        if (strcmp(path, endpoints[i].path) != 0)
+            continue;
+        if (strcmp(method, endpoints[i].method) != 0) {
+            char allow[40], msg[1100];
+            snprintf(allow, sizeof(allow), "Allow: %s\r\n",
+                     endpoints[i].method);
+            snprintf(msg, sizeof(msg), "%s takes %s only", path,
+                     endpoints[i].method);
+            reply_error(c, 405, msg, allow);
+            return;
+        }
+        mg_strbuf_t body = {0};
+        int status = i == 0   ? a->h.status(a->h.arg, &body)
+                     : i == 1 ? a->h.metrics(a->h.arg, &body)
+                              : a->h.reload(a->h.arg, &body);
+        reply(c, status,
+              i == 1 ? "text/plain; version=0.0.4; charset=utf-8"
+                     : "application/json",
+              NULL, &body);
+        mg_strbuf_free(&body);
+        return;
+    }
+    reply_error(c, 404,
+                "no such admin endpoint (try /status, /metrics, "
+                "/reload)",
+                NULL);
+}
+
+/* The head is complete (NUL-terminated at head_len): check its framing,
+ * then wait for the body or answer. */
+static void on_head(mg_admin_t *a, conn_t *c)
+{
+    size_t len;
+    if (header(c->in, "Transfer-Encoding", &len)) {
+        reply_error(c, 400, "Transfer-Encoding is not accepted here", NULL);
+        return;
+    }
+    const char *cl = header(c->in, "Content-Length", &len);
+    if (cl) {
+        char num[24];
+        char *end;
+        if (len == 0 || len >= sizeof(num)) {
+            reply_error(c, 400, "bad Content-Length", NULL);
+            return;
+        }
+        memcpy(num, cl, len);
+        num[len] = '\0';
+        unsigned long long n = strtoull(num, &end, 10);
+        if (*end || num[0] < '0' || num[0] > '9') {
+            reply_error(c, 400, "bad Content-Length", NULL);
+            return;
+        }
+        if (n > BODY_MAX) {
+            reply_error(c, 413, "admin request bodies are limited to 64 KiB",
+                        NULL);
+            return;
+        }
+        c->body_want = (size_t)n;
+    }
+}
+
+static void serve(mg_admin_t *a, conn_t *c)
+{
+    char method[16], target[1024], version[16];
+    if (sscanf(c->in, "%15[A-Z] %1023[^ \r\n] %15[^\r\n]", method, target,
+               version)
+            != 3
+        || strncmp(version, "HTTP/1.", 7) != 0 || target[0] != '/') {
+        reply_error(c, 400, "malformed request line", NULL);
+        return;
+    }
+    char *q = strchr(target, '?');
+    if (q)
+        *q = '\0';
+    route_request(a, c, method, target);
+}
+
+static void on_readable(mg_admin_t *a, conn_t *c)
+{
+    for (;;) {
+        size_t cap = HEAD_MAX + BODY_MAX + 1;
+        if (!c->in)
+            c->in = mg_malloc(cap);
+        ssize_t n = read(c->fd, c->in + c->in_len, cap - 1 - c->in_len);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            return;
+        if (n <= 0) {
+            conn_free(c);
+            return;
+        }
+        c->in_len += (size_t)n;
+        c->in[c->in_len] = '\0';
+        if (!c->head_len) {
+            char *end = strstr(c->in, "\r\n\r\n");
+            if (!end) {
+                if (c->in_len >= HEAD_MAX || memchr(c->in, '\0', c->in_len))
+                    reply_error(c, 431, "request head too large or binary",
+                                NULL);
+                if (c->writing)
+                    return;
+                continue;
+            }
+            c->head_len = (size_t)(end - c->in) + 4;
+            if (c->head_len > HEAD_MAX) {
+                reply_error(c, 431, "request head too large", NULL);
+                return;
+            }
+            char saved = c->in[c->head_len];
+            c->in[c->head_len] = '\0';
+            on_head(a, c);
+            c->in[c->head_len] = saved;
+            if (c->writing)
+                return;
+        }
+        if (c->in_len - c->head_len >= c->body_want) {
+            c->in[c->head_len] = '\0';
+            serve(a, c);
+            return;
+        }
+    }
+}
+
+static void on_writable(conn_t *c)
+{
+    while (c->out_pos < c->out.len) {
+        ssize_t n =
+            write(c->fd, c->out.p + c->out_pos, c->out.len - c->out_pos);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            return;
+        if (n <= 0)
+            break;
+        c->out_pos += (size_t)n;
+    }
+    /* All sent (or the peer is gone): half-close so the client sees the
+     * end before the reset an unread byte could cause, then close. */
+    shutdown(c->fd, SHUT_WR);
+    conn_free(c);
+}
+
+static void on_accept(mg_admin_t *a)
+{
+    for (;;) {
+        int fd = accept4(a->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0)
+            return;
+        conn_t *c = NULL;
+        for (size_t i = 0; i < MAX_CONNS && !c; i++)
+            if (a->conns[i].fd < 0)
+                c = &a->conns[i];
+        if (!c) {
+            /* Full: a short refusal beats an accept queue that stalls. */
+            static const char busy[] =
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                "application/json\r\nContent-Length: 35\r\nConnection: "
+                "close\r\n\r\n{\"error\":\"admin listener is busy\"}\n";
+            ssize_t ignored = write(fd, busy, sizeof(busy) - 1);
+            (void)ignored;
+            close(fd);
+            continue;
+        }
+        c->fd = fd;
+        c->deadline_ms = now_ms() + CONN_TIMEOUT_MS;
+    }
+}
+
+size_t mg_admin_pollfds(mg_admin_t *a, struct pollfd *fds, size_t max,
+                        int *timeout_ms)
+{
+    size_t n = 0;
+    if (!a || max == 0)
+        return 0;
+    fds[n++] = (struct pollfd){.fd = a->fd, .events = POLLIN};
+    uint64_t now = now_ms();
+    for (size_t i = 0; i < MAX_CONNS && n < max; i++) {
+        conn_t *c = &a->conns[i];
+        if (c->fd < 0)
+            continue;
+        fds[n++] = (struct pollfd){.fd = c->fd,
+                                   .events = c->writing ? POLLOUT : POLLIN};
+        int left = c->deadline_ms > now ? (int)(c->deadline_ms - now) : 0;
+        if (left < *timeout_ms)
+            *timeout_ms = left;
+    }
+    return n;
+}
+
+void mg_admin_process(mg_admin_t *a, const struct pollfd *fds, size_t n)
+{
+    if (!a)
+        return;
+    for (size_t k = 1; k < n; k++) {
+        conn_t *c = NULL;
+        for (size_t i = 0; i < MAX_CONNS && !c; i++)
+            if (a->conns[i].fd == fds[k].fd)
+                c = &a->conns[i];
+        if (!c || !fds[k].revents)
+            continue;
+        if (!c->writing)
+            on_readable(a, c);
+        if (c->fd >= 0 && c->writing)
+            on_writable(c);
+    }
+    uint64_t now = now_ms();
+    for (size_t i = 0; i < MAX_CONNS; i++)
+        if (a->conns[i].fd >= 0 && now >= a->conns[i].deadline_ms)
+            conn_free(&a->conns[i]); /* too slow: no answer owed */
+    if (n > 0 && (fds[0].revents & POLLIN))
+        on_accept(a);
+}
