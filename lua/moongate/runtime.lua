@@ -155,7 +155,9 @@ local function build_route(route, globals, paths, cache, where, errors)
     for i, e in ipairs(entries) do names[i] = e.name end
     return {
         chains = chains, handler = route.handler, mask = mask, plugins = names,
-        info = { name = route.name or route.path, path = route.path },
+        info = { name = route.name or route.path, path = route.path,
+                 upstream = type(route.upstream) == "string" and route.upstream or nil,
+                 strip_prefix = route.strip_prefix, rewrite = route.rewrite },
     }
 end
 
@@ -334,6 +336,7 @@ function _M.handle(task, gen_id, route_idx, req)
     gw._tasks[co] = task
     gw.http.requests[co] = req
     gw.timer.gens[co] = gen_id
+    gw.timer.starters[co] = task -- timers may start in every phase
     local status, body, headers = run_phase(route.chains.rewrite, ctx, "rewrite")
     if status == nil then
         status, body, headers = run_phase(route.chains.access, ctx, "access")
