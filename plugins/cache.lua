@@ -67,8 +67,6 @@ local P = {
                 description = "seconds past expiry an entry is served while it is refreshed" },
             stale_if_error = { type = "number", default = 0, min = 0,
                 description = "seconds past expiry an entry replaces an upstream 5xx" },
-            upstream = { type = "string", min_len = 1,
-                description = "upstream for background refreshes (default: the route's)" },
             allow_purge = { type = "boolean", default = false,
                 description = "answer PURGE requests (exact URL, or a prefix ending in *)" },
             purge_allow = { type = "array", default = { "127.0.0.1", "::1" },
@@ -403,14 +401,20 @@ local HOP = { connection = true, ["keep-alive"] = true, te = true, trailer = tru
               ["if-modified-since"] = true, ["cache-control"] = true, pragma = true,
               host = true }
 
--- The request a background refresh sends: the route's upstream, the path
--- the route would send (strip_prefix applied), the request's headers as
--- the plugins before this one left them (auth headers included). nil when
--- the route rewrites paths (the refresh then runs in the foreground).
+local rr = 0 -- round robin over the targets, per worker
+
+-- The request a background refresh sends: to one of the route upstream's
+-- targets (round robin; gw.http resolves upstream names only through a
+-- live request, and the refresh outlives it, so the balancer, health
+-- checks and breaker are not consulted), the path the route would send
+-- (strip_prefix applied), with the request's headers as the plugins before
+-- this one left them (auth headers included). nil when the route has no
+-- upstream or rewrites paths: the refresh then runs in the foreground.
 local function refresh_request(conf, ctx)
     local route = ctx.route or {}
-    local upstream = conf.upstream or route.upstream
-    if not upstream or route.rewrite then return nil end
+    local targets = route.targets
+    if not targets or #targets == 0 or route.rewrite then return nil end
+    rr = rr % #targets + 1
     local path = req.get_path(ctx)
     local strip = route.strip_prefix
     if strip == true and type(route.path) == "string" then strip = sub(route.path, 1, -3) end
@@ -423,8 +427,9 @@ local function refresh_request(conf, ctx)
         if not HOP[n] and not find(n, "_", 1, true) then headers[n] = v end
     end
     local q = req.get_query(ctx)
-    return { upstream = upstream, path = path, query = q ~= "" and q or nil,
-             headers = headers, timeout = conf.lock_timeout }
+    if q ~= "" then path = path .. "?" .. q end
+    return { url = "http://" .. targets[rr] .. path, headers = headers,
+             timeout = conf.lock_timeout }
 end
 
 local function background_refresh(conf, request, base, key, lock)

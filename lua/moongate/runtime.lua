@@ -122,7 +122,21 @@ local function order_entries(entries, order, where, errors)
     end)
 end
 
-local function build_route(route, globals, paths, cache, where, errors)
+-- The "ip:port" targets of the named upstream, for work that outlives a
+-- request (a cache's background refresh): gw.http resolves upstream names
+-- only through a live request.
+local function targets_of(upstreams, name)
+    local u = type(upstreams) == "table" and type(name) == "string" and upstreams[name]
+    if type(u) ~= "table" or type(u.targets) ~= "table" then return nil end
+    local out = {}
+    for _, t in ipairs(u.targets) do
+        local addr = type(t) == "table" and t[1] or t
+        if type(addr) == "string" then out[#out + 1] = addr end
+    end
+    return out
+end
+
+local function build_route(route, globals, paths, cache, where, errors, upstreams)
     local merged = {}
     for name, value in pairs(globals) do merged[name] = value end
     for name, value in pairs(route.plugins or {}) do merged[name] = value end
@@ -157,6 +171,7 @@ local function build_route(route, globals, paths, cache, where, errors)
         chains = chains, handler = route.handler, mask = mask, plugins = names,
         info = { name = route.name or route.path, path = route.path,
                  upstream = type(route.upstream) == "string" and route.upstream or nil,
+                 targets = targets_of(upstreams, route.upstream),
                  strip_prefix = route.strip_prefix, rewrite = route.rewrite },
     }
 end
@@ -205,7 +220,7 @@ function _M.load_generation(id, path)
         if route.plugins ~= nil and type(route.plugins) ~= "table" then
             errors[#errors + 1] = where .. ": plugins: expected a table"
         else
-            gen.routes[i] = build_route(route, globals, paths, cache, where, errors)
+            gen.routes[i] = build_route(route, globals, paths, cache, where, errors, conf.upstreams)
             masks[i] = gen.routes[i].mask
         end
     end
