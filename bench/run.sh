@@ -417,6 +417,14 @@ print(h + "." + p + "." + s)')
     scenario ratelimit_local \
         'plugins = { ["rate-limit"] = { limit = 1000000000, window = 3600 } }' \
         'shared = { limits = "16m" },'
+    # Issue 6: one route with the cache plugin, measured twice: every
+    # request a hit (cache_hit), then every request proxied past the cache
+    # (cache_pass: the client's Cache-Control: no-store, honoured here, is
+    # a BYPASS). The report adds the cache_hit/cache_pass req/s ratio.
+    sc_cache='plugins = { cache = { ttl = 3600, honor_client_no_cache = true } }'
+    scenario cache_hit "$sc_cache" 'shared = { cache = "16m" },'
+    scenario cache_pass "$sc_cache" 'shared = { cache = "16m" },' \
+        "Cache-Control: no-store"
 }
 
 # ------------------------------------------------------------------ main

@@ -253,10 +253,11 @@ function P.build_key(conf, ctx, consumer_id)
     return concat(parts, "|")
 end
 
---- P.variant_key(base, names, get) -> base .. "|v:name=value..." (get(name) -> value)
-function P.variant_key(base, names, get)
+--- P.variant_key(base, names, get, arg) -> base .. "|v:name=value..."
+-- (get(arg, name) -> the request's value; no closures on the hot path).
+function P.variant_key(base, names, get, arg)
     local parts = { base }
-    for _, n in ipairs(names) do parts[#parts + 1] = "v:" .. n .. "=" .. esc_value(get(n) or "") end
+    for _, n in ipairs(names) do parts[#parts + 1] = "v:" .. n .. "=" .. esc_value(get(arg, n) or "") end
     return concat(parts, "|")
 end
 
@@ -279,6 +280,27 @@ local function decode(v)
     if type(meta) ~= "table" then return nil end
     meta.body = sub(v, nl + 1)
     return meta
+end
+
+-- Decoded entries by their stored string, per worker: a hit then costs a
+-- lookup instead of a JSON decode. Keyed by the string itself (LuaJIT
+-- interns strings, so equal bytes are the same key and a changed entry is
+-- a different one); bounded in bytes, emptied when full.
+local MEMO_BYTES = 8 * 1024 * 1024
+local memo, memo_bytes = {}, 0
+
+local function decode_memo(v)
+    if type(v) ~= "string" then return nil end
+    local e = memo[v]
+    if e then return e end
+    local names
+    e, names = decode(v)
+    if not e then return nil, names end
+    if #v <= MEMO_BYTES / 16 then
+        if memo_bytes + #v > MEMO_BYTES then memo, memo_bytes = {}, 0 end
+        memo[v], memo_bytes = e, memo_bytes + #v
+    end
+    return e
 end
 
 local shared_store, redis_store = {}, {}
@@ -327,10 +349,10 @@ local function store_of(conf) return conf.storage == "redis" and redis_store or 
 -- record the variant's. The key is where a response would be stored.
 local function lookup(conf, ctx, base)
     local store = store_of(conf)
-    local entry, names = decode(store.get(conf, base))
+    local entry, names = decode_memo(store.get(conf, base))
     if not names then return entry, base end
-    local key = P.variant_key(base, names, function(n) return header_value(ctx, n) end)
-    return (decode(store.get(conf, key))), key, names
+    local key = P.variant_key(base, names, header_value, ctx)
+    return (decode_memo(store.get(conf, key))), key, names
 end
 
 -- Writes an entry (and the vary record); `sw` holds what header_filter
@@ -350,13 +372,13 @@ local NOT_STORED = { ["x-request-id"] = true, ["content-length"] = true, age = t
 local FOR_304 = { etag = true, ["last-modified"] = true, ["cache-control"] = true,
                   expires = true, vary = true, date = true, ["content-location"] = true }
 
---- P.not_modified(get, entry) -> true when the client's conditional headers
--- (get(name) -> value) match the entry (RFC 9110 13.1.1, 13.1.3).
-function P.not_modified(get, entry)
+--- P.not_modified(get, arg, entry) -> true when the client's conditional
+-- headers (get(arg, name) -> value) match the entry (RFC 9110 13.1.1, 13.1.3).
+function P.not_modified(get, arg, entry)
     if entry.s ~= 200 then return false end
     local h = {}
     for _, p in ipairs(entry.h) do h[p[1]] = p[2] end
-    local inm = get("if-none-match")
+    local inm = get(arg, "if-none-match")
     if inm then
         if match(inm, "^%s*%*%s*$") then return true end
         local etag = h.etag
@@ -367,29 +389,46 @@ function P.not_modified(get, entry)
         end
         return false
     end
-    local ims = P.parse_http_date(get("if-modified-since"))
+    local ims = P.parse_http_date(get(arg, "if-modified-since"))
     local lm = P.parse_http_date(h["last-modified"])
     return ims ~= nil and lm ~= nil and lm <= ims
 end
 
-local function serve(ctx, st, entry, label)
-    st.state = "hit"
+-- The entry's headers as an early exit takes them (name -> value or list).
+local function header_map(entry, only)
     local headers = {}
-    local age = (entry.a or 0) + max(0, floor(gw.now() - entry.t))
-    local conditional = P.not_modified(function(n) return req.get_header(ctx, n) end, entry)
     for _, p in ipairs(entry.h) do
         local n, v = p[1], p[2]
-        if not conditional or FOR_304[n] then
+        if not only or only[n] then
             local prev = headers[n]
             if prev == nil then headers[n] = v
             elseif type(prev) == "table" then prev[#prev + 1] = v
             else headers[n] = { prev, v } end
         end
     end
-    headers["Age"] = tostring(age)
-    headers["X-Cache"] = label
-    if conditional then return 304, nil, headers end
-    if headers["content-type"] == nil then headers["content-type"] = "application/octet-stream" end
+    return headers
+end
+
+local function serve(ctx, st, entry, label)
+    st.state = "hit"
+    local age = tostring((entry.a or 0) + max(0, floor(gw.now() - entry.t)))
+    local get = req.get_header
+    if (get(ctx, "if-none-match") or get(ctx, "if-modified-since"))
+        and P.not_modified(get, ctx, entry) then
+        local headers = header_map(entry, FOR_304)
+        headers["Age"], headers["X-Cache"] = age, label
+        return 304, nil, headers
+    end
+    -- Built once per decoded entry; the exit copies it before the next use.
+    local headers = entry.hmap
+    if not headers then
+        headers = header_map(entry)
+        if headers["content-type"] == nil then
+            headers["content-type"] = "application/octet-stream"
+        end
+        entry.hmap = headers
+    end
+    headers["Age"], headers["X-Cache"] = age, label
     return entry.s, entry.body, headers
 end
 
@@ -432,6 +471,12 @@ local function refresh_request(conf, ctx)
              timeout = conf.lock_timeout }
 end
 
+local function list_value(headers, name)
+    local v = headers[name]
+    if type(v) == "table" then v = concat(v, ", ") end
+    return v
+end
+
 local function background_refresh(conf, request, base, key, lock)
     local ok, err = pcall(function()
         local res, rerr = gw.http.request(request)
@@ -457,11 +502,7 @@ local function background_refresh(conf, request, base, key, lock)
                      meta = { s = res.status, h = h, t = now, a = 0, f = now + fresh,
                               w = now + fresh + swr, e = now + fresh + sie } }
         if vary then
-            sw.key = P.variant_key(base, vary, function(n)
-                local v = request.headers[n]
-                if type(v) == "table" then v = concat(v, ", ") end
-                return v
-            end)
+            sw.key = P.variant_key(base, vary, list_value, request.headers)
         end
         commit(conf, sw, res.body)
     end)
@@ -619,7 +660,7 @@ function P.header_filter(conf, ctx)
     local vary = P.parse_vary(headers["vary"])
     local key = st.base
     if vary then
-        key = P.variant_key(st.base, vary, function(n) return header_value(ctx, n) end)
+        key = P.variant_key(st.base, vary, header_value, ctx)
     end
     local age = tonumber(headers["age"]) or 0
     st.fill = { base = st.base, key = key, vary = vary, fresh = fresh, swr = swr, sie = sie,

@@ -4,6 +4,7 @@
 -- schema, and runs a request's phases in its coroutine. The C side
 -- (core/lua.c) calls load_generation, free_generation and handle; nothing
 -- else decides phase order.
+local ffi = require("ffi")
 local schema = require("moongate.schema")
 local gw = require("moongate.gw")
 
@@ -12,6 +13,8 @@ local setmetatable, loadfile, setfenv = setmetatable, loadfile, setfenv
 local co_yield, co_running = coroutine.yield, coroutine.running
 local sort, concat = table.sort, table.concat
 local io_open, getenv = io.open, os.getenv
+local ffi_cast = ffi.cast
+local REQ_PTR = ffi.typeof("mg_req_t *")
 
 local _M = {}
 
@@ -270,6 +273,18 @@ function _M.run_timer(task, id)
     return gw.timer.run(task, id)
 end
 
+-- Appends one checked header line to a flat list. (Not a closure inside
+-- response(): creating one per exit keeps LuaJIT from compiling it.)
+local function add_header(flat, name, value)
+    value = tostring(value)
+    if type(name) ~= "string" or not name:find("^[%w!#$%%&'*+.^_`|~-]+$")
+        or value:find("[\r\n%z]") then
+        error("invalid response header " .. tostring(name), 0)
+    end
+    flat[#flat + 1] = name
+    flat[#flat + 1] = value
+end
+
 -- Turns a phase's early exit into what C sends: a status, a string body
 -- and a flat header list.
 local function response(status, body, headers)
@@ -278,21 +293,12 @@ local function response(status, body, headers)
     end
     local flat = {}
     local has_type = false
-    local function add(name, value)
-        value = tostring(value)
-        if type(name) ~= "string" or not name:find("^[%w!#$%%&'*+.^_`|~-]+$")
-            or value:find("[\r\n%z]") then
-            error("invalid response header " .. tostring(name), 0)
-        end
-        flat[#flat + 1] = name
-        flat[#flat + 1] = value
-    end
     for name, value in pairs(headers or {}) do
         if type(name) == "string" and name:lower() == "content-type" then has_type = true end
         if type(value) == "table" then
-            for _, v in ipairs(value) do add(name, v) end
+            for _, v in ipairs(value) do add_header(flat, name, v) end
         else
-            add(name, value)
+            add_header(flat, name, value)
         end
     end
     if type(body) == "table" then
@@ -345,6 +351,10 @@ end
 -- resumes it with ("header_filter", "log") and returns after "log".
 function _M.handle(task, gen_id, route_idx, req)
     local route = generations[gen_id].routes[route_idx]
+    -- C hands the request over as a light userdata; as a cdata pointer the
+    -- gw.request/gw.response FFI calls can be JIT-compiled (LuaJIT cannot
+    -- compile the conversion of a light userdata argument).
+    req = ffi_cast(REQ_PTR, req)
     local ctx = { _req = req, var = {}, route = route.info }
     local co = co_running()
     ctxs[co] = ctx
