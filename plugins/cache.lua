@@ -320,14 +320,24 @@ function shared_store.purge(conf, key, prefix)
     return n + d:delete_prefix(prefix)
 end
 
+-- Redis failures count as misses; one warning a second at most per worker.
+local last_warn = 0
+local function redis_failed(what, err)
+    local now = gw.now()
+    if now - last_warn >= 1 then
+        last_warn = now
+        gw.log("warn", "cache: redis ", what, " failed (treated as a miss): ", err)
+    end
+end
+
 function redis_store.get(conf, key)
     local v, err = gw.redis.command("GET", key)
-    if err then gw.log("warn", "cache: redis GET failed: ", err) end
+    if err then redis_failed("GET", err) end
     return v
 end
 function redis_store.set(conf, key, value, ttl)
     local _, err = gw.redis.command("SET", key, value, "PX", max(1, floor(ttl * 1000)))
-    if err then gw.log("warn", "cache: redis SET failed: ", err) end
+    if err then redis_failed("SET", err) end
 end
 function redis_store.purge(conf, key, prefix)
     local n = 0

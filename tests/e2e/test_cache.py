@@ -273,9 +273,10 @@ def test_collapsed_requests_go_upstream_when_the_first_answer_is_not_cacheable()
             t.start()
         for t in threads:
             t.join(20)
+        # The waiters were not served the uncacheable answer: each went
+        # upstream itself once the first one's lock was released.
         assert len(out) == 5 and all(r.status == 200 and xc(r) == "MISS" for r in out)
-        # The waiters went upstream in parallel after the first answer,
-        # not one after another: no more than the first plus one round.
+        assert len({r.body for r in out}) == 5
         assert upstream_requests(up) == 5
 
 
@@ -437,3 +438,28 @@ def test_bad_cache_configs_are_refused_with_route_and_field():
         err = out.stdout + out.stderr
         assert 'routes[1] "/a/*": plugins.cache.storage: must be one of shared, redis' in err, err
         assert 'routes[2] "/b/*": plugins.cache: purge_allow: prefix length over 32' in err, err
+
+
+def test_redis_killed_or_hung_counts_as_a_miss_and_requests_are_still_proxied():
+    with RedisServer() as rs, Upstream() as up:
+        extra = 'redis = { url = "redis://127.0.0.1:%d", timeout = 0.3, connect_timeout = 0.3 },' \
+            % rs.port
+        with Gateway(conf(up, [("/c/*", '{ ttl = 30, storage = "redis" }')], extra=extra)) as gw:
+            assert xc(get(gw, "/c/a")) == "MISS"
+            wait_until(lambda: xc(get(gw, "/c/a")) == "HIT", 5, what="the entry in redis")
+            rs.pause()  # hung: accepts, never answers
+            try:
+                r = get(gw, "/c/a")
+                assert r.status == 200 and xc(r) == "MISS", r
+                gw.wait_log(r"\[warn\].*cache: redis GET failed \(treated as a miss\): timeout")
+            finally:
+                rs.resume()
+            rs.kill()  # killed: connection refused
+            for _ in range(5):
+                r = get(gw, "/c/b")
+                assert r.status == 200 and xc(r) == "MISS", r
+            text = gw.error_log_text()
+            assert text.count("cache: redis GET failed") <= 4, text  # throttled
+
+
+test_redis_killed_or_hung_counts_as_a_miss_and_requests_are_still_proxied.timeout = 60
