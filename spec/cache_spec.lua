@@ -225,3 +225,31 @@ describe("cache config", function()
         refused({ extra = 1 }, "extra: unknown field")
     end)
 end)
+
+-- lua/moongate/timer.lua: a request's task stays usable for starting
+-- timers after its coroutine may no longer wait (header_filter,
+-- body_filter, log), which the cache needs to store into Redis from
+-- body_filter. The script's own task stands in for a request's here.
+describe("gw.timer from a phase that cannot wait", function()
+    local task = gw._tasks[coroutine.running()]
+
+    it("starts a timer through the coroutine's starter task", function()
+        local ran = false
+        local co = coroutine.create(function()
+            return gw.timer.at(0, function() ran = true end)
+        end)
+        gw.timer.starters[co] = task
+        local ok, id = coroutine.resume(co)
+        assert.is_true(ok, id)
+        assert.is_number(id)
+        gw.sleep(0.02)
+        assert.is_true(ran)
+    end)
+
+    it("still refuses a coroutine that has no task at all", function()
+        local co = coroutine.create(function() return gw.timer.at(0, function() end) end)
+        local ok, err = coroutine.resume(co)
+        assert.is_false(ok)
+        assert.matches("gw.timer is not available here", err, 1, true)
+    end)
+end)
