@@ -216,15 +216,23 @@ end
 local function esc_uri(s) return (gsub(s, "|", "%%7C")) end
 local function esc_value(s) return (gsub(s, "[|%%]", { ["|"] = "%7C", ["%"] = "%25" })) end
 
+local function by_name(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    return a[2] < b[2]
+end
+
 --- P.normalize_query("b=2&a=1&utm=x", { utm = true }) -> "a=1&b=2"
+-- Sorted by name; repeated names keep their order (a=2&a=1 is not a=1&a=2
+-- to every upstream).
 function P.normalize_query(q, ignore)
     if q == "" then return "" end
     local parts = {}
     for part in gmatch(q, "[^&]+") do
         local name = match(part, "^[^=]*")
-        if not ignore[name] then parts[#parts + 1] = part end
+        if not ignore[name] then parts[#parts + 1] = { name, #parts + 1, part } end
     end
-    sort(parts)
+    if #parts > 1 then sort(parts, by_name) end
+    for i = 1, #parts do parts[i] = parts[i][3] end
     return concat(parts, "&")
 end
 

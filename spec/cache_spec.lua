@@ -31,8 +31,13 @@ describe("cache keys", function()
         local c = conf({})
         with_request({ host = "API.example.com", path = "/users/1", query = "b=2&a=1&a=0" },
             function(ctx)
-                assert.are.equal("cache:GET:api.example.com/users/1?a=0&a=1&b=2", P.build_key(c, ctx))
+                assert.are.equal("cache:GET:api.example.com/users/1?a=1&a=0&b=2", P.build_key(c, ctx))
             end)
+    end)
+
+    it("keep the order of a repeated parameter while sorting by name", function()
+        assert.are.equal("a=2&a=1&b=0&c", P.normalize_query("c&a=2&b=0&a=1", {}))
+        assert.are.equal("a=1&a=2&b=0", P.normalize_query("b=0&a=1&a=2", {}))
     end)
 
     it("leave out ignored query parameters and empty pairs", function()
