@@ -343,6 +343,22 @@ def report_vs_proxy(rows, scenarios, machine):
             print(line)
 
 
+def cache_ratio(rows, machine):
+    """Issue 6: moongate's req/s serving cache hits over its req/s proxying
+    the same route past the cache (scenarios cache_hit and cache_pass)."""
+    med = {}
+    for sc in ("cache_hit", "cache_pass"):
+        vals = [r["req_per_s"] for r in rows
+                if r["scenario"] == sc and r["proxy"] != "nginx"]
+        if not vals:
+            return
+        med[sc] = statistics.median(vals)
+    ratio = med["cache_hit"] / med["cache_pass"] if med["cache_pass"] else float("nan")
+    print("\ncache: hits %.0f req/s, proxied past the cache %.0f req/s: "
+          "ratio %.3f (target >= 1.5)" % (med["cache_hit"], med["cache_pass"], ratio))
+    machine.append("ratio cache_hit/cache_pass rps %.3f" % ratio)
+
+
 def cmd_report(path):
     rows = load(path)
     scenarios = []
@@ -354,6 +370,7 @@ def cmd_report(path):
         report_scenario(sc, [r for r in rows if r["scenario"] == sc],
                         machine, bad, noisy)
     report_vs_proxy(rows, scenarios, machine)
+    cache_ratio(rows, machine)
     print("\n(proxy/other/load %: the proxy's CPU and other work on the "
           "proxy's core, and\n how busy the load core (upstream + wrk) was, "
           "in % of one core)")

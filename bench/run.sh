@@ -557,6 +557,14 @@ print(h + "." + p + "." + s)')
     sc_admin=$($TOOL port)
     scenario_self observability off "" obs \
         "admin = { listen = \"127.0.0.1:$sc_admin\" }, access_log = \"$DIR/access-obs.log\","
+    # Issue 6: one route with the cache plugin, measured twice: every
+    # request a hit (cache_hit), then every request proxied past the cache
+    # (cache_pass: the client's Cache-Control: no-store, honoured here, is
+    # a BYPASS). The report adds the cache_hit/cache_pass req/s ratio.
+    sc_cache='plugins = { cache = { ttl = 3600, honor_client_no_cache = true } }'
+    scenario cache_hit "$sc_cache" 'shared = { cache = "16m" },'
+    scenario cache_pass "$sc_cache" 'shared = { cache = "16m" },' \
+        "Cache-Control: no-store"
 }
 
 # ------------------------------------------------------------------ main

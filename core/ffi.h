@@ -91,6 +91,8 @@ int mg_ffi_shdict_incr(mg_shdict_t *d, const char *k, size_t kl, double delta,
 int mg_ffi_shdict_delete(mg_shdict_t *d, const char *k, size_t kl);
 int mg_ffi_shdict_ttl(mg_shdict_t *d, const char *k, size_t kl, double *out);
 int mg_ffi_shdict_expire(mg_shdict_t *d, const char *k, size_t kl, double ttl);
+/* How many entries whose key starts with the prefix were removed. */
+double mg_ffi_shdict_delete_prefix(mg_shdict_t *d, const char *p, size_t len);
 void mg_ffi_shdict_flush_all(mg_shdict_t *d);
 void mg_ffi_shdict_stats(mg_shdict_t *d, double *out);
 

@@ -494,7 +494,10 @@ static int method_allowed(unsigned m)
     case HTTP_DELETE:
     case HTTP_OPTIONS:
     case HTTP_PATCH:
-    case HTTP_TRACE: return 1;
+    case HTTP_TRACE:
+    /* Cache purges (Varnish, nginx, Kong style): the cache plugin answers
+     * them; on other routes they are proxied like any other method. */
+    case HTTP_PURGE: return 1;
     default: return 0;
     }
 }

@@ -59,7 +59,8 @@
  * The whole operation is marked, not just its stores: marking each store
  * would be easy to get wrong once, and a holder dying is rare.
  *
- * Not for: keys iteration, persistence, or cross-machine state.
+ * Not for: keys iteration (delete_prefix walks every entry once, for
+ * purges only), persistence, or cross-machine state.
  */
 #include "shdict.h"
 
@@ -730,6 +731,34 @@ int mg_shdict_delete(mg_shdict_t *d, mg_str_t key)
     }
     unlock(d);
     return rc;
+}
+
+/*
+ * Walks the LRU list once, under the lock, removing every entry whose key
+ * starts with the prefix. O(entries) while the lock is held: for purges
+ * (rare, operator-driven), not for request paths. The next link is read
+ * before an entry is freed; freeing only merges free blocks, so the links
+ * of the entries still to visit stay valid.
+ */
+int mg_shdict_delete_prefix(mg_shdict_t *d, mg_str_t prefix, size_t *removed)
+{
+    size_t n = 0;
+
+    lock(d);
+    for (uint32_t o = d->lru_head; o;) {
+        blk_t *e = at(d, o);
+        o = e->lnext;
+        if (e->klen >= prefix.len
+            && (prefix.len == 0
+                || memcmp(key_of(e), prefix.p, prefix.len) == 0)) {
+            remove_entry(d, e);
+            n++;
+        }
+    }
+    unlock(d);
+    if (removed)
+        *removed = n;
+    return n ? 0 : MG_DECLINED;
 }
 
 int mg_shdict_ttl(mg_shdict_t *d, mg_str_t key, uint64_t now_ms,

@@ -13,8 +13,9 @@
  * removed lazily, when touched or when their memory is needed.
  *
  * Not for: state shared between machines (that is Redis), iteration over
- * keys, or values larger than the zone. Memory layout, allocator and lock
- * policy are described at the top of shdict.c.
+ * keys (only delete_prefix walks them, for purges), or values larger than
+ * the zone. Memory layout, allocator and lock policy are described at the
+ * top of shdict.c.
  *
  * Usage: the master maps `size` bytes with mmap(MAP_SHARED | MAP_ANONYMOUS)
  * and calls mg_shdict_init once; the zone uses exactly those bytes and
@@ -129,6 +130,18 @@ int mg_shdict_incr(mg_shdict_t *d, mg_str_t key, double delta, int has_init,
  * yet reclaimed: delete takes no clock), MG_DECLINED if there was none.
  */
 int mg_shdict_delete(mg_shdict_t *d, mg_str_t key);
+
+/*
+ * Removes every entry whose key starts with `prefix` (expired or not; an
+ * empty prefix removes everything, like flush_all but entry by entry) and
+ * sets *removed (if non-NULL) to how many. Returns 0 if at least one entry
+ * was removed, MG_DECLINED if none was. Walks every entry of the zone once
+ * while holding its lock (O(entries)): meant for cache purges by an
+ * operator (the admin listener's DELETE, the cache plugin's PURGE), never
+ * for a request's hot path. The cache plugin's key format, which purges
+ * rely on, is in docs/plugins/cache.md ("Keys").
+ */
+int mg_shdict_delete_prefix(mg_shdict_t *d, mg_str_t prefix, size_t *removed);
 
 /*
  * Remaining lifetime of `key` in *remaining_ms (0 = no expiry, else >= 1).

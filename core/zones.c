@@ -161,6 +161,13 @@ int mg_ffi_shdict_expire(mg_shdict_t *d, const char *k, size_t kl, double ttl)
     return mg_shdict_expire(d, (mg_str_t){k, kl}, ttl_ms(ttl), now_ms());
 }
 
+double mg_ffi_shdict_delete_prefix(mg_shdict_t *d, const char *p, size_t len)
+{
+    size_t n = 0;
+    mg_shdict_delete_prefix(d, (mg_str_t){p, len}, &n);
+    return (double)n;
+}
+
 void mg_ffi_shdict_flush_all(mg_shdict_t *d)
 {
     mg_shdict_flush_all(d);

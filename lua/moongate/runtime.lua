@@ -127,6 +127,20 @@ local function order_entries(entries, order, where, errors)
     end)
 end
 
+-- The "ip:port" targets of the named upstream, for work that outlives a
+-- request (a cache's background refresh): gw.http resolves upstream names
+-- only through a live request.
+local function targets_of(upstreams, name)
+    local u = type(upstreams) == "table" and type(name) == "string" and upstreams[name]
+    if type(u) ~= "table" or type(u.targets) ~= "table" then return nil end
+    local out = {}
+    for _, t in ipairs(u.targets) do
+        local addr = type(t) == "table" and t[1] or t
+        if type(addr) == "string" then out[#out + 1] = addr end
+    end
+    return out
+end
+
 -- A phase's chain as one straight-line function: each call site then calls
 -- one plugin, which LuaJIT compiles without the guards and side exits of a
 -- loop calling a different function each time round (a chain of no-ops
@@ -154,7 +168,7 @@ local function compile_phase(chain, phase, where)
     return fn(chain)
 end
 
-local function build_route(route, globals, paths, cache, where, errors)
+local function build_route(route, globals, paths, cache, where, errors, upstreams)
     local merged = {}
     for name, value in pairs(globals) do merged[name] = value end
     for name, value in pairs(route.plugins or {}) do merged[name] = value end
@@ -188,7 +202,10 @@ local function build_route(route, globals, paths, cache, where, errors)
     for i, e in ipairs(entries) do names[i] = e.name end
     return {
         chains = chains, run = run, handler = route.handler, mask = mask, plugins = names,
-        info = { name = route.name or route.path, path = route.path },
+        info = { name = route.name or route.path, path = route.path,
+                 upstream = type(route.upstream) == "string" and route.upstream or nil,
+                 targets = targets_of(upstreams, route.upstream),
+                 strip_prefix = route.strip_prefix, rewrite = route.rewrite },
     }
 end
 
@@ -237,7 +254,7 @@ function _M.load_generation(id, path)
         if route.plugins ~= nil and type(route.plugins) ~= "table" then
             errors[#errors + 1] = where .. ": plugins: expected a table"
         else
-            gen.routes[i] = build_route(route, globals, paths, cache, where, errors)
+            gen.routes[i] = build_route(route, globals, paths, cache, where, errors, conf.upstreams)
             masks[i] = gen.routes[i].mask
         end
     end
@@ -287,6 +304,18 @@ function _M.run_timer(task, id)
     return gw.timer.run(task, id)
 end
 
+-- Appends one checked header line to a flat list. (Not a closure inside
+-- response(): creating one per exit keeps LuaJIT from compiling it.)
+local function add_header(flat, name, value)
+    value = tostring(value)
+    if type(name) ~= "string" or not name:find("^[%w!#$%%&'*+.^_`|~-]+$")
+        or value:find("[\r\n%z]") then
+        error("invalid response header " .. tostring(name), 0)
+    end
+    flat[#flat + 1] = name
+    flat[#flat + 1] = value
+end
+
 -- Turns a phase's early exit into what C sends: a status, a string body
 -- and a flat header list.
 local function response(status, body, headers)
@@ -295,21 +324,12 @@ local function response(status, body, headers)
     end
     local flat = {}
     local has_type = false
-    local function add(name, value)
-        value = tostring(value)
-        if type(name) ~= "string" or not name:find("^[%w!#$%%&'*+.^_`|~-]+$")
-            or value:find("[\r\n%z]") then
-            error("invalid response header " .. tostring(name), 0)
-        end
-        flat[#flat + 1] = name
-        flat[#flat + 1] = value
-    end
     for name, value in pairs(headers or {}) do
         if type(name) == "string" and name:lower() == "content-type" then has_type = true end
         if type(value) == "table" then
-            for _, v in ipairs(value) do add(name, v) end
+            for _, v in ipairs(value) do add_header(flat, name, v) end
         else
-            add(name, value)
+            add_header(flat, name, value)
         end
     end
     if type(body) == "table" then
@@ -359,6 +379,7 @@ function _M.handle(task, gen_id, route_idx, req, co)
     gw._tasks[co] = task
     gw.http.requests[co] = req
     gw.timer.gens[co] = gen_id
+    gw.timer.starters[co] = task -- timers may start in every phase
     local run = route.run
     local status, body, headers
     if run.rewrite then status, body, headers = run.rewrite(ctx) end

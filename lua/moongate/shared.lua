@@ -1,7 +1,7 @@
 -- gw.shared.<zone>: the shared-memory dicts (core/shdict.c), the same
 -- memory in every worker, surviving reloads. Methods follow OpenResty's
 -- ngx.shared.DICT: get, set, add, replace, incr, delete, ttl, expire,
--- flush_all, stats. Keys are strings; values numbers, strings or booleans.
+-- flush_all, stats; plus delete_prefix (for cache purges). Keys are strings; values numbers, strings or booleans.
 -- TTLs are in seconds (0 or nil: no expiry). Usable in any phase.
 local ffi = require("ffi")
 require("moongate.cdef")
@@ -106,6 +106,14 @@ function Dict:expire(key, ttl)
         return nil, "not found"
     end
     return true
+end
+
+--- dict:delete_prefix(prefix) -> how many entries were removed.
+-- Removes every key starting with `prefix` ("" removes everything). Walks
+-- every entry of the zone once under its lock: for purges, not hot paths.
+function Dict:delete_prefix(prefix)
+    if type(prefix) ~= "string" then error("prefix must be a string", 2) end
+    return tonumber(C.mg_ffi_shdict_delete_prefix(self._d, prefix, #prefix))
 end
 
 --- dict:flush_all() empties the zone.

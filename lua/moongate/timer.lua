@@ -15,13 +15,20 @@ local _M = {}
 local timers = {}           -- id -> { fn, args, n, every, gen }
 local next_id = 0
 _M.tasks = nil              -- set by gw: coroutine -> task
+-- coroutine -> task, for starting timers only: a request's task stays here
+-- through header_filter, body_filter and log, where it is no longer in
+-- _M.tasks (those phases may not wait). Starting a timer only arms a libuv
+-- timer (the function runs later, in a coroutine of its own), so it is safe
+-- in any phase while the request's task is alive, which it is while its
+-- coroutine runs. The runtime sets the entry at the start of each request.
+_M.starters = setmetatable({}, { __mode = "k" })
 _M.gens = setmetatable({}, { __mode = "k" }) -- coroutine -> generation id
 
 local function start(delay, every, fn, ...)
     if type(delay) ~= "number" or delay < 0 then error("delay must be a non-negative number", 3) end
     if type(fn) ~= "function" then error("expected a function", 3) end
     local co = co_running()
-    local task = co and _M.tasks[co]
+    local task = co and (_M.tasks[co] or _M.starters[co])
     if not task then error("gw.timer is not available here (not in a request, timer or script)", 3) end
     next_id = next_id + 1
     local id = next_id
@@ -46,7 +53,7 @@ end
 --- gw.timer.cancel(id): stops a timer (no error if it already ran).
 function _M.cancel(id)
     local co = co_running()
-    local task = co and _M.tasks[co]
+    local task = co and (_M.tasks[co] or _M.starters[co])
     if timers[id] and task then
         timers[id] = nil
         C.mg_ffi_timer_cancel(task, id)

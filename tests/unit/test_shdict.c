@@ -401,6 +401,45 @@ static void test_delete(void)
 
 /* ---- time -------------------------------------------------------------- */
 
+static void test_delete_prefix(void)
+{
+    mg_shdict_t *d = zone(MiB);
+    size_t n = 99;
+    CHECK_INT(mg_shdict_delete_prefix(d, K("c:"), &n), ==, MG_DECLINED);
+    CHECK_INT(n, ==, 0);
+    CHECK_INT(set(d, "c:/a", S("1"), 0, 0), ==, 0);
+    CHECK_INT(set(d, "c:/a?x=1", S("2"), 0, 0), ==, 0);
+    CHECK_INT(set(d, "c:/b", S("3"), 0, 0), ==, 0);
+    CHECK_INT(set(d, "c:", S("4"), 0, 0), ==, 0);
+    CHECK_INT(set(d, "c", S("5"), 0, 0), ==, 0);
+    CHECK_INT(set(d, "x:/a", N(6), 0, 0), ==, 0);
+    CHECK_INT(mg_shdict_delete_prefix(d, K("c:/a"), &n), ==, 0);
+    CHECK_INT(n, ==, 2);
+    CHECK(gets(d, "c:/a", 0) == NULL);
+    CHECK(gets(d, "c:/a?x=1", 0) == NULL);
+    CHECK_STR(gets(d, "c:/b", 0), "3");
+    CHECK_INT(mg_shdict_delete_prefix(d, K("c:"), &n), ==, 0);
+    CHECK_INT(n, ==, 2); /* "c:/b" and "c:" itself, not "c" */
+    CHECK_STR(gets(d, "c", 0), "5");
+    CHECK_INT(count_of(d), ==, 2);
+    CHECK_INT(mg_shdict_check(d), ==, 0);
+    /* Many entries, every other one removed: lists stay consistent. */
+    char key[32];
+    for (int i = 0; i < 2000; i++) {
+        snprintf(key, sizeof(key), "%s:%d", i % 2 ? "odd" : "even", i);
+        CHECK_INT(set(d, key, S("value"), 0, 0), ==, 0);
+    }
+    CHECK_INT(mg_shdict_delete_prefix(d, K("odd:"), &n), ==, 0);
+    CHECK_INT(n, ==, 1000);
+    CHECK_INT(count_of(d), ==, 1002);
+    CHECK_STR(gets(d, "even:10", 0), "value");
+    CHECK_INT(mg_shdict_check(d), ==, 0);
+    CHECK_INT(mg_shdict_delete_prefix(d, K(""), NULL), ==, 0);
+    CHECK_INT(count_of(d), ==, 0);
+    CHECK_INT(mg_shdict_check(d), ==, 0);
+    unzone(d);
+}
+
 static void test_ttl_expiry(void)
 {
     mg_shdict_t *d = zone(MiB);
@@ -914,6 +953,7 @@ int main(int argc, char **argv)
     RUN(test_incr_init);
     RUN(test_incr_not_number);
     RUN(test_delete);
+    RUN(test_delete_prefix);
     RUN(test_ttl_expiry);
     RUN(test_ttl_and_expire);
     RUN(test_lru_eviction);
