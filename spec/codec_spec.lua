@@ -163,6 +163,29 @@ for name, codec in pairs(CODECS) do
     end)
 end
 
+describe("gzip state reuse", function()
+    it("hands a cleanly finished state to the next stream of that level, which round-trips", function()
+        local a = zlib.deflate({ level = 3 })
+        local box = a.box
+        assert(a:finish(text(5000)))
+        local b = zlib.deflate({ level = 3 })
+        assert.are.equal(box, b.box)
+        local packed = assert(feed(b, text(70000), { 999 }))
+        assert.are.equal(text(70000), assert(zlib.gunzip(packed)))
+        assert.are_not.equal(box, zlib.deflate({ level = 4 }).box)
+    end)
+
+    it("never reuses a state abandoned half way", function()
+        local a = zlib.deflate({ level = 2 })
+        local box = a.box
+        assert(a:write(text(5000)))
+        a:close()
+        local b = zlib.deflate({ level = 2 })
+        assert.are_not.equal(box, b.box)
+        assert.are.equal("x", assert(zlib.gunzip(assert(b:finish("x")))))
+    end)
+end)
+
 describe("gzip format", function()
     it("writes the gzip header and a CRC-32 and length trailer", function()
         local input = text(12345)

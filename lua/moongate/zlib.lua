@@ -44,6 +44,7 @@ int deflateInit2_(mg_z_stream *strm, int level, int method, int windowBits, int 
                   int strategy, const char *version, int stream_size);
 int deflate(mg_z_stream *strm, int flush);
 int deflateEnd(mg_z_stream *strm);
+int deflateReset(mg_z_stream *strm);
 int inflateInit2_(mg_z_stream *strm, int windowBits, const char *version, int stream_size);
 int inflate(mg_z_stream *strm, int flush);
 int inflateReset(mg_z_stream *strm);
@@ -68,6 +69,13 @@ local VERSION = Z.zlibVersion()
 local STREAM_SIZE = ffi_sizeof("mg_z_stream")
 
 local _M = { DEFAULT_MAX_OUTPUT = 64 * 1024 * 1024 }
+
+-- Finished deflate states kept for the next response, per level: setting
+-- one up (deflateInit2 allocates and clears ~256 KiB) costs more than
+-- compressing a 10 KB body, deflateReset next to nothing. At most POOL_MAX
+-- are kept per worker (~2 MiB), so an idle worker holds little.
+local POOL_MAX = 8
+local pool, pooled = {}, 0
 
 local function z_error(strm, what, rc)
     local msg = strm.msg ~= nil and ffi_string(strm.msg) or ("zlib error " .. tostring(rc))
@@ -181,11 +189,24 @@ function Stream:finish(data)
     return out, err
 end
 
---- stream:close(): frees zlib's state now. Idempotent.
+--- stream:close(): frees zlib's state now (a deflate state that finished
+-- cleanly goes back to the pool instead). Idempotent.
 function Stream:close()
     if self.closed then return end
     self.closed = true
     local box = self.box
+    self.box = nil
+    if not self.inflating and self.ended and pooled < POOL_MAX
+        and Z.deflateReset(box) == Z_OK then
+        local free = pool[self.level]
+        if not free then
+            free = {}
+            pool[self.level] = free
+        end
+        free[#free + 1] = box
+        pooled = pooled + 1
+        return
+    end
     ffi_gc(box, nil)
     if self.inflating then Z.inflateEnd(box) else Z.deflateEnd(box) end
 end
@@ -200,12 +221,20 @@ function _M.deflate(opts)
     if type(level) ~= "number" or level < 1 or level > 9 or level % 1 ~= 0 then
         error("deflate: level must be an integer from 1 to 9", 2)
     end
+    local free = pool[level]
+    local n = free and #free or 0
+    if n > 0 then
+        local strm = free[n] -- reset when it was pooled
+        free[n] = nil
+        pooled = pooled - 1
+        return setmetatable({ box = strm, fn = Z.deflate, total_out = 0, level = level }, Stream)
+    end
     local strm = ffi_new("mg_z_stream[1]")
     local rc = Z.deflateInit2_(strm, level, Z_DEFLATED, GZIP_WINDOW, MEM_LEVEL,
         Z_DEFAULT_STRATEGY, VERSION, STREAM_SIZE)
     if rc ~= Z_OK then return nil, "deflateInit2 failed: " .. rc end
     ffi_gc(strm, end_deflate)
-    return setmetatable({ box = strm, fn = Z.deflate, total_out = 0 }, Stream)
+    return setmetatable({ box = strm, fn = Z.deflate, total_out = 0, level = level }, Stream)
 end
 
 --- zlib.inflate({ max_output = bytes }) -> a decompressing stream for gzip
