@@ -65,6 +65,47 @@ describe("json_ops codec", function()
     end)
 end)
 
+describe("json_ops member order under operations", function()
+    it("names every member once after remove-then-add and rename onto a removed name", function()
+        assert.are.equal('{"a":2,"b":1}', run('{"a":1,"b":1}', {
+            { op = "remove", path = "a" }, { op = "add", path = "a", value = 2 } }))
+        assert.are.equal('{"id":1,"z":0}', run('{"id":0,"userId":1,"z":0}', {
+            { op = "remove", path = "id" }, { op = "rename", path = "userId", to = "id" } }))
+        assert.are.equal('{"x":1,"id":5}', run('{"x":1,"id":0}', {
+            { op = "remove", path = "id" }, { op = "add", path = "id", value = 5 },
+            { op = "rename", path = "nothing", to = "id" } }))
+    end)
+
+    it("round-trips generated documents to the same values lua-cjson reads", function()
+        local cjson = require("cjson")
+        local seed = 7
+        local function rnd(n) seed = (seed * 16807) % 2147483647 return seed % n end
+        local function gen(depth)
+            local k = rnd(depth > 3 and 4 or 6)
+            if k == 0 then return tostring(rnd(100000) - 50000)
+            elseif k == 1 then return '"s' .. rnd(1000) .. '\\n\\u00e9"'
+            elseif k == 2 then return ({ "true", "false", "null", "1.5e3" })[rnd(4) + 1]
+            elseif k == 3 then return '"plain"'
+            elseif k == 4 then
+                local t = {}
+                for i = 1, rnd(5) do t[i] = gen(depth + 1) end
+                return "[" .. table.concat(t, ",") .. "]"
+            end
+            local t = {}
+            for i = 1, rnd(5) do t[i] = '"k' .. i .. '":' .. gen(depth + 1) end
+            return "{" .. table.concat(t, ",") .. "}"
+        end
+        for _ = 1, 300 do
+            local text = gen(0)
+            local doc, err = J.decode(text)
+            assert(doc ~= nil, tostring(err) .. " in " .. text)
+            local out = assert(J.encode(doc))
+            assert.are.equal((text:gsub("\\u00e9", "é")), out) -- \u escapes come out as UTF-8
+            assert.are.same(cjson.decode(text), cjson.decode(out))
+        end
+    end)
+end)
+
 describe("json_ops paths", function()
     it("parse dots, [*] and *", function()
         assert.are.same({ "a", "b", "c" }, J.parse_path("a.b.c"))

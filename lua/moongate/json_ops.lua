@@ -33,6 +33,7 @@ local type, pairs, ipairs, tostring, tonumber, setmetatable, getmetatable, error
 local byte, sub, find, format, gsub, char, concat, sort, floor, huge =
     string.byte, string.sub, string.find, string.format, string.gsub, string.char,
     table.concat, table.sort, math.floor, math.huge
+local tremove = table.remove
 
 local _M = { null = null, MAX_DEPTH = 200 }
 
@@ -80,69 +81,121 @@ local function fail(s, i, what)
     error({ json_error = what .. " at byte " .. i }, 0)
 end
 
+-- Scanning is done byte by byte: LuaJIT compiles these loops, while
+-- string.find with a pattern would send every call to the interpreter.
 local function skip(s, i)
-    local _, e = find(s, "^[ \t\r\n]*", i)
-    return e + 1
+    local c = byte(s, i)
+    while c == 32 or c == 10 or c == 13 or c == 9 do
+        i = i + 1
+        c = byte(s, i)
+    end
+    return i
 end
 
 local decode_value
 
+local function hex4(s, k)
+    local v = 0
+    for j = k, k + 3 do
+        local c = byte(s, j)
+        if not c then return nil end
+        if c >= 48 and c <= 57 then
+            v = v * 16 + c - 48
+        elseif c >= 97 and c <= 102 then
+            v = v * 16 + c - 87
+        elseif c >= 65 and c <= 70 then
+            v = v * 16 + c - 55
+        else
+            return nil
+        end
+    end
+    return v
+end
+
 local function decode_string(s, i) -- i at the opening quote
     local j = i + 1
+    local start = j
     local parts, n = nil, 0
     while true do
-        local k = find(s, '["\\%z\1-\31]', j)
-        if not k then fail(s, i, "unterminated string") end
-        local c = byte(s, k)
+        local c = byte(s, j)
         if c == 34 then
-            if not parts then return sub(s, i + 1, k - 1), k + 1 end
+            if not parts then return sub(s, start, j - 1), j + 1 end
             n = n + 1
-            parts[n] = sub(s, j, k - 1)
-            return concat(parts, "", 1, n), k + 1
-        elseif c ~= 92 then
-            fail(s, k, "control character in string")
-        end
-        parts = parts or {}
-        n = n + 1
-        parts[n] = sub(s, j, k - 1)
-        local e = byte(s, k + 1)
-        if e == 117 then -- \uXXXX, maybe a surrogate pair
-            local hex = sub(s, k + 2, k + 5)
-            if not find(hex, "^%x%x%x%x$") then fail(s, k, "bad \\u escape") end
-            local cp = tonumber(hex, 16)
-            j = k + 6
-            if cp >= 0xD800 and cp <= 0xDBFF and find(s, "^\\u[dD][c-fC-F]%x%x", j) then
-                local lo = tonumber(sub(s, j + 2, j + 5), 16)
-                cp = 0x10000 + (cp - 0xD800) * 1024 + (lo - 0xDC00)
+            parts[n] = sub(s, start, j - 1)
+            return concat(parts, "", 1, n), j + 1
+        elseif c == 92 then
+            parts = parts or {}
+            n = n + 1
+            parts[n] = sub(s, start, j - 1)
+            local e = byte(s, j + 1)
+            if e == 117 then -- \uXXXX, maybe a surrogate pair
+                local cp = hex4(s, j + 2)
+                if not cp then fail(s, j, "bad \\u escape") end
                 j = j + 6
+                if cp >= 0xD800 and cp <= 0xDBFF and byte(s, j) == 92 and byte(s, j + 1) == 117 then
+                    local lo = hex4(s, j + 2)
+                    if lo and lo >= 0xDC00 and lo <= 0xDFFF then
+                        cp = 0x10000 + (cp - 0xD800) * 1024 + (lo - 0xDC00)
+                        j = j + 6
+                    end
+                end
+                n = n + 1
+                parts[n] = utf8(cp)
+            else
+                local r = e and ESCAPES[e]
+                if not r then fail(s, j, "bad escape") end
+                n = n + 1
+                parts[n] = r
+                j = j + 2
             end
-            n = n + 1
-            parts[n] = utf8(cp)
+            start = j
+        elseif c == nil then
+            fail(s, i, "unterminated string")
+        elseif c < 32 then
+            fail(s, j, "control character in string")
         else
-            local r = e and ESCAPES[e]
-            if not r then fail(s, k, "bad escape") end
-            n = n + 1
-            parts[n] = r
-            j = k + 2
+            j = j + 1
         end
     end
 end
 
+local function digits(s, i) -- index after a run of digits starting at i
+    local c = byte(s, i)
+    while c and c >= 48 and c <= 57 do
+        i = i + 1
+        c = byte(s, i)
+    end
+    return i
+end
+
 local function decode_number(s, i)
-    local _, e = find(s, "^-?%d+", i)
-    if not e then fail(s, i, "unexpected character") end
-    local int = sub(s, i, e)
-    if find(int, "^-?0%d") then fail(s, i, "leading zero in number") end
+    local j = i
+    if byte(s, j) == 45 then j = j + 1 end
+    local d = byte(s, j)
+    if not d or d < 48 or d > 57 then fail(s, i, "unexpected character") end
+    local e = digits(s, j)
+    if d == 48 and e > j + 1 then fail(s, i, "leading zero in number") end
+    local int_len = e - i
     local plain = true
-    local _, f = find(s, "^%.%d+", e + 1)
-    if f then e, plain = f, false elseif byte(s, e + 1) == 46 then fail(s, e, "bad number") end
-    _, f = find(s, "^[eE][-+]?%d+", e + 1)
-    if f then e, plain = f, false elseif find(s, "^[eE]", e + 1) then fail(s, e, "bad number") end
-    local text = sub(s, i, e)
+    if byte(s, e) == 46 then
+        local f = digits(s, e + 1)
+        if f == e + 1 then fail(s, e, "bad number") end
+        e, plain = f, false
+    end
+    local c = byte(s, e)
+    if c == 101 or c == 69 then
+        local k = e + 1
+        c = byte(s, k)
+        if c == 43 or c == 45 then k = k + 1 end
+        local f = digits(s, k)
+        if f == k then fail(s, e, "bad number") end
+        e, plain = f, false
+    end
+    local text = sub(s, i, e - 1)
     -- Integers a double holds exactly become Lua numbers; anything else
     -- keeps its spelling (1.50, 1e3, 12345678901234567890) for the encoder.
-    if plain and #int <= 15 then return tonumber(text), e + 1 end
-    return setmetatable({ text }, NUMBER), e + 1
+    if plain and int_len <= 15 then return tonumber(text), e end
+    return setmetatable({ text }, NUMBER), e
 end
 
 local function decode_array(s, i, depth)
@@ -208,15 +261,17 @@ decode_value = function(s, i, depth)
     return decode_number(s, i)
 end
 
+local function decode_all(text)
+    local v, i = decode_value(text, skip(text, 1), 0)
+    return v, skip(text, i)
+end
+
 --- json_ops.decode(text) -> value, or nil, "invalid JSON: why at byte N".
 -- Objects keep their members' order, arrays stay arrays (also empty ones),
 -- `null` is json_ops.null, numbers keep their spelling.
 function _M.decode(text)
     if type(text) ~= "string" then return nil, "invalid JSON: not a string" end
-    local ok, v, i = pcall(function()
-        local v, i = decode_value(text, skip(text, 1), 0)
-        return v, skip(text, i)
-    end)
+    local ok, v, i = pcall(decode_all, text)
     if not ok then
         if type(v) == "table" and v.json_error then return nil, "invalid JSON: " .. v.json_error end
         return nil, "invalid JSON: " .. tostring(v)
@@ -233,7 +288,13 @@ local ESC_OUT = { ['"'] = '\\"', ["\\"] = "\\\\", ["\b"] = "\\b", ["\f"] = "\\f"
 local function escape_char(c) return ESC_OUT[c] or format("\\u%04x", byte(c)) end
 
 local function encode_string(s)
-    return '"' .. gsub(s, '[%z\1-\31"\\\127]', escape_char) .. '"'
+    for j = 1, #s do
+        local c = byte(s, j)
+        if c < 32 or c == 34 or c == 92 or c == 127 then
+            return '"' .. gsub(s, '[%z\1-\31"\\\127]', escape_char) .. '"'
+        end
+    end
+    return '"' .. s .. '"'
 end
 
 local function encode_number(x)
@@ -284,47 +345,86 @@ local function is_sequence(t)
     return count == n
 end
 
-encode_value = function(v, buf, depth)
+local function encode_object(v, buf, n, depth, keys)
+    local first = true
+    for i = 1, #keys do
+        local k = keys[i]
+        local x = v[k]
+        if x ~= nil then
+            n = n + 1
+            buf[n] = first and "{" or ","
+            first = false
+            n = n + 1
+            buf[n] = encode_string(k)
+            n = n + 1
+            buf[n] = ":"
+            n = encode_value(x, buf, n, depth + 1)
+        end
+    end
+    n = n + 1
+    buf[n] = first and "{}" or "}"
+    return n
+end
+
+-- Appends v's JSON to buf after index n; returns the new last index.
+encode_value = function(v, buf, n, depth)
     local t = type(v)
     if t == "string" then
-        buf[#buf + 1] = encode_string(v)
+        n = n + 1
+        buf[n] = encode_string(v)
     elseif t == "number" then
-        buf[#buf + 1] = encode_number(v)
+        n = n + 1
+        buf[n] = encode_number(v)
     elseif t == "boolean" then
-        buf[#buf + 1] = v and "true" or "false"
+        n = n + 1
+        buf[n] = v and "true" or "false"
     elseif v == null or v == nil then
-        buf[#buf + 1] = "null"
+        n = n + 1
+        buf[n] = "null"
     elseif t == "table" then
         if depth > _M.MAX_DEPTH then error({ json_error = "nested too deeply" }, 0) end
         local mt = getmetatable(v)
         if mt == NUMBER then
-            buf[#buf + 1] = v[1]
+            n = n + 1
+            buf[n] = v[1]
         elseif mt == ARRAY or (mt ~= OBJECT and is_sequence(v)) then
-            buf[#buf + 1] = "["
+            n = n + 1
+            buf[n] = "["
             for i = 1, #v do
-                if i > 1 then buf[#buf + 1] = "," end
-                encode_value(v[i], buf, depth + 1)
+                if i > 1 then
+                    n = n + 1
+                    buf[n] = ","
+                end
+                n = encode_value(v[i], buf, n, depth + 1)
             end
-            buf[#buf + 1] = "]"
+            n = n + 1
+            buf[n] = "]"
         else
-            buf[#buf + 1] = "{"
-            for i, k in ipairs(members(v)) do
-                if i > 1 then buf[#buf + 1] = "," end
-                buf[#buf + 1] = encode_string(k)
-                buf[#buf + 1] = ":"
-                encode_value(v[k], buf, depth + 1)
+            -- Fast path: the decoded order lists every member once (the
+            -- operations keep it so); otherwise the general members().
+            local keys = order[v]
+            if keys then
+                local listed, present = 0, 0
+                for i = 1, #keys do
+                    if v[keys[i]] ~= nil then listed = listed + 1 end
+                end
+                for _ in pairs(v) do present = present + 1 end
+                if listed ~= present then keys = members(v) end
+            else
+                keys = members(v)
             end
-            buf[#buf + 1] = "}"
+            n = encode_object(v, buf, n, depth, keys)
         end
     else
         error({ json_error = "cannot encode a " .. t }, 0)
     end
+    return n
 end
 
 --- json_ops.encode(value) -> compact JSON text, or nil, err.
 function _M.encode(v)
     local buf = {}
-    local ok, err = pcall(encode_value, v, buf, 0)
+    local ok, err = pcall(encode_value, v, buf, 0, 0)
     if not ok then
         return nil, type(err) == "table" and err.json_error or tostring(err)
     end
@@ -345,6 +445,30 @@ function _M.parse_path(path)
         segs[#segs + 1] = seg
     end
     return segs
+end
+
+-- Keeps an object's member order when `from` becomes `to` (absent before):
+-- `to` takes `from`'s place, and an old entry of `to` (a member removed
+-- earlier) is dropped so the list names each member once.
+local function rename_key(obj, from, to)
+    local keys = order[obj]
+    if not keys then return end
+    local at, old
+    for i = 1, #keys do
+        if keys[i] == from then at = i elseif keys[i] == to then old = i end
+    end
+    if at then keys[at] = to end
+    if old and at then tremove(keys, old) end
+end
+
+-- Appends `key` to an object's member order unless it is listed already.
+local function append_key(obj, key)
+    local keys = order[obj]
+    if not keys then return end
+    for i = 1, #keys do
+        if keys[i] == key then return end
+    end
+    keys[#keys + 1] = key
 end
 
 -- Calls fn(parent, key) for every place `segs` names, walking arrays where
@@ -375,19 +499,9 @@ local function walk(node, segs, i, fn, create)
     if child == nil and create then
         child = _M.object()
         node[seg] = child
-        local keys = order[node]
-        if keys then keys[#keys + 1] = seg end
+        append_key(node, seg)
     end
     if child ~= nil then walk(child, segs, i + 1, fn, create) end
-end
-
-local function rename_key(obj, from, to)
-    local keys = order[obj]
-    if keys then
-        for i, k in ipairs(keys) do
-            if k == from then keys[i] = to break end
-        end
-    end
 end
 
 -- Keep-only as a tree: { [name] = subtree or true }.
@@ -526,8 +640,7 @@ function _M.apply(doc, ops, lookup)
                 if getmetatable(parent) == ARRAY then return end
                 if parent[key] == nil then
                     parent[key] = materialize(op.value, lookup)
-                    local keys = order[parent]
-                    if keys then keys[#keys + 1] = key end
+                    append_key(parent, key)
                 end
             end, true)
         end
