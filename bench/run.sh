@@ -200,15 +200,21 @@ start_upstream() {
     su_d=$DIR/upstream
     mkdir -p "$su_d"
     UP_PORT=$($TOOL port)
-    # ~10 KB of API-like JSON: 40 user records (no quote or $ for nginx).
+    # 10 KB of API-like JSON: user records up to 10240 bytes.
     $PY -c '
 import json
-users = [{"id": i, "name": "user %d" % i, "email": "user%d@example.com" % i,
-          "roles": ["reader", "writer"] if i % 3 else ["reader"],
-          "active": i % 5 != 0, "score": i * 37 % 101,
-          "address": {"city": "city %d" % (i % 7), "zip": "%05d" % (i * 911 % 99999)}}
-         for i in range(1, 41)]
-print(json.dumps({"users": users, "total": 40, "page": 1}, separators=(",", ":")), end="")
+def user(i):
+    return {"id": i, "name": "user %d" % i, "email": "user%d@example.com" % i,
+            "roles": ["reader", "writer"] if i % 3 else ["reader"],
+            "active": i % 5 != 0, "score": i * 37 % 101,
+            "address": {"city": "city %d" % (i % 7), "zip": "%05d" % (i * 911 % 99999)}}
+users = []
+while True:
+    doc = json.dumps({"users": users + [user(len(users) + 1)], "page": 1}, separators=(",", ":"))
+    if len(doc) > 10240:
+        break
+    users.append(user(len(users) + 1))
+print(json.dumps({"users": users, "page": 1}, separators=(",", ":")), end="")
 ' >"$su_d/json10k.json"
     {
         nginx_common "$su_d"

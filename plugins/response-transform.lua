@@ -70,6 +70,9 @@ P = {
                 default = { "application/json", "application/*+json" },
                 description = "media types whose body is transformed (\"*\" matches within "
                     .. "a part)" },
+            statuses = { type = "array", items = { type = "integer", min = 100, max = 599 },
+                description = "if set, only responses with these statuses get their JSON body "
+                    .. "transformed (header operations apply to all)" },
             max_body_size = { type = "integer", default = 1024 * 1024, min = 1,
                 description = "bodies over this many bytes (compressed or decoded) pass "
                     .. "untouched" },
@@ -191,6 +194,19 @@ function P.type_matches(conf, ctype)
     return false
 end
 
+local status_sets = setmetatable({}, { __mode = "k" })
+
+--- P.status_listed(conf, status) -> true when conf.statuses lists it.
+function P.status_listed(conf, status)
+    local set = status_sets[conf]
+    if not set then
+        set = {}
+        for _, s in ipairs(conf.statuses or {}) do set[s] = true end
+        status_sets[conf] = set
+    end
+    return set[status] == true
+end
+
 local CODINGS = { gzip = "gzip", ["x-gzip"] = "gzip", br = "br" }
 
 local function note(level, ctx, what)
@@ -237,6 +253,7 @@ function P.header_filter(conf, ctx)
     if gw.request.get_method(ctx) == "HEAD" or status < 200 or status == 204 or status == 304 then
         return
     end
+    if conf.statuses and not P.status_listed(conf, status) then return end
     local h = gw.response.get_headers(ctx)
     if status == 206 or h["content-range"] then return end
     local ctype = h["content-type"]

@@ -106,6 +106,13 @@ describe("response-transform helpers", function()
         assert.are.equal(0, #P.json_ops(conf({})))
     end)
 
+    it("lists statuses when configured", function()
+        local c = conf({ statuses = { 200, 201 } })
+        assert.is_true(P.status_listed(c, 200))
+        assert.is_false(P.status_listed(c, 401))
+        refused({ statuses = { 99 } }, "statuses")
+    end)
+
     it("refuses bad paths, header names and sizes", function()
         refused({ json_rename = { ["a..b"] = "c" } }, "empty segment")
         refused({ json_rename = { ["a.*"] = "c" } }, "cannot end in")

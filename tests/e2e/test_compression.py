@@ -291,3 +291,95 @@ def test_a_50mb_body_is_compressed_as_it_streams_in_bounded_memory():
 
 
 test_a_50mb_body_is_compressed_as_it_streams_in_bounded_memory.timeout = 180
+
+
+def test_an_http10_client_gets_a_compressed_body_delimited_by_the_close():
+    with Upstream() as up, gateway(up) as gw:
+        r = request(gw.port, "GET", "/c/x?size=30000&" + TEXT, version="1.0",
+                    headers={"Accept-Encoding": "gzip"})
+        assert r.status == 200 and r.header("content-encoding") == "gzip", r
+        assert not r.chunked and not r.has_header("content-length"), r
+        assert gzip.decompress(r.body) == pattern_bytes(30000)
+
+
+def test_an_upstream_cut_mid_body_cuts_the_compressed_response_and_the_gateway_goes_on():
+    with Upstream() as up, gateway(up) as gw:
+        with Client(gw.port, timeout=10) as c:
+            c.send(b"GET /c/x?size=2000000&truncate=700000&%s HTTP/1.1\r\nHost: a\r\n"
+                   b"Accept-Encoding: gzip\r\n\r\n" % TEXT.encode())
+            try:
+                r = c.read_response()
+                complete = True
+            except Exception:  # noqa: BLE001 - the cut is what we expect
+                complete = False
+        assert not complete, "a truncated upstream body must not look complete: %r" % r
+        for ae in ("gzip", "br"):
+            r = get(gw.port, "/c/after?size=5000&" + TEXT, ae)
+            assert r.status == 200 and r.header("content-encoding") == ae, r
+
+
+def test_event_streams_are_flushed_piece_by_piece():
+    # A tiny server sending two events 1 s apart: the first must reach the
+    # client, decodable, before the second is even sent.
+    import socket
+    import threading
+    import time
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+    done = threading.Event()
+
+    def serve():
+        s, _ = srv.accept()
+        s.recv(65536)
+        s.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n")
+        ev = b"data: first event\n\n"
+        s.sendall(b"%x\r\n%s\r\n" % (len(ev), ev))
+        done.wait(5)
+        ev = b"data: second event\n\n"
+        s.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(ev), ev))
+        time.sleep(0.2)
+        s.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+
+    class Fixed:
+        addr = "127.0.0.1:%d" % port
+    try:
+        with make_gateway(conf_text(Fixed, '{ path = "/events", upstream = "up", plugins = '
+                                    '{ compression = { min_length = 0 } } },')) as gw:
+            with Client(gw.port, timeout=5) as c:
+                c.send(b"GET /events HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip\r\n\r\n")
+                head = c.read_head()
+                assert head[1] == 200 and ("Content-Encoding", "gzip") in head[3], head
+                d = zlib.decompressobj(31)
+                got = b""
+                deadline = time.monotonic() + 3
+                while b"first event" not in got and time.monotonic() < deadline:
+                    if not c.buf:
+                        c._fill(3)
+                    # strip chunk framing: decode what arrived so far
+                    data = bytes(c.buf)
+                    pieces = []
+                    while True:
+                        i = data.find(b"\r\n")
+                        if i < 0:
+                            break
+                        n = int(data[:i], 16)
+                        if len(data) < i + 2 + n + 2:
+                            break
+                        pieces.append(data[i + 2:i + 2 + n])
+                        data = data[i + 2 + n + 2:]
+                    del c.buf[:len(c.buf) - len(data)]
+                    got += d.decompress(b"".join(pieces))
+                    if not pieces and b"first event" not in got:
+                        c._fill(3)
+                assert b"data: first event\n\n" == got, got
+                done.set()
+    finally:
+        done.set()
+        srv.close()
+        t.join(5)

@@ -37,6 +37,13 @@ ROUTES = r"""
             json_remove = { "[*].userEmail", "profile.tags" },
             json_keep = { "userId", "profile", "meta" },
             header_add = { ["X-Consumer"] = "{consumer.id}" } } } },
+    { path = "/only200/*", upstream = "up", plugins = {
+        ["response-transform"] = { %(legacy)s, json_keep = { "id" }, statuses = { 200 } },
+        gate = { access = function(conf, ctx)
+            if ctx.route and require("moongate.gw").request.get_query(ctx):find("deny") then
+                return 401, { error = "unauthorized", userId = 0 }
+            end
+        end } } },
     { path = "/handler/me", handler = function(ctx)
         return 200, { userId = 1, userName = "Ada Lovelace", userEmail = "ada@example.com" }
     end, plugins = { ["response-transform"] = { %(legacy)s } } },
@@ -98,6 +105,16 @@ def test_a_handler_answer_is_transformed():
         r = request(gw.port, "GET", "/handler/me")
         assert r.status == 200, r
         assert r.json() == {"id": 1, "name": "Ada Lovelace", "email": "ada@example.com"}, r
+
+
+def test_statuses_limit_the_body_transform_to_the_listed_ones():
+    with Upstream() as up, gateway(up) as gw:
+        r = request(gw.port, "GET", "/only200/x?legacy=one")
+        assert r.status == 200 and r.json() == {"id": 1}, r
+        r = request(gw.port, "GET", "/only200/x?legacy=one&status=404")
+        assert r.status == 404 and r.json() == legacy_one(), r
+        r = request(gw.port, "GET", "/only200/x?deny=1")  # an early exit's error
+        assert r.status == 401 and r.json() == {"error": "unauthorized", "userId": 0}, r
 
 
 def test_templates_nested_paths_arrays_and_keep():
