@@ -173,7 +173,10 @@ function P.header_filter(conf, ctx)
     local ok = P.eligible(conf, gw.request.get_method(ctx), gw.response.get_status(ctx), headers)
     if not ok then return end
     add_vary(ctx)
-    local coding = P.negotiate(gw.request.get_header(ctx, "accept-encoding"), conf.encodings)
+    -- Several Accept-Encoding lines are one list (RFC 9110 5.3).
+    local ae = gw.request.get_headers(ctx)["accept-encoding"]
+    if type(ae) == "table" then ae = table.concat(ae, ",") end
+    local coding = P.negotiate(ae, conf.encodings)
     if not coding then return end
     gw.response.set_header(ctx, "Content-Encoding", coding)
     gw.response.clear_header(ctx, "Content-Length")

@@ -120,6 +120,10 @@ def test_q_values_pick_the_encoding_and_q0_refuses_it():
                 assert r.body == pattern_bytes(5000), ae
                 assert r.header("content-length") == "5000", (ae, r)
                 assert "accept-encoding" in r.header("vary", "").lower(), (ae, r)
+        # several header lines are one list
+        r = request(gw.port, "GET", q, headers=[("Accept-Encoding", "br;q=0"),
+                                                ("Accept-Encoding", "gzip")])
+        assert r.header("content-encoding") == "gzip", r
         r = get(gw.port, q)  # no Accept-Encoding at all: identity
         assert r.header("content-encoding") is None and r.body == pattern_bytes(5000)
 
