@@ -209,6 +209,13 @@ end
 
 local CODINGS = { gzip = "gzip", ["x-gzip"] = "gzip", br = "br" }
 
+-- A header value from a template: the request's own bytes (a query
+-- parameter decodes to anything) must not smuggle CR, LF or NUL into the
+-- response head, and must not turn into a 500 either: they are dropped.
+local function header_value(value, lookup)
+    return (gsub(render(value, lookup), "[%z\r\n]", ""))
+end
+
 local function note(level, ctx, what)
     gw.log(level, "response-transform: route ", ctx.route and ctx.route.name or "?", ": ",
         what, "; body passed untouched")
@@ -234,13 +241,13 @@ local function header_ops(conf, ctx)
     for _, name in ipairs(sorted_keys(conf.header_replace)) do
         if R.get_header(ctx, name) ~= nil then
             lookup = lookup or P.lookup(ctx)
-            R.set_header(ctx, name, render(conf.header_replace[name], lookup))
+            R.set_header(ctx, name, header_value(conf.header_replace[name], lookup))
         end
     end
     for _, name in ipairs(sorted_keys(conf.header_add)) do
         if R.get_header(ctx, name) == nil then
             lookup = lookup or P.lookup(ctx)
-            R.set_header(ctx, name, render(conf.header_add[name], lookup))
+            R.set_header(ctx, name, header_value(conf.header_add[name], lookup))
         end
     end
 end

@@ -36,7 +36,7 @@ ROUTES = r"""
                          ["meta.tenant"] = "{header.x-tenant}", ["profile.added"] = true },
             json_remove = { "[*].userEmail", "profile.tags" },
             json_keep = { "userId", "profile", "meta" },
-            header_add = { ["X-Consumer"] = "{consumer.id}" } } } },
+            header_add = { ["X-Consumer"] = "{consumer.id}", ["X-Q"] = "q={query.q}" } } } },
     { path = "/only200/*", upstream = "up", plugins = {
         ["response-transform"] = { %(legacy)s, json_keep = { "id" }, statuses = { 200 } },
         gate = { access = function(conf, ctx)
@@ -128,7 +128,11 @@ def test_templates_nested_paths_arrays_and_keep():
             "meta": {"consumer": "c-7", "org": "acme", "param": "42", "q": "a b",
                      "tenant": "t-9"},
         }, r.json()
-        assert r.header("x-consumer") == "c-7", r
+        assert r.header("x-consumer") == "c-7" and r.header("x-q") == "q=a b", r
+        # a template that decodes to CR/LF cannot split the head (nor fail)
+        r = request(gw.port, "GET", "/tmpl/1?legacy=one&q=x%0d%0aEvil:%201%00")
+        assert r.status == 200 and r.header("x-q") == "q=xEvil: 1", r
+        assert not r.has_header("evil"), r
         r = request(gw.port, "GET", "/tmpl/1?legacy=3")  # a list: each element
         doc = r.json()
         assert [u["userId"] for u in doc] == [1, 2, 3], doc
