@@ -135,7 +135,9 @@ function P.eligible(conf, method, status, headers)
     if status < 200 or status == 204 or status == 304 then return false, "no body" end
     if status == 206 or headers["content-range"] then return false, "a range" end
     local ce = headers["content-encoding"]
-    if ce and (type(ce) == "table" or lower(ce) ~= "identity") then return false, "already encoded" end
+    if ce and (type(ce) == "table" or lower(ce) ~= "identity") then
+        return false, "already encoded"
+    end
     local ctype = headers["content-type"]
     if type(ctype) == "table" then ctype = ctype[1] end
     if not type_allowed(conf, ctype) then return false, "type" end
@@ -154,7 +156,8 @@ local function add_vary(ctx)
     local v = gw.response.get_header(ctx, "vary")
     if not v or v == "" then
         gw.response.set_header(ctx, "Vary", "Accept-Encoding")
-    elseif v ~= "*" and not find("," .. gsub(lower(v), "%s", "") .. ",", ",accept-encoding,", 1, true) then
+    elseif v ~= "*"
+        and not find("," .. gsub(lower(v), "%s", "") .. ",", ",accept-encoding,", 1, true) then
         gw.response.set_header(ctx, "Vary", v .. ", Accept-Encoding")
     end
 end

@@ -33,6 +33,7 @@ local type, pairs, ipairs, tonumber, tostring, setmetatable, error = type, pairs
 local find, lower, match, gsub, sub, char, concat, sort = string.find, string.lower,
     string.match, string.gsub, string.sub, string.char, table.concat, table.sort
 
+local TOKEN = "^[!#$%%&'*+.^_`|~%w-]+$" -- an HTTP header name
 local STRINGS = { type = "array", items = { type = "string", min_len = 1 } }
 local STRING_MAP = { type = "map", values = { type = "string" } }
 
@@ -81,7 +82,7 @@ P = {
             local ops, err = P.json_ops(conf)
             if not ops then return nil, err end
             for name, to in pairs(conf.header_rename) do
-                if not find(name, "^[!#$%%&'*+.^_`|~%w-]+$") or not find(to, "^[!#$%%&'*+.^_`|~%w-]+$") then
+                if not find(name, TOKEN) or not find(to, TOKEN) then
                     return nil, "header_rename: not a header name: " .. name .. " -> " .. to
                 end
             end

@@ -65,7 +65,8 @@ for name, codec in pairs(CODECS) do
 
         it("round-trip 3 MB of text and 1 MB of noise fed in odd pieces", function()
             for _, input in ipairs({ text(3 * 1024 * 1024), noise(1024 * 1024) }) do
-                local packed = assert(feed(codec.enc({ level = 1 }), input, { 7, 65536, 1000, 300001 }))
+                local packed = assert(feed(codec.enc({ level = 1 }), input,
+                    { 7, 65536, 1000, 300001 }))
                 local back = assert(feed(codec.dec(), packed, { 1, 13, 4096, 70000 }))
                 assert.are.equal(#input, #back)
                 assert.is_true(input == back)
@@ -100,7 +101,8 @@ for name, codec in pairs(CODECS) do
         end)
 
         it("refuse output past max_output (a decompression bomb) with an error", function()
-            local bomb = assert(feed(codec.enc({ level = 9 }), string.rep("\0", 20 * 1024 * 1024), { 1048576 }))
+            local zeros = string.rep("\0", 20 * 1024 * 1024)
+            local bomb = assert(feed(codec.enc({ level = 9 }), zeros, { 1048576 }))
             assert.is_true(#bomb < 100 * 1024)
             local d = codec.dec(1024 * 1024)
             local out, err
@@ -164,7 +166,7 @@ for name, codec in pairs(CODECS) do
 end
 
 describe("gzip state reuse", function()
-    it("hands a cleanly finished state to the next stream of that level, which round-trips", function()
+    it("hands a finished state to the next stream of its level, which round-trips", function()
         local a = zlib.deflate({ level = 3 })
         local box = a.box
         assert(a:finish(text(5000)))

@@ -137,7 +137,8 @@ describe("json_ops rename", function()
 
     it("renames the seed's legacy user fields in place", function()
         assert.are.equal('{"id":1,"name":"Ada Lovelace","email":"ada@example.com","x":true}',
-            run('{"userId":1,"userName":"Ada Lovelace","userEmail":"ada@example.com","x":true}', legacy))
+            run('{"userId":1,"userName":"Ada Lovelace","userEmail":"ada@example.com",'
+                .. '"x":true}', legacy))
     end)
 
     it("renames in every element of a top-level array", function()
@@ -192,7 +193,8 @@ describe("json_ops replace", function()
             { op = "replace", path = "missing", value = 1 },
             { op = "replace", path = "list[*].v", value = "z" },
         })
-        local doc1 = assert(J.apply(assert(J.decode('{"a":{"b":1},"list":[{"v":1},{"w":2}]}')), ops))
+        local text = '{"a":{"b":1},"list":[{"v":1},{"w":2}]}'
+        local doc1 = assert(J.apply(assert(J.decode(text)), ops))
         assert.are.equal('{"a":{"b":{"x":1}},"list":[{"v":"z"},{"w":2}]}', J.encode(doc1))
         local doc2 = assert(J.apply(assert(J.decode('{"a":{"b":2}}')), ops))
         assert.are_not.equal(doc1.a.b, doc2.a.b)
@@ -211,7 +213,8 @@ describe("json_ops add", function()
 
     it("adds to every element of an array", function()
         assert.are.equal('[{"id":1,"kind":"user"},{"id":2,"kind":"admin"}]',
-            run('[{"id":1},{"id":2,"kind":"admin"}]', { { op = "add", path = "kind", value = "user" } }))
+            run('[{"id":1},{"id":2,"kind":"admin"}]',
+                { { op = "add", path = "kind", value = "user" } }))
     end)
 
     it("expands templates from the lookup function; unknown ones become empty", function()

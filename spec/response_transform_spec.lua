@@ -59,7 +59,9 @@ describe("response-transform body", function()
         })
         local body = '{"userId":5,"secret":"s","status":"x","noise":1,' ..
             '"items":[{"n":"a","internal":1},{"n":"b"}]}'
-        local lookup = function(ns, key) if ns == "consumer" and key == "id" then return "c1" end end
+        local lookup = function(ns, key)
+            if ns == "consumer" and key == "id" then return "c1" end
+        end
         assert.are.equal('{"id":5,"status":"redacted","items":[{"name":"a"},{"name":"b"}],' ..
             '"meta":{"by":"c1"}}', assert(P.transform_body(c, body, nil, lookup)))
     end)
@@ -87,7 +89,8 @@ describe("response-transform helpers", function()
     end)
 
     it("looks templates up in the consumer, nested claims included", function()
-        local lookup = P.lookup({ consumer = { id = "u1", claims = { sub = "s9", org = { id = 3 } } } })
+        local consumer = { id = "u1", claims = { sub = "s9", org = { id = 3 } } }
+        local lookup = P.lookup({ consumer = consumer })
         assert.are.equal("u1", lookup("consumer", "id"))
         assert.are.equal("s9", lookup("consumer", "claims.sub"))
         assert.are.equal(3, lookup("consumer", "claims.org.id"))

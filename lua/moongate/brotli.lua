@@ -91,7 +91,8 @@ local function encode(self, data, op)
     while true do
         avail_out[0] = OUT_SIZE
         next_out[0] = out_buf
-        if E.BrotliEncoderCompressStream(st, op, avail_in, next_in, avail_out, next_out, nil) == 0 then
+        if E.BrotliEncoderCompressStream(st, op, avail_in, next_in, avail_out, next_out, nil)
+            == 0 then
             self:close()
             return nil, "brotli encoder failed"
         end
@@ -188,7 +189,11 @@ function Stream:close()
     self.closed = true
     local st = self.state
     ffi_gc(st, nil)
-    if self.decoding then D.BrotliDecoderDestroyInstance(st) else E.BrotliEncoderDestroyInstance(st) end
+    if self.decoding then
+        D.BrotliDecoderDestroyInstance(st)
+    else
+        E.BrotliEncoderDestroyInstance(st)
+    end
 end
 
 --- brotli.encoder({ quality = 0..11 (default 4), lgwin = 10..24 (default

@@ -298,7 +298,9 @@ local function encode_string(s)
 end
 
 local function encode_number(x)
-    if x ~= x or x == huge or x == -huge then error({ json_error = "number not JSON: " .. tostring(x) }, 0) end
+    if x ~= x or x == huge or x == -huge then
+        error({ json_error = "number not JSON: " .. tostring(x) }, 0)
+    end
     if floor(x) == x and x > -1e15 and x < 1e15 then return format("%d", x) end
     local s = format("%.14g", x)
     if tonumber(s) ~= x then s = format("%.17g", x) end

@@ -31,7 +31,8 @@ ROUTES = r"""
             ctx.consumer = { id = "c-7", claims = { org = "acme" } }
         end },
         ["response-transform"] = {
-            json_add = { ["meta.consumer"] = "{consumer.id}", ["meta.org"] = "{consumer.claims.org}",
+            json_add = { ["meta.consumer"] = "{consumer.id}",
+                         ["meta.org"] = "{consumer.claims.org}",
                          ["meta.param"] = "{param.id}", ["meta.q"] = "{query.q}",
                          ["meta.tenant"] = "{header.x-tenant}", ["profile.added"] = true },
             json_remove = { "[*].userEmail", "profile.tags" },
