@@ -16,7 +16,7 @@
 # socket errors or non-2xx answers, a server did not start), unless
 # BENCH_STRICT=1 also asks for the issue-2 targets to be met.
 #
-# Scenarios: `scenario NAME [ROUTE_LUA [TOP_LUA [WRK_HEADER]]]` runs a
+# Scenarios: `scenario NAME [ROUTE_LUA [TOP_LUA [WRK_HEADER [WRK_PATH]]]]` runs a
 # moongate config variant against the same nginx baseline; see scenarios()
 # at the bottom and bench/README.md.
 #
@@ -57,8 +57,12 @@ STRICT=${BENCH_STRICT:-0}
 
 # What the upstream answers; the proxies must pass it through unchanged.
 BODY='{"id":12345,"name":"moongate bench","tags":["gateway","proxy","bench"],"ok":true,"n":42}'
+# The upstream also serves a 10 KB JSON document at /json10k (written to
+# DIR/upstream/json10k.json at start), for the compression scenarios.
+JSON10K_PATH=/json10k
 
 WRK_HEADER=""
+WRK_PATH=/
 STARTED=""   # session ids of every server and load process still running
 DIR=""
 
@@ -145,12 +149,15 @@ wait_ready() {
     done
 }
 
-# check_body URL: the proxy must return the upstream's body verbatim.
+# check_body URL: the proxy must return the upstream's body verbatim
+# (decoded, when it compressed it: curl --compressed).
 check_body() {
-    cb_got=$(curl -s --max-time 2 ${WRK_HEADER:+-H "$WRK_HEADER"} "$1") \
+    cb_want=$BODY
+    case $1 in *"$JSON10K_PATH") cb_want=$(cat "$DIR/upstream/json10k.json") ;; esac
+    cb_got=$(curl -s --compressed --max-time 2 ${WRK_HEADER:+-H "$WRK_HEADER"} "$1") \
         || die "GET $1 failed"
-    [ "$cb_got" = "$BODY" ] \
-        || die "GET $1 returned '$cb_got', not the upstream body"
+    [ "$cb_got" = "$cb_want" ] \
+        || die "GET $1 returned '$(printf %.200s "$cb_got")', not the upstream body"
 }
 
 # --------------------------------------------------------------- servers
@@ -193,6 +200,22 @@ start_upstream() {
     su_d=$DIR/upstream
     mkdir -p "$su_d"
     UP_PORT=$($TOOL port)
+    # 10 KB of API-like JSON: user records up to 10240 bytes.
+    $PY -c '
+import json
+def user(i):
+    return {"id": i, "name": "user %d" % i, "email": "user%d@example.com" % i,
+            "roles": ["reader", "writer"] if i % 3 else ["reader"],
+            "active": i % 5 != 0, "score": i * 37 % 101,
+            "address": {"city": "city %d" % (i % 7), "zip": "%05d" % (i * 911 % 99999)}}
+users = []
+while True:
+    doc = json.dumps({"users": users + [user(len(users) + 1)], "page": 1}, separators=(",", ":"))
+    if len(doc) > 10240:
+        break
+    users.append(user(len(users) + 1))
+print(json.dumps({"users": users, "page": 1}, separators=(",", ":")), end="")
+' >"$su_d/json10k.json"
     {
         nginx_common "$su_d"
         echo "http {"
@@ -203,6 +226,10 @@ start_upstream() {
         location / {
             default_type application/json;
             return 200 '$BODY\n';
+        }
+        location = $JSON10K_PATH {
+            default_type application/json;
+            alias $su_d/json10k.json;
         }
     }
 }
@@ -286,8 +313,8 @@ return {
 EOF
     spawn "$PROXY_CPU" "$mg_d/stdout.log" "$MOONGATE" -c "$mg_d/moongate.lua"
     PROXY_SID=$SPAWNED
-    wait_ready "$PROXY_SID" "http://127.0.0.1:$PROXY_PORT/" "$mg_d"
-    check_body "http://127.0.0.1:$PROXY_PORT/"
+    wait_ready "$PROXY_SID" "http://127.0.0.1:$PROXY_PORT$WRK_PATH" "$mg_d"
+    check_body "http://127.0.0.1:$PROXY_PORT$WRK_PATH"
 }
 
 # ----------------------------------------------------------- measurement
@@ -297,7 +324,7 @@ EOF
 run_wrk() {
     set -- "$1" "$2" "$3" -t1 "-c$CONNS" "-d$1s" --latency
     [ -n "$WRK_HEADER" ] && set -- "$@" -H "$WRK_HEADER"
-    rw_url=http://127.0.0.1:$2/ rw_out=$3
+    rw_url=http://127.0.0.1:$2$WRK_PATH rw_out=$3
     shift 3
     spawn "$LOAD_CPU" "$rw_out" timeout -k 2 "$((DURATION + WARMUP + 30))" \
         wrk "$@" "$rw_url"
@@ -364,13 +391,15 @@ selected() {
     return 1
 }
 
-# scenario NAME [ROUTE_LUA [TOP_LUA [WRK_HEADER]]]: start moongate with the
-# config variant (see start_moongate), then ROUNDS interleaved rounds of
-# nginx baseline then moongate; stop moongate. WRK_HEADER (one "Name: value")
-# is sent to both proxies.
+# scenario NAME [ROUTE_LUA [TOP_LUA [WRK_HEADER [WRK_PATH]]]]: start
+# moongate with the config variant (see start_moongate), then ROUNDS
+# interleaved rounds of nginx baseline then moongate; stop moongate.
+# WRK_HEADER (one "Name: value") is sent to both proxies; WRK_PATH (default
+# /) is the path wrk requests from both.
 scenario() {
     selected "$1" || return 0
     WRK_HEADER=${4:-}
+    WRK_PATH=${5:-/}
     log "scenario $1"
     if [ "$STANDIN" = nginx ]; then
         start_nginx_proxy "standin-$1"
@@ -389,7 +418,30 @@ scenario() {
     if [ "$PROFILE" = 1 ]; then
         profile "$sc_cand_sid" "$sc_cand_port" "$1" >>"$DIR/profiles.txt"
     fi
+    if [ "$1" = json10k_gzip ]; then
+        bytes_saved "$sc_cand_port" >>"$DIR/extra.txt"
+    fi
     stop "$sc_cand_sid"
+    WRK_PATH=/
+}
+
+# bytes_saved PORT: the 10 KB document's size on the wire from moongate
+# with and without gzip, as a machine-readable line.
+bytes_saved() {
+    bs_url=http://127.0.0.1:$1$JSON10K_PATH
+    bs_plain=$(curl -s -o /dev/null -w '%{size_download}' --max-time 2 "$bs_url")
+    bs_gz=$(curl -s -o /dev/null -w '%{size_download}' --max-time 2 \
+        -H 'Accept-Encoding: gzip' "$bs_url")
+    awk -v p="$bs_plain" -v g="$bs_gz" 'BEGIN {
+        printf "bytes json10k_gzip plain %d gzip %d saved_pct %.1f\n", p, g, 100 * (p - g) / p }'
+}
+
+# compare_gzip REPORT: moongate's req/s with gzip over without, on the
+# 10 KB document, when both scenarios ran.
+compare_gzip() {
+    awk '$1 == "median" && $3 == "moongate" && $4 == "req_per_s" { r[$2] = $5 }
+        END { if (r["json10k"] && r["json10k_gzip"])
+            printf "compare json10k_gzip json10k req_per_s %.3f\n", r["json10k_gzip"] / r["json10k"] }' "$1"
 }
 
 # redis_scenario: ratelimit_redis, with a redis-server started (and
@@ -565,6 +617,14 @@ print(h + "." + p + "." + s)')
     scenario cache_hit "$sc_cache" 'shared = { cache = "16m" },'
     scenario cache_pass "$sc_cache" 'shared = { cache = "16m" },' \
         "Cache-Control: no-store"
+    # Issue 7: a 10 KB JSON response proxied as it is, then gzip-compressed
+    # at level 1 (the client asks for gzip); nginx proxies it uncompressed in
+    # both. `compare json10k_gzip json10k` and `bytes json10k_gzip` lines say
+    # what gzip costs in req/s and saves on the wire.
+    scenario json10k "" "" "" "$JSON10K_PATH"
+    scenario json10k_gzip \
+        'plugins = { compression = { encodings = { "gzip" }, gzip_level = 1 } }' \
+        "" "Accept-Encoding: gzip" "$JSON10K_PATH"
 }
 
 # ------------------------------------------------------------------ main
@@ -606,7 +666,11 @@ main() {
     [ -f "$DIR/profiles.txt" ] && cat "$DIR/profiles.txt"
     ma_rc=0
     $TOOL report "$RESULTS" >"$DIR/report.txt" || ma_rc=$?
-    cat "$DIR/report.txt"
+    # The compression figures go just before the last line (valid yes|no).
+    compare_gzip "$DIR/report.txt" >>"$DIR/extra.txt"
+    sed '$d' "$DIR/report.txt"
+    [ -f "$DIR/extra.txt" ] && cat "$DIR/extra.txt"
+    tail -n 1 "$DIR/report.txt"
     if [ "$ma_rc" -ne 0 ]; then
         echo "WARNING: wrk saw socket errors or non-2xx answers;" \
             "these figures are not valid" >&2

@@ -44,6 +44,14 @@ Behaviour is chosen by query parameters on any path:
   headbody=1      sends the body even for HEAD (a broken upstream)
   interim=1       sends "103 Early Hints" and "100 Continue" interim
                   responses before the final one
+  ctype=TYPE      the response's Content-Type instead of the default
+                  (application/octet-stream for size=, else application/json)
+  legacy=N        body: a JSON array of N legacy user records ({"userId",
+                  "userName", "userEmail", "profile": {...}}); legacy=one: a
+                  single record
+  encode=CODING   the body (JSON, legacy= or size= up to 64 MiB) is sent
+                  encoded with gzip (stdlib) or br (the brotli CLI), with
+                  Content-Encoding: CODING
 
 By default the answer is JSON describing the request:
   {"method", "path" (raw request target), "version", "headers": [[name,
@@ -461,6 +469,13 @@ class Connection:
             total = int(p("size"))
             ctype = "application/octet-stream"
             body_iter = pattern_chunks
+        elif p("legacy") is not None:
+            payload = legacy_users(p("legacy"))
+            total = len(payload)
+            ctype = "application/json"
+
+            def body_iter(n, _payload=payload):
+                yield _payload
         else:
             if p("drain"):
                 desc = {"body_len": count[0], "body_sha256": sha.hexdigest()}
@@ -482,6 +497,16 @@ class Connection:
             def body_iter(n, _payload=payload):
                 yield _payload
 
+        if p("ctype") is not None:
+            ctype = p("ctype")
+        if p("encode"):
+            payload = encode_body(b"".join(body_iter(total)), p("encode"))
+            total = len(payload)
+
+            def body_iter(n, _payload=payload):
+                for i in range(0, len(_payload), PIECE):
+                    yield _payload[i:i + PIECE]
+            extra.append(("Content-Encoding", p("encode")))
         no_body_status = status < 200 or status in (204, 304)
         hdrs = [("Content-Type", ctype)]
         framing = "length"
@@ -557,6 +582,28 @@ class Connection:
         if sent == 0 and tail:
             self.sock.sendall(tail)
         return not close
+
+
+def legacy_users(which):
+    """The seed's legacy user records, as JSON bytes (legacy=N or one)."""
+    def user(i):
+        return {"userId": i, "userName": "User %d" % i, "userEmail": "u%d@example.com" % i,
+                "profile": {"userId": i, "tags": ["t%d" % i], "empty": []}}
+    if which == "one":
+        return json.dumps(user(1)).encode()
+    return json.dumps([user(i) for i in range(1, int(which) + 1)]).encode()
+
+
+def encode_body(data, coding):
+    """`data` compressed with gzip (stdlib) or br (the brotli CLI)."""
+    if coding == "gzip":
+        import gzip
+        return gzip.compress(data)
+    if coding == "br":
+        import subprocess
+        return subprocess.run(["brotli", "-c", "-q", "5"], input=data, check=True,
+                              capture_output=True, timeout=60).stdout
+    raise BadRequest("unknown encode=%s" % coding)
 
 
 REASONS = {

@@ -1,0 +1,128 @@
+-- plugins/response-transform.lua: how a config becomes JSON operations
+-- (order, paths), the body transform for plain, gzip and br bodies, what
+-- passes untouched (invalid JSON, corrupt data, too large once decoded),
+-- content-type matching, consumer templates and the config checks. The
+-- phases on the wire are in tests/e2e/test_response_transform.py.
+
+local P = dofile("plugins/response-transform.lua")
+local zlib = require("moongate.zlib")
+local brotli = require("moongate.brotli")
+
+local conf, refused = require("spec.helpers.plugin_conf")(P)
+
+local LEGACY = { json_rename = { userId = "id", userName = "name", userEmail = "email" } }
+local USER = '{"userId":1,"userName":"Ada Lovelace","userEmail":"ada@example.com"}'
+local USER_NEW = '{"id":1,"name":"Ada Lovelace","email":"ada@example.com"}'
+
+describe("response-transform body", function()
+    it("renames the seed's legacy user fields", function()
+        assert.are.equal(USER_NEW, assert(P.transform_body(conf(LEGACY), USER)))
+    end)
+
+    it("decodes gzip and br bodies and encodes the result the same way", function()
+        local c = conf(LEGACY)
+        local out = assert(P.transform_body(c, assert(zlib.gzip(USER)), "gzip"))
+        assert.are.equal("\31\139", out:sub(1, 2))
+        assert.are.equal(USER_NEW, assert(zlib.gunzip(out)))
+        out = assert(P.transform_body(c, assert(brotli.compress(USER)), "br"))
+        assert.are.equal(USER_NEW, assert(brotli.decompress(out)))
+    end)
+
+    it("refuses invalid JSON, corrupt compressed data and bodies too large once decoded", function()
+        local c = conf(LEGACY)
+        local out, why = P.transform_body(c, '{"userId":1,', nil)
+        assert.is_nil(out)
+        assert.matches("invalid JSON", why)
+        out, why = P.transform_body(c, "not gzip at all", "gzip")
+        assert.is_nil(out)
+        assert.matches("cannot decode the gzip body", why)
+        out, why = P.transform_body(c, assert(zlib.gzip(USER)):sub(1, 20), "gzip")
+        assert.is_nil(out)
+        assert.matches("truncated", why)
+        local small = conf({ json_rename = { a = "b" }, max_body_size = 1000 })
+        local big = '{"a":"' .. string.rep("x", 5000) .. '"}'
+        out, why = P.transform_body(small, assert(zlib.gzip(big)), "gzip")
+        assert.is_nil(out)
+        assert.matches("decoded body is over max_body_size", why)
+        out, why = P.transform_body(small, assert(brotli.compress(big)), "br")
+        assert.is_nil(out)
+        assert.matches("over max_body_size", why)
+    end)
+
+    it("applies remove, rename, replace, add, keep in that order", function()
+        local c = conf({
+            json_remove = { "secret", "items[*].internal" },
+            json_rename = { userId = "id", ["items[*].n"] = "name" },
+            json_replace = { status = "redacted" },
+            json_add = { ["meta.by"] = "{consumer.id}", id = 999 },
+            json_keep = { "id", "status", "items", "meta" },
+        })
+        local body = '{"userId":5,"secret":"s","status":"x","noise":1,' ..
+            '"items":[{"n":"a","internal":1},{"n":"b"}]}'
+        local lookup = function(ns, key)
+            if ns == "consumer" and key == "id" then return "c1" end
+        end
+        assert.are.equal('{"id":5,"status":"redacted","items":[{"name":"a"},{"name":"b"}],' ..
+            '"meta":{"by":"c1"}}', assert(P.transform_body(c, body, nil, lookup)))
+    end)
+
+    it("leaves arrays, member order and big numbers as the upstream wrote them", function()
+        local body = '{"z":[],"userId":12345678901234567890,"a":{},"f":1.10}'
+        assert.are.equal('{"z":[],"id":12345678901234567890,"a":{},"f":1.10}',
+            assert(P.transform_body(conf(LEGACY), body)))
+    end)
+end)
+
+describe("response-transform helpers", function()
+    it("matches JSON media types, +json types and configured globs", function()
+        local c = conf({})
+        for _, t in ipairs({ "application/json", "Application/JSON; charset=utf-8",
+            "application/problem+json", "application/vnd.api+json" }) do
+            assert.is_true(P.type_matches(c, t), t)
+        end
+        for _, t in ipairs({ "text/html", "application/jsonx", "application/json-seq",
+            "text/json", "application/x+json/y" }) do
+            assert.is_false(P.type_matches(c, t), t)
+        end
+        assert.is_false(P.type_matches(c, nil))
+        assert.is_true(P.type_matches(conf({ types = { "text/*" } }), "text/plain"))
+    end)
+
+    it("looks templates up in the consumer, nested claims included", function()
+        local consumer = { id = "u1", claims = { sub = "s9", org = { id = 3 } } }
+        local lookup = P.lookup({ consumer = consumer })
+        assert.are.equal("u1", lookup("consumer", "id"))
+        assert.are.equal("s9", lookup("consumer", "claims.sub"))
+        assert.are.equal(3, lookup("consumer", "claims.org.id"))
+        assert.is_nil(lookup("consumer", "claims.org")) -- a table is not a value
+        assert.is_nil(lookup("consumer", "nope.deeper"))
+        assert.is_nil(P.lookup({})("consumer", "id"))
+    end)
+
+    it("compiles the config's maps in name order, once", function()
+        local c = conf({ json_rename = { b = "x", a = "y" }, json_remove = { "r" } })
+        local ops = P.json_ops(c)
+        assert.are.equal("remove", ops[1].op)
+        assert.are.same({ "a" }, ops[2].segs)
+        assert.are.same({ "b" }, ops[3].segs)
+        assert.are.equal(ops, P.json_ops(c))
+        assert.are.equal(0, #P.json_ops(conf({})))
+    end)
+
+    it("lists statuses when configured", function()
+        local c = conf({ statuses = { 200, 201 } })
+        assert.is_true(P.status_listed(c, 200))
+        assert.is_false(P.status_listed(c, 401))
+        refused({ statuses = { 99 } }, "statuses")
+    end)
+
+    it("refuses bad paths, header names and sizes", function()
+        refused({ json_rename = { ["a..b"] = "c" } }, "empty segment")
+        refused({ json_rename = { ["a.*"] = "c" } }, "cannot end in")
+        refused({ json_remove = { "a[0]" } }, "only %[%*%]")
+        refused({ header_rename = { ["X-A"] = "bad name" } }, "not a header name")
+        refused({ max_body_size = 0 }, "max_body_size")
+        refused({ json_rename = { a = 5 } }, "expected string")
+        refused({ json = {} }, "unknown field")
+    end)
+end)
