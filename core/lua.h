@@ -105,7 +105,8 @@ int mg_lua_task_body_filter(mg_lua_task_t *t, const char *data, size_t n,
 
 /*
  * After MG_LUA_RESPOND: the status, body and headers the phase returned,
- * copied into the arena.
+ * copied into the arena; the header array has room for one more (the
+ * Content-Length header_filter is shown).
  */
 void mg_lua_task_response(mg_lua_task_t *t, mg_arena_t *arena, int *status,
                           mg_str_t *body, mg_header_t **headers, size_t *n);

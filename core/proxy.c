@@ -644,7 +644,13 @@ static void lua_respond(mg_proxy_t *p)
     r->resp_headers = headers;
     r->nresp_headers = r->resp_headers_cap = n;
     if (p->mask & MG_LUA_HEADER_FILTER) {
-        /* Plugins see a handler's answer as they see an upstream's. */
+        /* Plugins see a handler's answer as they see an upstream's, its
+         * length included (mg_lua_task_response left a free slot). */
+        char *len = mg_arena_alloc(r->arena, 24);
+        int nlen = snprintf(len, 24, "%zu", body.len);
+        r->resp_headers_cap = n + 1;
+        r->resp_headers[r->nresp_headers++] = (mg_header_t){
+            MG_STR("Content-Length"), {len, (size_t)nlen}};
         r->resp_mutable = 1;
         int what = mg_lua_task_phase(p->task, "header_filter");
         r->resp_mutable = 0;
@@ -653,6 +659,13 @@ static void lua_respond(mg_proxy_t *p)
             fail(p, 500, "header_filter failed");
             return;
         }
+        /* The length sent is the final body's, whatever was left here. */
+        size_t k = 0;
+        for (size_t i = 0; i < r->nresp_headers; i++)
+            if (!mg_str_caseeq(r->resp_headers[i].name,
+                               MG_STR("content-length")))
+                r->resp_headers[k++] = r->resp_headers[i];
+        r->nresp_headers = k;
     }
     if ((p->mask & MG_LUA_BODY_FILTER) && r->method != HTTP_HEAD) {
         mg_str_t out;
