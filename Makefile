@@ -87,7 +87,7 @@ fmt:                                    ## format the C sources in place
 # libFuzzer harnesses (tests/fuzz/README.md): core objects and harnesses
 # built with clang into build/fuzz, each run FUZZ_SECONDS on its corpus.
 FUZZ_SECONDS ?= 30
-FUZZ_NAMES   := path router config shdict
+FUZZ_NAMES   := path router config shdict request response
 FUZZ_SAN     := -fsanitize=fuzzer-no-link,address,undefined \
                 -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
@@ -100,7 +100,7 @@ fuzz:                                   ## build and run the fuzz harnesses
 
 fuzz-bins: $(FUZZ_NAMES:%=$(BUILD)/fuzz_%)
 
-$(BUILD)/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_%.h $(LIB_OBJ)
+$(BUILD)/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_%.h tests/fuzz/fuzz_http.h $(LIB_OBJ)
 	@$(if $(Q),echo "  CC      $@")
 	$(Q)$(CC) $(CFLAGS) -Icore -Itests/fuzz $(LDFLAGS) -fsanitize=fuzzer \
 	    -o $@ $< $(LIB_OBJ) $(LDLIBS)
