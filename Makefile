@@ -27,7 +27,7 @@ ASAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer \
               -fno-sanitize-recover=undefined
 
 .PHONY: all help deps run test test-unit test-e2e test-asan asan bench \
-        lint fmt clean
+        lint fmt clean soak
 
 all: $(BUILD)/moongate                 ## release build (-O2, -Werror)
 
@@ -75,6 +75,13 @@ asan:                                   ## ASan+UBSan build in build/asan
 
 bench: deps all                         ## side-by-side load test against nginx
 	$(Q)sh bench/run.sh
+
+# The soak test (tests/soak.py): mixed traffic, reloads, RSS sampled; not
+# part of `make test`. SOAK_SECONDS=120 for a short try.
+SOAK_SECONDS ?= 600
+
+soak: all                               ## 10-minute soak: RSS and failures
+	$(Q)SOAK_SECONDS=$(SOAK_SECONDS) /usr/bin/python3 tests/soak.py
 
 lint:                                   ## static checks
 	$(Q)cppcheck --quiet --error-exitcode=1 --std=c11 \
