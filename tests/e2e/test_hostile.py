@@ -33,6 +33,9 @@ figures (run.py shows a test's output) and asserts a bound.
   200 again), and a hot key that is at its limit stays limited (429) all
   through the flood because it is used often enough to stay in the LRU.
   (Cache-key floods: there is no cache plugin yet, so nothing to flood.)
+- fd exhaustion: a gateway started with RLIMIT_NOFILE 256 sheds the
+  connections it has no descriptor for (libuv accepts and closes them),
+  keeps serving the open ones, and serves new ones once they close.
 
 The file-descriptor limit: the test raises its own soft RLIMIT_NOFILE to
 the hard limit; the gateway, started by it, inherits that (moongate does
@@ -325,3 +328,63 @@ def test_unique_rate_limit_keys_evict_and_a_hot_key_stays_limited():
 
 
 test_unique_rate_limit_keys_evict_and_a_hot_key_stays_limited.timeout = 120
+
+# ------------------------------------------------------------ fd exhaustion
+
+FD_LIMIT = 256
+
+
+def test_at_its_file_descriptor_limit_the_gateway_sheds_new_connections_and_recovers():
+    # moongate does not change its RLIMIT_NOFILE: started with a soft limit
+    # of 256, its worker runs out of descriptors long before
+    # max_connections (10000). libuv then accepts and closes what it cannot
+    # keep (its EMFILE reserve descriptor); the connections already open
+    # keep working and, once they close, new ones are served again.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    socks = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, hard))
+    try:
+        with Gateway(IDLE_CONF) as gw:
+            # The gateway has inherited the low limit; this process needs more.
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            worker = gw.worker_pids()[0]
+            with Client(gw.port) as first:
+                assert first.request("GET", "/ok").status == 200
+                for _ in range(FD_LIMIT + 150):
+                    socks.append(socket.create_connection(("127.0.0.1", gw.port)))
+                wait_until(lambda: fd_count(worker) >= FD_LIMIT, 10,
+                           what="the worker to reach its fd limit")
+                time.sleep(0.3)
+                shed = 0
+                for s in socks:
+                    s.setblocking(False)
+                    try:
+                        if s.recv(1, socket.MSG_PEEK) == b"":
+                            shed += 1
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        shed += 1
+                print("fd limit: worker at %d descriptors (limit %d); %d of %d new "
+                      "connections shed" % (fd_count(worker), FD_LIMIT, shed, len(socks)))
+                assert shed > 0, "no connection was shed beyond the fd limit"
+                # An open keep-alive connection is still served at the limit.
+                assert first.request("GET", "/ok").status == 200
+                for s in socks:
+                    s.close()
+                socks = []
+                r = wait_until(lambda: _try_ok(gw.port), 10, interval=0.1,
+                               what="a new connection to be served again")
+                assert r.status == 200 and gw.worker_pids() == [worker]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for s in socks:
+            s.close()
+
+
+def _try_ok(port):
+    try:
+        r = request(port, "GET", "/ok", timeout=2)
+        return r if r.status == 200 else None
+    except Exception:  # noqa: BLE001 - shed: try again
+        return None
