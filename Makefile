@@ -27,7 +27,7 @@ ASAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer \
               -fno-sanitize-recover=undefined
 
 .PHONY: all help deps run test test-unit test-e2e test-asan asan bench \
-        lint fmt clean
+        lint fmt clean soak
 
 all: $(BUILD)/moongate                 ## release build (-O2, -Werror)
 
@@ -76,6 +76,13 @@ asan:                                   ## ASan+UBSan build in build/asan
 bench: deps all                         ## side-by-side load test against nginx
 	$(Q)sh bench/run.sh
 
+# The soak test (tests/soak.py): mixed traffic, reloads, RSS sampled; not
+# part of `make test`. SOAK_SECONDS=120 for a short try.
+SOAK_SECONDS ?= 600
+
+soak: all                               ## 10-minute soak: RSS and failures
+	$(Q)SOAK_SECONDS=$(SOAK_SECONDS) /usr/bin/python3 tests/soak.py
+
 lint:                                   ## static checks
 	$(Q)cppcheck --quiet --error-exitcode=1 --std=c11 \
 	    --enable=warning,portability --inline-suppr core
@@ -87,7 +94,7 @@ fmt:                                    ## format the C sources in place
 # libFuzzer harnesses (tests/fuzz/README.md): core objects and harnesses
 # built with clang into build/fuzz, each run FUZZ_SECONDS on its corpus.
 FUZZ_SECONDS ?= 30
-FUZZ_NAMES   := path router config shdict
+FUZZ_NAMES   := path router config shdict request response
 FUZZ_SAN     := -fsanitize=fuzzer-no-link,address,undefined \
                 -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
@@ -100,7 +107,7 @@ fuzz:                                   ## build and run the fuzz harnesses
 
 fuzz-bins: $(FUZZ_NAMES:%=$(BUILD)/fuzz_%)
 
-$(BUILD)/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_%.h $(LIB_OBJ)
+$(BUILD)/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_%.h tests/fuzz/fuzz_http.h $(LIB_OBJ)
 	@$(if $(Q),echo "  CC      $@")
 	$(Q)$(CC) $(CFLAGS) -Icore -Itests/fuzz $(LDFLAGS) -fsanitize=fuzzer \
 	    -o $@ $< $(LIB_OBJ) $(LDLIBS)

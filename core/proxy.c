@@ -1183,7 +1183,10 @@ static int up_on_headers_complete(llhttp_t *parser)
         if (status == 101)
             return -1;  /* upgrades are not supported yet: 502 */
         p->interim = 1; /* 100/103: dropped, the final response follows */
-        return 0;
+        /* A 1xx ends at its head (RFC 9110 15.2): "skip body", or llhttp
+         * would pass the bytes after a 1xx with a Content-Length to
+         * up_on_body, raw to the client before any head. */
+        return 1;
     }
     p->interim = 0;
     mg_upstream_try_end(p->upstream, &p->try_, MG_TRY_OK, status,

@@ -23,9 +23,12 @@ for name in "$@"; do
     mkdir -p "$work" "$found" "$seeds"
     dict=
     [ -f "tests/fuzz/$name.dict" ] && dict="-dict=tests/fuzz/$name.dict"
+    # Extra libFuzzer flags of one harness, one line (README.md).
+    opts=
+    [ -f "tests/fuzz/$name.options" ] && opts=$(cat "tests/fuzz/$name.options")
     echo "== fuzz_$name: $secs s"
     "$bin" -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 \
-        -print_final_stats=1 -artifact_prefix="$found/" $dict \
+        -print_final_stats=1 -artifact_prefix="$found/" $dict $opts \
         "$work" "$seeds" >"$log" 2>&1
     rc=$?
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")

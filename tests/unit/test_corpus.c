@@ -8,6 +8,8 @@
  */
 #include "../fuzz/fuzz_config.h"
 #include "../fuzz/fuzz_path.h"
+#include "../fuzz/fuzz_request.h"
+#include "../fuzz/fuzz_response.h"
 #include "../fuzz/fuzz_router.h"
 #include "../fuzz/fuzz_shdict.h"
 #include "unit.h"
@@ -147,11 +149,25 @@ static void shdict_corpus_replays_clean(void)
     REPLAY("shdict", fuzz_shdict_one);
 }
 
+/* These two run the real worker in a thread of this process (fuzz_http.h):
+ * the exchanges go over loopback TCP. */
+static void request_corpus_replays_clean(void)
+{
+    REPLAY("request", fuzz_request_one);
+}
+
+static void response_corpus_replays_clean(void)
+{
+    REPLAY("response", fuzz_response_one);
+}
+
 int main(void)
 {
     RUN(path_corpus_replays_clean);
     RUN(router_corpus_replays_clean);
     RUN(config_corpus_replays_clean);
     RUN(shdict_corpus_replays_clean);
+    RUN(request_corpus_replays_clean);
+    RUN(response_corpus_replays_clean);
     UNIT_EXIT();
 }
