@@ -23,6 +23,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
@@ -581,6 +582,35 @@ static void tick(master_t *m)
             start_slot(m, &m->slots[i]);
 }
 
+/*
+ * Raises the soft file-descriptor limit toward what max_connections needs
+ * (a client and an upstream socket per connection, plus some), up to the
+ * hard limit; workers inherit it. A shell's usual 1024 would otherwise
+ * make the kernel refuse connections long before max_connections.
+ */
+static void raise_fd_limit(const mg_config_t *cfg)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0)
+        return;
+    rlim_t want = (rlim_t)cfg->limits.max_connections * 2 + 1024;
+    if (rl.rlim_cur >= want)
+        return;
+    rlim_t old = rl.rlim_cur;
+    rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max > want
+                      ? want
+                      : rl.rlim_max;
+    if (rl.rlim_cur > old && setrlimit(RLIMIT_NOFILE, &rl) == 0)
+        mg_log_info("file descriptor limit raised from %llu to %llu",
+                    (unsigned long long)old, (unsigned long long)rl.rlim_cur);
+    if (rl.rlim_cur < want)
+        mg_log_warn("file descriptor limit %llu is below the %llu that "
+                    "max_connections %u needs: raise the hard limit "
+                    "(ulimit -Hn, systemd LimitNOFILE=)",
+                    (unsigned long long)rl.rlim_cur,
+                    (unsigned long long)want, cfg->limits.max_connections);
+}
+
 static int write_pid_file(const char *path)
 {
     char buf[32];
@@ -606,6 +636,7 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
         sigaddset(&set, sigs[i]);
     sigprocmask(SIG_BLOCK, &set, NULL);
 
+    raise_fd_limit(cfg);
     if (open_listeners(cfg, NULL, NULL, &m.fds) < 0) {
         mg_config_free(cfg);
         return 1;

@@ -335,19 +335,19 @@ FD_LIMIT = 256
 
 
 def test_at_its_file_descriptor_limit_the_gateway_sheds_new_connections_and_recovers():
-    # moongate does not change its RLIMIT_NOFILE: started with a soft limit
-    # of 256, its worker runs out of descriptors long before
-    # max_connections (10000). libuv then accepts and closes what it cannot
-    # keep (its EMFILE reserve descriptor); the connections already open
-    # keep working and, once they close, new ones are served again.
+    # The master raises its soft RLIMIT_NOFILE toward what max_connections
+    # needs; the test lowers the worker's to 256 afterwards (prlimit), so it
+    # runs out of descriptors long before max_connections. libuv then
+    # accepts and closes what it cannot keep (its EMFILE reserve
+    # descriptor); the connections already open keep working and, once
+    # they close, new ones are served again.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     socks = []
-    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, hard))
     try:
         with Gateway(IDLE_CONF) as gw:
-            # The gateway has inherited the low limit; this process needs more.
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
             worker = gw.worker_pids()[0]
+            _, worker_hard = resource.prlimit(worker, resource.RLIMIT_NOFILE)
+            resource.prlimit(worker, resource.RLIMIT_NOFILE, (FD_LIMIT, worker_hard))
             with Client(gw.port) as first:
                 assert first.request("GET", "/ok").status == 200
                 for _ in range(FD_LIMIT + 150):
