@@ -597,9 +597,8 @@ static void raise_fd_limit(const mg_config_t *cfg)
     if (rl.rlim_cur >= want)
         return;
     rlim_t old = rl.rlim_cur;
-    rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max > want
-                      ? want
-                      : rl.rlim_max;
+    rl.rlim_cur =
+        rl.rlim_max == RLIM_INFINITY || rl.rlim_max > want ? want : rl.rlim_max;
     if (rl.rlim_cur > old && setrlimit(RLIMIT_NOFILE, &rl) == 0)
         mg_log_info("file descriptor limit raised from %llu to %llu",
                     (unsigned long long)old, (unsigned long long)rl.rlim_cur);
@@ -607,8 +606,8 @@ static void raise_fd_limit(const mg_config_t *cfg)
         mg_log_warn("file descriptor limit %llu is below the %llu that "
                     "max_connections %u needs: raise the hard limit "
                     "(ulimit -Hn, systemd LimitNOFILE=)",
-                    (unsigned long long)rl.rlim_cur,
-                    (unsigned long long)want, cfg->limits.max_connections);
+                    (unsigned long long)rl.rlim_cur, (unsigned long long)want,
+                    cfg->limits.max_connections);
 }
 
 static int write_pid_file(const char *path)
