@@ -286,17 +286,21 @@ static int resume(mg_lua_task_t *t, int nargs)
         lua_settop(co, 0);
         return MG_LUA_ERROR;
     }
-    const char *what = lua_tostring(co, 1);
+    size_t len = 0;
+    const char *what = lua_type(co, 1) == LUA_TSTRING
+                           ? lua_tolstring(co, 1, &len)
+                           : NULL;
     t->nresults = lua_gettop(co);
-    if (what && strcmp(what, "wait") == 0)
-        return MG_LUA_WAIT;
-    if (what && strcmp(what, "proxy") == 0)
-        return MG_LUA_PROXY;
-    if (what && strcmp(what, "respond") == 0)
-        return MG_LUA_RESPOND;
-    if (what && strcmp(what, "next") == 0)
+    /* By length first: this runs after every phase of every request. */
+    if (len == 4 && memcmp(what, "next", 4) == 0)
         return MG_LUA_NEXT;
-    if (what && strcmp(what, "park") == 0) {
+    if (len == 5 && memcmp(what, "proxy", 5) == 0)
+        return MG_LUA_PROXY;
+    if (len == 4 && memcmp(what, "wait", 4) == 0)
+        return MG_LUA_WAIT;
+    if (len == 7 && memcmp(what, "respond", 7) == 0)
+        return MG_LUA_RESPOND;
+    if (len == 4 && memcmp(what, "park", 4) == 0) {
         t->parked = 1;
         return MG_LUA_DONE;
     }
