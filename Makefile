@@ -61,6 +61,8 @@ test: deps                              ## every suite, release and ASan builds
 	$(Q)$(MAKE) --no-print-directory all unit-bins
 	$(Q)$(MAKE) --no-print-directory BUILD=build/asan OPT=-O1 \
 	    SAN="$(ASAN_FLAGS)" all unit-bins
+	$(Q)$(MAKE) --no-print-directory BUILD=build/fuzz CC=clang OPT=-O1 \
+	    SAN="$(FUZZ_SAN)" fuzz-bins
 	$(Q)sh tests/run-all.sh
 
 test-unit: all unit-bins                ## C unit tests only

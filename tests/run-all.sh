@@ -1,7 +1,7 @@
 #!/bin/sh
 # The top-level test runner behind `make test`:
 #
-#   sh tests/run-all.sh [unit] [unit-asan] [lua] [e2e] [e2e-asan]
+#   sh tests/run-all.sh [unit] [unit-asan] [lua] [e2e] [e2e-asan] [fuzz]
 #
 #   unit      every build/tests/test_* binary, each under `timeout 60`; each
 #             prints "PASS name" / "FAIL name" lines. A binary that crashes,
@@ -19,9 +19,13 @@
 #   e2e-asan  tests/e2e/run.py against build/asan/moongate; sanitizer
 #             reports are fatal and the harness fails any test whose gateway
 #             printed one.
+#   fuzz      each libFuzzer harness in build/fuzz (ASan + UBSan, built by
+#             make test) for FUZZ_CI_SECONDS (30) from the committed seeds,
+#             two at a time; one result per harness.
 #
-# Without arguments it runs all five; the two asan suites are skipped, with
-# a notice, when build/asan/moongate does not exist. Each suite's output is
+# Without arguments it runs all six; the two asan suites are skipped, with
+# a notice, when build/asan/moongate does not exist, and fuzz when build/fuzz
+# does not. Each suite's output is
 # shown as it comes. The last line printed is "N passed, N failed" summed
 # over the suites; the exit status is non-zero when any test failed or a
 # suite could not run. POSIX sh.
@@ -165,11 +169,51 @@ run_e2e() {
     total_fail=$((total_fail + f))
 }
 
+# run_fuzz: every libFuzzer harness built in build/fuzz runs
+# FUZZ_CI_SECONDS (30) from the committed seeds, two at a time (one per
+# core); each is one test (tests/fuzz/run.sh prints PASS / FAIL lines).
+run_fuzz() {
+    echo "== fuzz: each harness in build/fuzz for ${FUZZ_CI_SECONDS:-30} s"
+    names=""
+    for bin in build/fuzz/fuzz_*; do
+        [ -x "$bin" ] && names="$names ${bin#build/fuzz/fuzz_}"
+    done
+    if [ -z "$names" ]; then
+        echo "fuzz: cannot run: no harness in build/fuzz (make test builds them)"
+        broken=1
+        total_fail=$((total_fail + 1))
+        return
+    fi
+    half1="" half2="" i=0
+    for n in $names; do
+        if [ $((i % 2)) -eq 0 ]; then half1="$half1 $n"; else half2="$half2 $n"; fi
+        i=$((i + 1))
+    done
+    sh tests/fuzz/run.sh "${FUZZ_CI_SECONDS:-30}" $half1 >"$tmp/fuzz1.out" 2>&1 &
+    pid1=$!
+    if [ -n "$half2" ]; then
+        sh tests/fuzz/run.sh "${FUZZ_CI_SECONDS:-30}" $half2 >"$tmp/fuzz2.out" 2>&1
+    fi
+    wait "$pid1"
+    cat "$tmp/fuzz1.out" "$tmp/fuzz2.out" 2>/dev/null >"$tmp/fuzz.out"
+    cat "$tmp/fuzz.out"
+    p=$(count PASS "$tmp/fuzz.out")
+    f=$(count FAIL "$tmp/fuzz.out")
+    if [ $((p + f)) -ne "$i" ]; then
+        echo "FAIL fuzz: $i harnesses, $((p + f)) results"
+        f=$((f + 1))
+    fi
+    echo "fuzz: $p passed, $f failed"
+    total_pass=$((total_pass + p))
+    total_fail=$((total_fail + f))
+}
+
 suites="$*"
 if [ -z "$suites" ]; then
     suites="unit lua e2e"
     if [ -x build/asan/moongate ]; then
         suites="unit unit-asan lua e2e e2e-asan"
+        [ -d build/fuzz ] && suites="$suites fuzz"
     else
         echo "notice: build/asan/moongate does not exist: skipping unit-asan and e2e-asan"
     fi
@@ -182,8 +226,9 @@ for s in $suites; do
         lua) run_lua build/moongate ;;
         e2e) run_e2e build/moongate e2e ;;
         e2e-asan) run_e2e build/asan/moongate e2e-asan "$ASAN_ENV" "$UBSAN_ENV" ;;
+        fuzz) run_fuzz ;;
         *)
-            echo "unknown suite: $s (suites: unit unit-asan lua e2e e2e-asan)"
+            echo "unknown suite: $s (suites: unit unit-asan lua e2e e2e-asan fuzz)"
             broken=1
             total_fail=$((total_fail + 1))
             ;;
