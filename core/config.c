@@ -61,18 +61,21 @@ static const struct {
 
 /*
  * Field lists per table. The reserved ones belong to features that are not
- * built yet (admin API, shared dicts, Redis, plugins, config watching, route
- * handlers): they are accepted and ignored for now, so configs written for
- * them already load.
+ * built yet, or that another part reads (Redis, plugins, route handlers,
+ * upstream health checks and breakers): they are accepted and
+ * ignored for now, so configs written for them already load.
  */
 static const char *const top_fields[] = {
     "listen",          "workers",          "pid_file", "error_log", "log_level",
     "trusted_proxies", "identity_headers", "limits",   "upstreams", "routes",
-    "shared",          "access_log",       "admin",    NULL,
+    "shared",          "access_log",       "admin",    "watch",     NULL,
 };
 /* plugin_paths and plugins are read by the Lua runtime (runtime.lua). */
 static const char *const top_reserved[] = {
-    "redis", "plugin_paths", "plugins", "watch", NULL,
+    "redis",
+    "plugin_paths",
+    "plugins",
+    NULL,
 };
 static const char *const limits_fields[] = {
     "max_uri",           "max_header_bytes",
@@ -1531,6 +1534,13 @@ static int convert(lua_State *L)
     load_upstreams(ld, 1);
     load_routes(ld, 1);
     load_admin(ld, 1);
+    if (push_field(ld, 1, "watch")) {
+        if (lua_type(L, -1) == LUA_TBOOLEAN)
+            ld->cfg->watch = lua_toboolean(L, -1);
+        else
+            fail_type(ld, "watch", -1, "a boolean");
+        lua_pop(L, 1);
+    }
     return 0;
 }
 

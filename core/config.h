@@ -197,6 +197,7 @@ struct mg_config_s {
     mg_zone_conf_t *zones; /* sorted by name */
     size_t nzones;
     mg_admin_conf_t admin;
+    int watch; /* reload when the config file changes (master.c) */
 };
 
 /*

@@ -23,6 +23,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/inotify.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -40,6 +41,9 @@
 #include "zones.h"
 
 #define RESTART_BACKOFF_MS 1000
+/* `watch = true`: a save often comes as several events (truncate, write,
+ * rename); reload once they have stopped for this long. */
+#define WATCH_DEBOUNCE_MS 300
 
 typedef struct {
     pid_t pid; /* 0: not running */
@@ -63,6 +67,8 @@ typedef struct {
     int stopping;
     uint64_t stop_deadline_ms;
     int sfd; /* the signalfd the loop waits on */
+    int wfd; /* inotify on the config's directory (watch = true), or -1 */
+    uint64_t watch_due_ms; /* a change was seen: reload at this time */
     /* The admin listener and what it reports. */
     mg_admin_t *admin;    /* NULL: no admin listener */
     int admin_dirty;      /* a reload may have changed the admin config:
@@ -146,6 +152,8 @@ static pid_t spawn(master_t *m, unsigned slot, int mslot)
         sigprocmask(SIG_SETMASK, &none, NULL);
         mg_admin_close_fds(m->admin);
         close(m->sfd); /* the worker takes its signals through libuv */
+        if (m->wfd >= 0)
+            close(m->wfd);
         mg_metrics_attach(mslot);
         mg_worker_opts_t opts = {.listen_fds = m->fds,
                                  .nlisten = m->nfds,
@@ -555,6 +563,61 @@ static void sync_admin(master_t *m)
     mg_log_info("admin listening on %s", ac->listen.text);
 }
 
+/* ---- watch = true ---------------------------------------------------------
+ */
+
+/* Starts or stops watching the config file to match m->cfg->watch. The
+ * directory is watched, not the file: editors and deploy tools often
+ * replace the file by a rename, which a watch on the old file misses. */
+static void sync_watch(master_t *m)
+{
+    if (!m->cfg->watch) {
+        if (m->wfd >= 0) {
+            close(m->wfd);
+            mg_log_info("no longer watching %s", m->config_path);
+        }
+        m->wfd = -1;
+        m->watch_due_ms = 0;
+        return;
+    }
+    if (m->wfd >= 0)
+        return;
+    char dir[4096];
+    const char *slash = strrchr(m->config_path, '/');
+    snprintf(dir, sizeof(dir), "%.*s",
+             slash ? (int)(slash - m->config_path) + 1 : 1,
+             slash ? m->config_path : ".");
+    int fd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (fd < 0
+        || inotify_add_watch(fd, dir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE)
+               < 0) {
+        mg_log_error("watch: cannot watch %s: %s", dir, strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return;
+    }
+    m->wfd = fd;
+    mg_log_info("watching %s for changes", m->config_path);
+}
+
+/* Reads the pending inotify events; a change to the config file (re)arms
+ * the debounce deadline. */
+static void on_watch_events(master_t *m)
+{
+    const char *slash = strrchr(m->config_path, '/');
+    const char *base = slash ? slash + 1 : m->config_path;
+    char buf[8192] __attribute__((aligned(__alignof__(struct inotify_event))));
+    ssize_t n;
+    while ((n = read(m->wfd, buf, sizeof(buf))) > 0) {
+        for (char *p = buf; p < buf + n;) {
+            const struct inotify_event *ev = (const struct inotify_event *)p;
+            if (ev->len && strcmp(ev->name, base) == 0)
+                m->watch_due_ms = now_ms() + WATCH_DEBOUNCE_MS;
+            p += sizeof(*ev) + ev->len;
+        }
+    }
+}
+
 static void begin_stop(master_t *m)
 {
     if (m->stopping)
@@ -627,7 +690,7 @@ static int write_pid_file(const char *path)
 
 int mg_master_run(const char *config_path, mg_config_t *cfg)
 {
-    master_t m = {.config_path = config_path, .cfg = cfg};
+    master_t m = {.config_path = config_path, .cfg = cfg, .wfd = -1};
     sigset_t set;
     sigemptyset(&set);
     int sigs[] = {SIGCHLD, SIGHUP, SIGTERM, SIGINT, SIGQUIT, SIGUSR1};
@@ -657,6 +720,7 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
     if (sfd >= 0) {
         describe_config(&m);
         sync_admin(&m); /* logs why when it cannot listen */
+        sync_watch(&m);
     }
     if (sfd < 0 || (cfg->admin.listen.text && !m.admin)
         || write_pid_file(cfg->pid_file) < 0) {
@@ -674,27 +738,35 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
     start_workers(&m);
 
     while (!m.stopping || running(&m) > 0) {
-        struct pollfd pfds[1 + MG_ADMIN_MAX_POLLFDS];
+        struct pollfd pfds[2 + MG_ADMIN_MAX_POLLFDS];
         int timeout = 200;
         pfds[0] = (struct pollfd){.fd = sfd, .events = POLLIN};
         size_t na =
             mg_admin_pollfds(m.admin, pfds + 1, MG_ADMIN_MAX_POLLFDS, &timeout);
+        size_t np = 1 + na;
+        if (m.wfd >= 0)
+            pfds[np++] = (struct pollfd){.fd = m.wfd, .events = POLLIN};
+        if (m.watch_due_ms) {
+            uint64_t now = now_ms();
+            int left = m.watch_due_ms > now ? (int)(m.watch_due_ms - now) : 0;
+            timeout = left < timeout ? left : timeout;
+        }
         int sig = 0;
-        if (poll(pfds, 1 + na, timeout) > 0) {
+        if (poll(pfds, np, timeout) > 0) {
             mg_admin_process(m.admin, pfds + 1, na);
+            if (m.wfd >= 0 && (pfds[np - 1].revents & POLLIN))
+                on_watch_events(&m);
             struct signalfd_siginfo si;
             if (read(sfd, &si, sizeof(si)) == (ssize_t)sizeof(si))
                 sig = (int)si.ssi_signo;
         }
-        if (m.admin_dirty)
-            sync_admin(&m);
         char err[8192];
         switch (sig) {
         case 0: break;
         case SIGCHLD: reap(&m); break;
         case SIGHUP:
-            if (!m.stopping && reload(&m, err, sizeof(err)) == 0)
-                sync_admin(&m);
+            if (!m.stopping)
+                reload(&m, err, sizeof(err));
             break;
         case SIGTERM:
         case SIGINT:
@@ -706,6 +778,17 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
             break;
         default: break;
         }
+        if (m.watch_due_ms && now_ms() >= m.watch_due_ms && !m.stopping) {
+            m.watch_due_ms = 0;
+            mg_log_info("%s changed: reloading", m.config_path);
+            reload(&m, err, sizeof(err));
+        }
+        /* A reload (signal, admin or watch) may change the admin listener
+         * and the watch: applied once the admin request was answered. */
+        if (m.admin_dirty) {
+            sync_admin(&m);
+            sync_watch(&m);
+        }
         /* Several SIGCHLD merge into one: reap on every turn. */
         reap(&m);
         tick(&m);
@@ -715,6 +798,8 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
         close(m.fds[i]);
     mg_admin_close(m.admin);
     close(sfd);
+    if (m.wfd >= 0)
+        close(m.wfd);
     mg_log_info("stopped");
     free(m.fds);
     free(m.slots);

@@ -393,3 +393,39 @@ def test_reload_that_changes_the_workers_replaces_them_and_one_that_cannot_liste
             assert st["generation"] == 2 and st["reloads"] == {"success": 1, "failure": 1}, st
             assert sorted(w["pid"] for w in st["workers"]) == sorted(gw.worker_pids())
             assert request(gw.port, "GET", "/a/1").status == 200
+
+
+def test_watch_reloads_when_the_config_file_changes_once_per_burst_of_writes():
+    aport = free_port()
+    with Upstream() as up:
+        conf = {"admin": admin_conf(aport), "watch": True, "workers": 2,
+                "upstreams": {"up": upstream_conf(up.addr)}, "routes": [route("/a/*")]}
+        with Gateway(conf, workers=2) as gw:
+            gw.wait_log("watching .*moongate.lua for changes")
+            since = gw.log_size()
+            # A burst of writes (as an editor or a deploy makes): one reload.
+            for extra in ("/b/*", "/c/*", "/d/*"):
+                gw.write_config(dict(conf, routes=[route("/a/*"), route(extra)]))
+                time.sleep(0.02)
+            gw.wait_generation(1, since)
+            assert request(gw.port, "GET", "/d/1").status == 200
+            assert request(gw.port, "GET", "/b/1").status == 404
+            time.sleep(0.6)
+            assert admin(aport).json()["reloads"] == {"success": 1, "failure": 0}
+            # A broken save is refused; the running config keeps serving.
+            with open(gw.conf_path, "a") as f:
+                f.write("}")
+            gw.wait_log("reload refused", since=since)
+            assert request(gw.port, "GET", "/d/1").status == 200
+            assert admin(aport).json()["reloads"]["failure"] == 1
+            # Other files in the directory do not trigger anything.
+            write_file(gw.dir, "other.lua", "return 1")
+            # watch = false (applied by a reload) stops watching.
+            since = gw.log_size()
+            gw.write_config(dict(conf, watch=False))
+            gw.wait_generation(2, since)
+            gw.wait_log("no longer watching", since=since)
+            gw.write_config(dict(conf, watch=False, routes=[route("/e/*")]))
+            time.sleep(1)
+            assert request(gw.port, "GET", "/e/1").status == 404
+            assert admin(aport).json()["reloads"] == {"success": 2, "failure": 1}

@@ -561,6 +561,12 @@ static void admin_listener_errors_are_reported(void)
               ==, MG_ECONFIG);
     CHECK(has_error("top level: admin.listen: \"127.0.0.1:9000\" is also a "
                     "proxy listener"));
+    CHECK_INT(load("return { listen = \":0\", watch = \"yes\" }", &cfg), ==,
+              MG_ECONFIG);
+    CHECK(has_error("top level: watch: expected a boolean, got string"));
+    CHECK_INT(load("return { listen = \":0\", watch = true }", &cfg), ==, 0);
+    CHECK_INT(cfg->watch, ==, 1);
+    mg_config_free(cfg);
 }
 
 static void invalid_values_are_reported(void)
