@@ -287,9 +287,8 @@ static int resume(mg_lua_task_t *t, int nargs)
         return MG_LUA_ERROR;
     }
     size_t len = 0;
-    const char *what = lua_type(co, 1) == LUA_TSTRING
-                           ? lua_tolstring(co, 1, &len)
-                           : NULL;
+    const char *what =
+        lua_type(co, 1) == LUA_TSTRING ? lua_tolstring(co, 1, &len) : NULL;
     t->nresults = lua_gettop(co);
     /* By length first: this runs after every phase of every request. */
     if (len == 4 && memcmp(what, "next", 4) == 0)
