@@ -497,7 +497,8 @@ static int admin_metrics(void *arg, mg_strbuf_t *b)
                               .reloads_ok = m->reloads_ok,
                               .reloads_failed = m->reloads_failed,
                               .worker_restarts = m->restarts,
-                              .workers = m->cfg->workers};
+                              .workers = m->cfg->workers,
+                              .cfg = m->cfg};
     mg_metrics_render(b, &mm);
     return 200;
 }

@@ -27,6 +27,7 @@
 
 #include "config.h"
 #include "ffi.h"
+#include "peers.h"
 
 #define SHARDS 8
 #define NAME_MAX_LEN 200
@@ -434,6 +435,73 @@ static int route_ready(unsigned idx)
            == SLOT_READY;
 }
 
+/* One "{upstream=...,target=...}" label set. */
+static void target_labels(mg_strbuf_t *out, const char *upstream,
+                          const char *target)
+{
+    mg_strbuf_puts(out, "{upstream=\"");
+    label(out, upstream);
+    mg_strbuf_puts(out, "\",target=\"");
+    label(out, target);
+    mg_strbuf_puts(out, "\"");
+}
+
+/*
+ * Health, breaker and traffic of every target of the running config, from
+ * the shared per-target table (peers.h): what an operator charts as
+ * "unhealthy backends" and "open breakers". Targets only, so a target a
+ * reload dropped is no longer reported.
+ */
+static void render_targets(mg_strbuf_t *out, const mg_config_t *cfg)
+{
+    static const struct {
+        const char *name, *type, *help;
+    } fams[] = {
+        {"moongate_upstream_target_up", "gauge",
+         "1 when the target takes traffic (healthy), 0 when marked down."},
+        {"moongate_upstream_breaker_state", "gauge",
+         "The target's circuit breaker: 1 for the state it is in."},
+        {"moongate_upstream_target_in_flight", "gauge",
+         "Requests on the target now, all workers."},
+        {"moongate_upstream_target_requests_total", "counter",
+         "Tries sent to the target (retries included)."},
+        {"moongate_upstream_target_failures_total", "counter",
+         "Tries that failed: connect errors, timeouts, failure statuses."},
+        {"moongate_upstream_health_checks_total", "counter",
+         "Active health checks of the target."},
+    };
+    static const char *states[] = {"closed", "open", "half_open"};
+    for (size_t f = 0; f < MG_ARRAY_SIZE(fams); f++) {
+        family(out, fams[f].name, fams[f].type, fams[f].help);
+        for (size_t u = 0; u < cfg->nupstreams; u++) {
+            const mg_upstream_conf_t *uc = &cfg->upstreams[u];
+            for (size_t t = 0; t < uc->ntargets; t++) {
+                mg_peer_t *pe =
+                    mg_peers_get(mg_str_from_cstr(uc->name),
+                                 mg_str_from_cstr(uc->targets[t].text));
+                if (f == 1) {
+                    int st = mg_breaker_state(&pe->breaker);
+                    for (int s = 0; s < 3; s++) {
+                        mg_strbuf_puts(out, fams[f].name);
+                        target_labels(out, uc->name, uc->targets[t].text);
+                        mg_strbuf_printf(out, ",state=\"%s\"} %d\n", states[s],
+                                         st == s);
+                    }
+                    continue;
+                }
+                uint64_t v = f == 0   ? !atomic_load(&pe->down)
+                             : f == 2 ? atomic_load(&pe->inflight)
+                             : f == 3 ? atomic_load(&pe->requests)
+                             : f == 4 ? atomic_load(&pe->failures)
+                                      : atomic_load(&pe->checks);
+                mg_strbuf_puts(out, fams[f].name);
+                target_labels(out, uc->name, uc->targets[t].text);
+                mg_strbuf_printf(out, "} %llu\n", (unsigned long long)v);
+            }
+        }
+    }
+}
+
 void mg_metrics_render(mg_strbuf_t *out, const mg_metrics_master_t *m)
 {
     if (!area)
@@ -541,5 +609,7 @@ void mg_metrics_render(mg_strbuf_t *out, const mg_metrics_master_t *m)
            "The running config: its sha256 in the hash label.");
     mg_strbuf_printf(out, "moongate_config_info{hash=\"%s\"} 1\n",
                      m->config_hash);
+    if (m->cfg)
+        render_targets(out, m->cfg);
     render_plugin_counters(out);
 }

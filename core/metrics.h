@@ -48,7 +48,9 @@ typedef struct {
     const char *config_hash; /* hex sha256 of the config file */
     uint64_t reloads_ok, reloads_failed;
     uint64_t worker_restarts;
-    unsigned workers; /* configured worker count */
+    unsigned workers;              /* configured worker count */
+    const struct mg_config_s *cfg; /* its upstream targets are reported
+                                      (state from peers.h); may be NULL */
 } mg_metrics_master_t;
 
 /* Appends the Prometheus text exposition (format 0.0.4) to out. */

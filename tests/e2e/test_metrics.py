@@ -355,3 +355,31 @@ def test_plugin_counters_rate_limit_decisions_and_auth_failures():
             assert val(s, af, route="/jwt", plugin="jwt-auth",
                        reason="signature mismatch") == 2, text
             assert "# TYPE team_hits_total counter" in text
+
+
+def test_target_health_and_breaker_state_are_reported():
+    aport, dead = free_port(), free_port()  # nothing listens on `dead`
+    with Upstream() as up:
+        conf = """return {
+  listen = "@LISTEN@", workers = 2, pid_file = "@PID_FILE@", error_log = "@ERROR_LOG@",
+  admin = { listen = "127.0.0.1:%d", token = "%s" },
+  upstreams = { up = { targets = { "%s", "127.0.0.1:%d" },
+                       passive = { failures = 1, down_for = 60 },
+                       breaker = { failures = 1, open_for = 60 } } },
+  routes = { { path = "/x/*", upstream = "up" } },
+}
+""" % (aport, TOKEN, up.addr, dead)
+        with Gateway(conf) as gw:
+            for i in range(20):
+                request(gw.port, "GET", "/x/%d" % i)
+            text = scrape(aport)
+            s = parse(text)
+            live, gone = dict(upstream="up", target=up.addr), \
+                dict(upstream="up", target="127.0.0.1:%d" % dead)
+            assert val(s, "moongate_upstream_target_up", **live) == 1, text
+            assert val(s, "moongate_upstream_target_up", **gone) == 0, text
+            assert val(s, "moongate_upstream_breaker_state", state="closed", **live) == 1
+            assert val(s, "moongate_upstream_breaker_state", state="open", **gone) == 1, text
+            assert val(s, "moongate_upstream_target_failures_total", **gone) >= 1
+            assert val(s, "moongate_upstream_target_requests_total", **live) >= 10
+            check_with_promtool(text)
