@@ -10,7 +10,7 @@
 
 #include "http.h"
 
-#define MG_FFI_VERSION 4
+#define MG_FFI_VERSION 5
 
 typedef struct mg_lua_task_s mg_lua_task_t;
 
@@ -89,6 +89,13 @@ int mg_ffi_shdict_store(mg_shdict_t *d, int op, const char *k, size_t kl,
 int mg_ffi_shdict_incr(mg_shdict_t *d, const char *k, size_t kl, double delta,
                        int has_init, double init, double init_ttl, double *out);
 int mg_ffi_shdict_delete(mg_shdict_t *d, const char *k, size_t kl);
+/* mg_shdict_window_hit; window in seconds; out[5]: admitted (0/1), hits
+ * before, retry and reset seconds, the slice counted. */
+int mg_ffi_shdict_window_hit(mg_shdict_t *d, const char *k, size_t kl,
+                             double window, int slices, double limit,
+                             double *out);
+void mg_ffi_shdict_window_undo(mg_shdict_t *d, const char *k, size_t kl,
+                               int slices, double slice);
 int mg_ffi_shdict_ttl(mg_shdict_t *d, const char *k, size_t kl, double *out);
 int mg_ffi_shdict_expire(mg_shdict_t *d, const char *k, size_t kl, double ttl);
 /* How many entries whose key starts with the prefix were removed. */

@@ -716,6 +716,119 @@ int mg_shdict_incr(mg_shdict_t *d, mg_str_t key, double delta, int has_init,
     return rc;
 }
 
+/* A sliding window's value: the newest slice's number, then the counts of
+ * slices newest - slices .. newest in a ring indexed by slice % (n + 1). */
+typedef struct {
+    uint64_t magic; /* tells a window from a string someone stored */
+    uint64_t newest;
+    uint32_t counts[MG_SHDICT_MAX_SLICES + 1];
+} window_val_t;
+
+#define WINDOW_MAGIC 0x6d67776e646f7731ULL /* "mgwndow1" */
+
+static size_t window_size(unsigned slices)
+{
+    return offsetof(window_val_t, counts) + (slices + 1) * sizeof(uint32_t);
+}
+
+int mg_shdict_window_hit(mg_shdict_t *d, mg_str_t key, uint64_t window_ms,
+                         unsigned slices, double limit, uint64_t now_ms,
+                         mg_shdict_window_t *out)
+{
+    if (key.len > MG_SHDICT_MAX_KEY || slices == 0
+        || slices > MG_SHDICT_MAX_SLICES || window_ms < slices)
+        return MG_DECLINED;
+    uint64_t slice_ms = window_ms / slices, cur = now_ms / slice_ms;
+    unsigned ring = slices + 1;
+    size_t vlen = window_size(slices);
+    uint32_t h = hash(d, key);
+    window_val_t w;
+    int rc = 0;
+
+    lock(d);
+    blk_t *e = lookup(d, h, key, now_ms);
+    if (e && (e->type != MG_SHDICT_STRING || e->vlen != vlen)) {
+        rc = MG_EPROTO;
+        goto done;
+    }
+    if (e) {
+        memcpy(&w, val_of(e), vlen);
+        if (w.magic != WINDOW_MAGIC) {
+            rc = MG_EPROTO;
+            goto done;
+        }
+    } else {
+        memset(&w, 0, sizeof(w));
+        w.magic = WINDOW_MAGIC;
+        w.newest = cur;
+    }
+    /* Slices that left the window start again from zero. */
+    for (uint64_t s = w.newest + 1; s <= cur && s <= w.newest + ring; s++)
+        w.counts[s % ring] = 0;
+    if (cur > w.newest)
+        w.newest = cur;
+    double sum = 0;
+    for (unsigned i = 0; i < ring; i++)
+        sum += w.counts[i];
+    out->count = sum;
+    out->admitted = sum + 1 <= limit;
+    out->slice = cur;
+    if (out->admitted)
+        w.counts[cur % ring]++;
+    /* Slice cur - slices is the oldest counted; slice j stops counting
+     * once slice j + ring begins. */
+    double need = out->admitted ? 0 : sum + 1 - limit, freed = 0;
+    out->retry_ms = out->reset_ms = 0;
+    for (uint64_t j = cur + 1 >= ring ? cur + 1 - ring : 0; j <= cur; j++) {
+        uint32_t c = w.counts[j % ring];
+        if (!c)
+            continue;
+        uint64_t leaves = (j + ring) * slice_ms - now_ms;
+        if (!out->reset_ms)
+            out->reset_ms = leaves;
+        freed += c;
+        if (need > 0 && !out->retry_ms && freed >= need)
+            out->retry_ms = leaves;
+    }
+    if (need > 0 && !out->retry_ms)
+        out->retry_ms = window_ms; /* the limit is below one hit */
+    uint64_t expires = now_ms + window_ms + slice_ms;
+    if (e) {
+        memcpy(val_of(e), &w, vlen);
+        e->expires = expires;
+        touch(d, e);
+    } else if (!insert(d, h, key, MG_SHDICT_STRING, &w, vlen, 0, expires,
+                       now_ms, NULL)) {
+        rc = MG_ETOOLARGE;
+    }
+done:
+    unlock(d);
+    return rc;
+}
+
+void mg_shdict_window_undo(mg_shdict_t *d, mg_str_t key, unsigned slices,
+                           uint64_t slice)
+{
+    if (key.len > MG_SHDICT_MAX_KEY || slices == 0
+        || slices > MG_SHDICT_MAX_SLICES)
+        return;
+    size_t vlen = window_size(slices);
+    uint32_t h = hash(d, key);
+    lock(d);
+    blk_t *e = find(d, h, key);
+    if (e && e->type == MG_SHDICT_STRING && e->vlen == vlen) {
+        window_val_t w;
+        memcpy(&w, val_of(e), vlen);
+        unsigned ring = slices + 1;
+        if (w.magic == WINDOW_MAGIC && slice <= w.newest
+            && w.newest - slice < ring && w.counts[slice % ring] > 0) {
+            w.counts[slice % ring]--;
+            memcpy(val_of(e), &w, vlen);
+        }
+    }
+    unlock(d);
+}
+
 int mg_shdict_delete(mg_shdict_t *d, mg_str_t key)
 {
     if (key.len > MG_SHDICT_MAX_KEY)

@@ -131,6 +131,38 @@ int mg_shdict_incr(mg_shdict_t *d, mg_str_t key, double delta, int has_init,
  */
 int mg_shdict_delete(mg_shdict_t *d, mg_str_t key);
 
+/* The most slices a sliding window may have (mg_shdict_window_hit). */
+#define MG_SHDICT_MAX_SLICES 60
+
+typedef struct {
+    int admitted;      /* the hit was counted */
+    double count;      /* hits in the window before this one */
+    uint64_t retry_ms; /* when refused: until one more would fit */
+    uint64_t reset_ms; /* until the oldest counted slice leaves */
+    uint64_t slice;    /* the slice counted (for mg_shdict_window_undo) */
+} mg_shdict_window_t;
+
+/*
+ * A sliding-window rate counter under `key` (rate limiting). The window of
+ * window_ms is cut into `slices` slices; the key holds the hit count of the
+ * newest slices + 1 of them. A hit is counted when the hits of every slice
+ * that overlaps the last window_ms (the oldest one whole) plus one are at
+ * most `limit`, so no interval of window_ms ever holds more than `limit`
+ * counted hits; the price is that up to one slice's worth may be refused
+ * early. Atomic across processes. The entry expires a window after its
+ * last hit. Returns 0 with *out set; MG_EPROTO when the key holds another
+ * kind of value, MG_ETOOLARGE when it cannot be stored, MG_DECLINED for
+ * bad arguments (slices 1..MG_SHDICT_MAX_SLICES, window_ms >= slices).
+ */
+int mg_shdict_window_hit(mg_shdict_t *d, mg_str_t key, uint64_t window_ms,
+                         unsigned slices, double limit, uint64_t now_ms,
+                         mg_shdict_window_t *out);
+
+/* Takes back a hit counted in `slice` (out->slice of its window_hit), if
+ * that slice is still kept: a request another limit refused. */
+void mg_shdict_window_undo(mg_shdict_t *d, mg_str_t key, unsigned slices,
+                           uint64_t slice);
+
 /*
  * Removes every entry whose key starts with `prefix` (expired or not; an
  * empty prefix removes everything, like flush_all but entry by entry) and

@@ -142,6 +142,33 @@ int mg_ffi_shdict_incr(mg_shdict_t *d, const char *k, size_t kl, double delta,
                           ttl_ms(init_ttl), now_ms(), out);
 }
 
+int mg_ffi_shdict_window_hit(mg_shdict_t *d, const char *k, size_t kl,
+                             double window, int slices, double limit,
+                             double *out)
+{
+    mg_shdict_window_t w;
+    if (!(window > 0) || slices < 1)
+        return MG_DECLINED;
+    int rc = mg_shdict_window_hit(d, (mg_str_t){k, kl}, ttl_ms(window),
+                                  (unsigned)slices, limit, now_ms(), &w);
+    if (rc == 0) {
+        out[0] = w.admitted;
+        out[1] = w.count;
+        out[2] = (double)w.retry_ms / 1000.0;
+        out[3] = (double)w.reset_ms / 1000.0;
+        out[4] = (double)w.slice;
+    }
+    return rc;
+}
+
+void mg_ffi_shdict_window_undo(mg_shdict_t *d, const char *k, size_t kl,
+                               int slices, double slice)
+{
+    if (slices >= 1 && slice >= 0)
+        mg_shdict_window_undo(d, (mg_str_t){k, kl}, (unsigned)slices,
+                              (uint64_t)slice);
+}
+
 int mg_ffi_shdict_delete(mg_shdict_t *d, const char *k, size_t kl)
 {
     return mg_shdict_delete(d, (mg_str_t){k, kl});

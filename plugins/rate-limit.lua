@@ -1,7 +1,8 @@
 -- rate-limit: counts requests per key (client IP, consumer, route, a header,
 -- a Lua function, or a combination) against one or more limits, and
--- answers 429 once a limit is spent. Three algorithms: "sliding" (weighted
--- previous + current window, the default), "fixed" (a plain counter per
+-- answers 429 once a limit is spent. Three algorithms: "sliding" (counts
+-- per tenth of a window; no window-length interval admits more than the
+-- limit; the default), "fixed" (a plain counter per
 -- window; up to 2x the limit can pass around a window boundary) and "gcra"
 -- (a token bucket of `burst` tokens refilled at limit/window). Two
 -- storages: "local" (a shared dict, exact across the workers of one
@@ -11,7 +12,7 @@
 local gw = require("moongate.gw")
 
 local type, ipairs, tostring, error, setmetatable = type, ipairs, tostring, error, setmetatable
-local floor, ceil, max, huge = math.floor, math.ceil, math.max, math.huge
+local floor, ceil, max, min, huge = math.floor, math.ceil, math.max, math.min, math.huge
 local format = string.format
 
 -- Whole numbers as text. tostring() of a number goes through the general
@@ -78,25 +79,6 @@ local P = {
 -- specs can test it without a request.
 local algo = {}
 P.algo = algo
-
---- The sliding-window estimate: the previous window's count weighted by
--- the part of it the sliding window still covers, plus the current count.
-function algo.sliding_estimate(prev, cur, elapsed, window)
-    return prev * (1 - elapsed / window) + cur
-end
-
---- Seconds until one more request fits a sliding window whose current
--- window holds `cur` (admitted) and the previous one `prev`, `elapsed`
--- seconds into the current window.
-function algo.sliding_retry_after(limit, prev, cur, elapsed, window)
-    if cur + 1 <= limit then
-        if prev <= 0 then return 0 end
-        -- wait until prev * (1 - e / window) + cur + 1 <= limit
-        return max(window * (1 - (limit - cur - 1) / prev) - elapsed, 0)
-    end
-    -- Only once the current window became the previous one.
-    return (window - elapsed) + max(window * (1 - (limit - 1) / cur), 0)
-end
 
 --- One GCRA step. tat: the stored theoretical arrival time (nil: none);
 -- interval = window / limit; burst: the bucket size. Returns allowed,
@@ -241,33 +223,46 @@ local function dict_of(conf)
     return d
 end
 
--- Counts one request against limit `l` in the dict. Returns a result
--- table and, when it was counted, the key and delta that take it back;
--- or nil, err.
--- incr-then-check is exact across workers: incr hands out every value
--- once, so exactly `limit` requests see a value <= limit.
-local function local_counter(d, algorithm, base, l, now)
+-- Counts one request against fixed-window limit `l` in the dict. Returns
+-- a result table and, when it was counted, the key and delta that take it
+-- back; or nil, err. incr-then-check is exact across workers: incr hands
+-- out every value once, so exactly `limit` requests see a value <= limit.
+local function local_counter(d, base, l, now)
     local w = l.window
     local idx = floor(now / w)
     local elapsed = now - idx * w
     if idx ~= l.idx then
-        -- The window's key suffixes change once per window, not per request.
-        l.idx, l.cur_suffix, l.prev_suffix = idx, ":" .. int_str(idx), ":" .. int_str(idx - 1)
+        -- The window's key suffix changes once per window, not per request.
+        l.idx, l.cur_suffix = idx, ":" .. int_str(idx)
     end
     local cur_key = base .. l.cur_suffix
     local c, err = d:incr(cur_key, 1, 0, 2 * w + 1)
     if not c then return nil, err end
-    local prev = 0
-    if algorithm == "sliding" then prev = d:get(base .. l.prev_suffix) or 0 end
-    local est = algorithm == "sliding" and algo.sliding_estimate(prev, c, elapsed, w) or c
     local reset = w - elapsed
-    if est > l.limit then
+    if c > l.limit then
         d:incr(cur_key, -1)
-        local retry = algorithm == "sliding"
-            and algo.sliding_retry_after(l.limit, prev, c - 1, elapsed, w) or reset
+        return { limit = l.limit, remaining = 0, reset = reset, retry = reset, denied = true }
+    end
+    return { limit = l.limit, remaining = l.limit - c, reset = reset }, cur_key, -1
+end
+
+-- The sliding window in the dict: one entry per key holding per-slice
+-- counts (core/shdict.h mg_shdict_window_hit), so no interval of `window`
+-- seconds ever admits more than the limit -- including a burst at the end
+-- of one window and the start of the next. Slices of a tenth of the window:
+-- up to a tenth of the limit may be refused early.
+local SLICES = 10
+
+local function local_window(d, base, l)
+    local ok, before, retry, reset, slice = d:window_hit(base, l.window, SLICES, l.limit)
+    if ok == nil then return nil, before end
+    if not ok then
         return { limit = l.limit, remaining = 0, reset = reset, retry = retry, denied = true }
     end
-    return { limit = l.limit, remaining = floor(l.limit - est), reset = reset }, cur_key, -1
+    -- A hit counts for up to a window and a slice; the header says the
+    -- window at most, as for the other algorithms.
+    return { limit = l.limit, remaining = l.limit - before - 1, reset = min(reset, l.window) },
+        base, { slice = slice }
 end
 
 -- GCRA in the dict with incr only (the dict has no compare-and-set): the
@@ -291,8 +286,17 @@ local function local_gcra(d, base, l, now)
         reset = new - now }, base, -T
 end
 
+-- Takes back what limits already counted (a number: an incr delta; a
+-- table: a sliding window's slice).
 local function undo(d, keys, deltas, n)
-    for i = 1, n do d:incr(keys[i], deltas[i]) end
+    for i = 1, n do
+        local delta = deltas[i]
+        if type(delta) == "table" then
+            d:window_undo(keys[i], SLICES, delta.slice)
+        else
+            d:incr(keys[i], delta)
+        end
+    end
 end
 
 local function check_local(conf, c, id, now)
@@ -304,8 +308,10 @@ local function check_local(conf, c, id, now)
         local r, err
         if conf.algorithm == "gcra" then
             r, err = local_gcra(d, l.prefix .. id, l, now)
+        elseif conf.algorithm == "sliding" then
+            r, err = local_window(d, l.prefix .. id, l)
         else
-            r, err = local_counter(d, conf.algorithm, l.prefix .. id, l, now)
+            r, err = local_counter(d, l.prefix .. id, l, now)
         end
         if not r then return nil, "shared dict " .. conf.dict .. ": " .. tostring(err) end
         return not r.denied, r
@@ -315,8 +321,10 @@ local function check_local(conf, c, id, now)
         local r, k, delta
         if conf.algorithm == "gcra" then
             r, k, delta = local_gcra(d, l.prefix .. id, l, now)
+        elseif conf.algorithm == "sliding" then
+            r, k, delta = local_window(d, l.prefix .. id, l)
         else
-            r, k, delta = local_counter(d, conf.algorithm, l.prefix .. id, l, now)
+            r, k, delta = local_counter(d, l.prefix .. id, l, now)
         end
         if not r then
             undo(d, keys, deltas, n)
@@ -364,6 +372,43 @@ for i, key in ipairs(KEYS) do
       writes[#writes + 1] = { 'SET', key, string.format('%.3f', new), 'PX',
         math.ceil(new - now) + 1000 }
     end
+  elseif algorithm == 'sliding' then
+    -- Per-slice counts (fields "s<slice>"), as in the shared dict: the
+    -- slices overlapping the last window all count, the oldest whole.
+    local slice = window / 10
+    local cur = math.floor(now / slice)
+    local h = redis.call('HGETALL', key)
+    local kept, sum, stale = {}, 0, {}
+    for j = 1, #h, 2 do
+      local n = tonumber(string.sub(h[j], 2))
+      if n and n > cur - 11 then
+        kept[#kept + 1] = { n, tonumber(h[j + 1]) }
+        sum = sum + tonumber(h[j + 1])
+      elseif n then
+        stale[#stale + 1] = h[j]
+      end
+    end
+    table.sort(kept, function(a, b) return a[1] < b[1] end)
+    local need = sum + 1 - limit
+    retry = 0
+    local freed = 0
+    for _, k in ipairs(kept) do
+      local leaves = (k[1] + 11) * slice - now
+      if not reset then reset = leaves end
+      freed = freed + k[2]
+      if need > 0 and retry == 0 and freed >= need then retry = leaves end
+    end
+    if need > 0 then
+      remaining, denied = 0, true
+      if retry == 0 then retry = window end
+    else
+      remaining = limit - sum - 1
+      if not reset then reset = (cur + 11) * slice - now end
+      if #stale > 0 then writes[#writes + 1] = { 'HDEL', key, unpack(stale) } end
+      writes[#writes + 1] = { 'HINCRBY', key, 's' .. cur, 1 }
+      writes[#writes + 1] = { 'PEXPIRE', key, math.ceil(window + slice) + 1000 }
+    end
+    reset = math.min(reset, window)
   else
     local idx = math.floor(now / window)
     local h = redis.call('HMGET', key, 'w', 'c', 'p')
@@ -374,17 +419,9 @@ for i, key in ipairs(KEYS) do
     end
     local elapsed = now - idx * window
     local est = c + 1
-    if algorithm == 'sliding' then est = p * (1 - elapsed / window) + c + 1 end
     reset = window - elapsed
     if est > limit then
       remaining, retry, denied = 0, reset, true
-      if algorithm == 'sliding' then
-        if c + 1 <= limit then
-          retry = math.max(window * (1 - (limit - c - 1) / p) - elapsed, 0)
-        else
-          retry = reset + math.max(window * (1 - (limit - 1) / c), 0)
-        end
-      end
     else
       remaining, retry = math.floor(limit - est), 0
       writes[#writes + 1] = { 'HSET', key, 'w', idx, 'c', c + 1, 'p', p }

@@ -15,29 +15,6 @@ local function validate(conf)
     return out
 end
 
-describe("rate-limit sliding window math", function()
-    it("weights the previous window by the part the sliding window still covers", function()
-        assert.are.equal(50 + 10, algo.sliding_estimate(100, 10, 30, 60))
-        assert.are.equal(100, algo.sliding_estimate(100, 0, 0, 60))
-        assert.are.equal(7, algo.sliding_estimate(100, 7, 60, 60))
-    end)
-
-    it("needs no wait while one more request fits", function()
-        assert.are.equal(0, algo.sliding_retry_after(10, 0, 5, 0.5, 1))
-        assert.are.equal(0, algo.sliding_retry_after(10, 4, 5, 0.5, 1))
-    end)
-
-    it("waits for the previous window's weight to decay when the current one has room", function()
-        -- prev 10, cur 5, limit 10: fits once 10 * (1 - e) + 6 <= 10, e = 0.6
-        assert.is_true(math.abs(algo.sliding_retry_after(10, 10, 5, 0.2, 1) - 0.4) < 1e-9)
-    end)
-
-    it("waits past the window's end when the current window alone is full", function()
-        -- cur 10 = limit: next window, then 10 * (1 - e) + 1 <= 10, e = 0.1
-        assert.is_true(math.abs(algo.sliding_retry_after(10, 0, 10, 0.5, 1) - 0.6) < 1e-9)
-    end)
-end)
-
 describe("rate-limit gcra arithmetic", function()
     it("lets a full bucket of burst requests through at once, then refuses", function()
         local tat, now, T, burst = nil, 100, 0.1, 3

@@ -3,7 +3,7 @@
 -- runtime refuses to start (the two cannot drift silently).
 local ffi = require("ffi")
 
-local _M = { version = 4 }
+local _M = { version = 5 }
 
 ffi.cdef [[
 typedef struct { const char *p; size_t len; } mg_str_t;
@@ -60,6 +60,9 @@ int mg_ffi_shdict_store(mg_shdict_t *d, int op, const char *k, size_t kl,
 int mg_ffi_shdict_incr(mg_shdict_t *d, const char *k, size_t kl, double delta,
                        int has_init, double init, double init_ttl, double *out);
 int mg_ffi_shdict_delete(mg_shdict_t *d, const char *k, size_t kl);
+int mg_ffi_shdict_window_hit(mg_shdict_t *d, const char *k, size_t kl,
+                             double window, int slices, double limit, double *out);
+void mg_ffi_shdict_window_undo(mg_shdict_t *d, const char *k, size_t kl, int slices, double slice);
 int mg_ffi_shdict_ttl(mg_shdict_t *d, const char *k, size_t kl, double *out);
 int mg_ffi_shdict_expire(mg_shdict_t *d, const char *k, size_t kl, double ttl);
 double mg_ffi_shdict_delete_prefix(mg_shdict_t *d, const char *p, size_t len);

@@ -86,6 +86,32 @@ function Dict:incr(key, delta, init, init_ttl)
     return nil, "no memory"
 end
 
+local window_out = ffi.new("double[5]")
+
+--- dict:window_hit(key, window, slices, limit) -> admitted, hits_before,
+-- retry_after, reset_after, slice; or nil, err. A sliding-window counter
+-- (core/shdict.h mg_shdict_window_hit): counts one hit unless that would
+-- put more than `limit` hits in some interval of `window` seconds; the
+-- window is cut in `slices` (1..60) and up to one slice's worth may be
+-- refused early. Atomic across workers.
+function Dict:window_hit(key, window, slices, limit)
+    check_key(key)
+    local rc = C.mg_ffi_shdict_window_hit(self._d, key, #key, window, slices, limit, window_out)
+    if rc == 0 then
+        return window_out[0] ~= 0, window_out[1], window_out[2], window_out[3], window_out[4]
+    end
+    if rc == MG_EPROTO then return nil, "not a sliding window" end
+    if rc == MG_DECLINED then return nil, "bad window or slices" end
+    return nil, "no memory"
+end
+
+--- dict:window_undo(key, slices, slice): takes back a hit window_hit
+-- counted (its fifth result), e.g. when another limit refused the request.
+function Dict:window_undo(key, slices, slice)
+    check_key(key)
+    C.mg_ffi_shdict_window_undo(self._d, key, #key, slices, slice)
+end
+
 --- dict:delete(key)
 function Dict:delete(key)
     check_key(key)

@@ -123,7 +123,9 @@ def test_redis_limit_admits_exactly_1000_of_1500_across_two_gateways():
             assert len(pids) >= 3, "expected workers of both gateways to admit: %r" % pids
             keys = rs.cmd("KEYS", "rl:*")
             assert len(keys) == 1 and keys[0].startswith("rl:{"), keys
-            assert rs.cmd("HGET", keys[0], "c") == "1000", rs.cmd("HGETALL", keys[0])
+            # The key's per-slice counts of the sliding window add up to 1000.
+            fields = rs.cmd("HGETALL", keys[0])
+            assert sum(int(v) for v in fields[1::2]) == 1000, fields
             print("redis: 1500 requests over 2 gateways in %.2fs: %r" % (took, dict(statuses)))
 
 

@@ -935,6 +935,85 @@ static void bench(void)
     unzone(d);
 }
 
+/* Sliding windows: in no interval of the window's length are more hits
+ * counted than the limit, whatever the arrival times (random bursts, and a
+ * burst at the end of one window plus one at the start of the next, where a
+ * fixed window lets twice the limit through); steady traffic at the limit's
+ * rate still gets at least limit - limit/slices per window. */
+static void test_window_hit(void)
+{
+    mg_shdict_t *d = zone(MiB);
+    mg_shdict_window_t w;
+    const uint64_t window = 1000, base = 1000000;
+    const unsigned slices = 10;
+    const double limit = 20;
+
+    /* The classic boundary burst. */
+    unsigned admitted = 0;
+    for (int i = 0; i < 20; i++) {
+        CHECK_INT(mg_shdict_window_hit(d, K("b"), window, slices, limit,
+                                       base + 950, &w),
+                  ==, 0);
+        admitted += (unsigned)w.admitted;
+    }
+    CHECK_INT(admitted, ==, 20);
+    CHECK_INT(
+        mg_shdict_window_hit(d, K("b"), window, slices, limit, base + 1010, &w),
+        ==, 0);
+    CHECK(!w.admitted);
+    CHECK(w.count == 20);
+    /* Refused until the slice holding the burst has left: 1900..2000. */
+    CHECK(w.retry_ms > 800 && w.retry_ms <= 1000);
+    CHECK_INT(mg_shdict_window_hit(d, K("b"), window, slices, limit,
+                                   base + 1010 + w.retry_ms, &w),
+              ==, 0);
+    CHECK(w.admitted);
+
+    /* Random arrivals: record admitted times, check every interval. */
+    uint64_t times[4000];
+    unsigned n = 0;
+    uint64_t t = base * 3;
+    unsigned seed = 12345;
+    for (int i = 0; i < 4000; i++) {
+        seed = seed * 1103515245u + 12345u;
+        t += (seed >> 16) % 7 == 0 ? 300 : (seed >> 16) % 20;
+        CHECK_INT(mg_shdict_window_hit(d, K("r"), window, slices, limit, t, &w),
+                  ==, 0);
+        if (w.admitted)
+            times[n++] = t;
+    }
+    unsigned worst = 0;
+    for (unsigned i = 0, j = 0; i < n; i++) {
+        while (times[i] - times[j] >= window)
+            j++;
+        if (i - j + 1 > worst)
+            worst = i - j + 1;
+    }
+    CHECK_INT(worst, <=, 20);
+    CHECK_INT(n, >, 100);
+
+    /* Steady traffic at exactly the limit's rate. */
+    admitted = 0;
+    for (uint64_t k = 0; k < 200; k++) {
+        CHECK_INT(mg_shdict_window_hit(d, K("s"), window, slices, limit,
+                                       base * 9 + k * 50, &w),
+                  ==, 0);
+        admitted += (unsigned)w.admitted;
+    }
+    CHECK_INT(admitted, >=, 200 - 200 / slices - 2);
+
+    /* Another kind of value, bad arguments. */
+    CHECK_INT(set(d, "str", S("x"), 0, 0), ==, 0);
+    CHECK_INT(
+        mg_shdict_window_hit(d, K("str"), window, slices, limit, base, &w), ==,
+        MG_EPROTO);
+    CHECK_INT(mg_shdict_window_hit(d, K("z"), window, 0, limit, base, &w), ==,
+              MG_DECLINED);
+    CHECK_INT(mg_shdict_window_hit(d, K("z"), 5, 10, limit, base, &w), ==,
+              MG_DECLINED);
+    unzone(d);
+}
+
 int main(int argc, char **argv)
 {
     if (argc > 1 && strcmp(argv[1], "--bench") == 0) {
@@ -954,6 +1033,7 @@ int main(int argc, char **argv)
     RUN(test_incr_not_number);
     RUN(test_delete);
     RUN(test_delete_prefix);
+    RUN(test_window_hit);
     RUN(test_ttl_expiry);
     RUN(test_ttl_and_expire);
     RUN(test_lru_eviction);
