@@ -1,7 +1,10 @@
--- request-id: W3C trace context on top of the gateway's request id.
+-- request-id: W3C trace context on top of the gateway's request id, and an
+-- optional OTLP/HTTP JSON span exporter (what Kong's and APISIX's
+-- `opentelemetry` plugins do; docs/plugins/tracing.md).
 --
 --   ["request-id"] = {}                                   -- defaults
 --   ["request-id"] = { response_header = "traceparent" }  -- echo the traceparent
+--   ["request-id"] = { exporter = { url = "http://127.0.0.1:4318/v1/traces" } }
 --
 -- The X-Request-Id is the gateway's own (gw.request.get_id: a trusted peer's,
 -- or generated; sent upstream and returned to the client); this plugin leaves
@@ -11,13 +14,36 @@
 -- gateway's span id (8 random bytes, hex). A missing or malformed traceparent
 -- starts a fresh trace (flags 01); `tracestate` goes upstream unchanged only
 -- with a valid traceparent and is dropped otherwise. The trace id is in
--- ctx.var.trace_id (span id: ctx.var.span_id) and returned to the client in
--- `response_header`: "X-Trace-Id" (the trace id), "traceparent" (the
--- traceparent sent upstream), or "" for none. No span exporter (yet).
+-- ctx.var.trace_id (span id: ctx.var.span_id, the client's span id:
+-- ctx.var.parent_span_id) and returned to the client in `response_header`:
+-- "X-Trace-Id" (the trace id), "traceparent" (the traceparent sent
+-- upstream), or "" for none.
+--
+-- The exporter: the log phase appends the request's record to a bounded
+-- per-worker queue (full: the new record is dropped and counted); a
+-- gw.timer started in init_worker sends the queue in batches with gw.http,
+-- never on the request path. A failed export (refused, timeout, 429, 502,
+-- 503, 504) keeps its spans queued and backs off; other statuses drop the
+-- batch, as the OTLP spec says. Failures and drops are logged at most once
+-- every REPORT_EVERY seconds per collector.
 local gw = require("moongate.gw")
 
-local type, byte, find, format = type, string.byte, string.find, string.format
-local random = gw.crypto.random
+local type, pairs, ipairs, tostring, pcall = type, pairs, ipairs, tostring, pcall
+local byte, find, format, rep = string.byte, string.find, string.format, string.rep
+local concat, sort = table.concat, table.sort
+local min, ceil = math.min, math.ceil
+local random, now_us, now = gw.crypto.random, gw.now_us, gw.now
+local get_header, set_header = gw.request.get_header, gw.request.set_header
+local json_encode = gw.json.encode
+
+local TOKEN = "^[%w!#$%%&'*+.^_`|~-]+$"
+local TICK = 0.1          -- how often the exporter's timer looks at its queue (max)
+local MAX_BACKOFF = 30    -- seconds between retries while the collector fails
+local REPORT_EVERY = 10   -- seconds between two failure/drop log lines of a collector
+local RETRYABLE = { [429] = true, [502] = true, [503] = true, [504] = true }
+local GATEWAY_OWNED = { ["content-length"] = true, ["transfer-encoding"] = true,
+                        connection = true, ["content-type"] = true }
+local KIND_INTERNAL, KIND_SERVER = 1, 2
 
 local P = {
     name = "request-id",
@@ -28,11 +54,40 @@ local P = {
                 pattern = "^[%w!#$%%&'*+.^_`|~-]*$",
                 description = "response header for the trace id (\"traceparent\": the "
                     .. "traceparent sent upstream; \"\": none)" },
+            exporter = { type = "table",
+                description = "send a span per request as OTLP/HTTP JSON to a collector "
+                    .. "(absent: no export)",
+                fields = {
+                    url = { type = "string", required = true, pattern = "^http://",
+                        description = "the collector's OTLP/HTTP traces endpoint, "
+                            .. "http://IP[:port]/path (an IP literal or localhost)" },
+                    service_name = { type = "string", default = "moongate", min_len = 1,
+                        description = "the resource's service.name" },
+                    resource_attributes = { type = "map", default = {},
+                        values = { type = "string", description = "attribute value" },
+                        description = "more resource attributes (string values)" },
+                    headers = { type = "map", default = {},
+                        values = { type = "string", description = "header value" },
+                        description = "headers sent with every export (e.g. an API key)" },
+                    batch_size = { type = "integer", default = 100, min = 1, max = 10000,
+                        description = "requests (spans of) per export request, at most" },
+                    flush_interval = { type = "number", default = 1, min = 0.01, max = 60,
+                        description = "seconds a queued span waits at most before it is sent" },
+                    max_queue = { type = "integer", default = 2048, min = 1, max = 100000,
+                        description = "requests queued per worker; more are dropped and counted" },
+                    timeout = { type = "number", default = 2, min = 0.001, max = 60,
+                        description = "seconds for one export request" },
+                    plugin_spans = { type = "boolean", default = false,
+                        description = "a child span for each plugin call (times every "
+                            .. "plugin of the route)" },
+                },
+            },
         },
     },
 }
 
-local ZERO32, ZERO16 = string.rep("0", 32), string.rep("0", 16)
+local ZERO32, ZERO16 = rep("0", 32), rep("0", 16)
+local HEX8, HEX16 = rep("%02x", 8), rep("%02x", 16)
 
 --- P.parse_traceparent(s) -> trace_id, parent_id, flags; or nil, reason.
 -- Version 00 only, lower-case hex, exactly 55 characters.
@@ -48,29 +103,308 @@ function P.parse_traceparent(s)
     return tid, pid, fl
 end
 
-local function hex(bytes)
-    return (bytes:gsub(".", function(c) return format("%02x", byte(c)) end))
-end
-
---- P.new_id(nbytes) -> lower-case hex of nbytes random bytes, never all zeros.
+--- P.new_id(nbytes) -> lower-case hex of nbytes (8 or 16) random bytes, never all zeros.
 function P.new_id(n)
+    local fmt = n == 16 and HEX16 or HEX8
     while true do
-        local h = hex(random(n))
+        local h = format(fmt, byte(random(n), 1, n))
         if find(h, "[^0]") then return h end
     end
 end
 
+-- ------------------------------------------------------------ the exporter
+
+-- Exporters of this module's generation, by config table: registered when
+-- a config is checked (the one place a plugin sees each of its configs,
+-- since init_worker takes none), so init_worker can start their timers.
+-- Routes with equal exporter settings share one exporter (one queue).
+local exporters, by_key, list = {}, {}, {}
+
+local function sorted_pairs_text(map)
+    local keys = {}
+    for k in pairs(map) do keys[#keys + 1] = k end
+    sort(keys)
+    local parts = {}
+    for i, k in ipairs(keys) do parts[i] = k .. "=" .. map[k] end
+    return concat(parts, "\0"), keys
+end
+
+local function attr_str(key, value)
+    return '{"key":' .. json_encode(key) .. ',"value":{"stringValue":'
+        .. json_encode(value) .. "}}"
+end
+
+local function new_exporter(ex)
+    local res_text, res_keys = sorted_pairs_text(ex.resource_attributes)
+    local hdr_text = sorted_pairs_text(ex.headers)
+    local key = concat({ ex.url, ex.service_name, res_text, hdr_text, ex.batch_size,
+        ex.flush_interval, ex.max_queue, ex.timeout, tostring(ex.plugin_spans) }, "\1")
+    local st = by_key[key]
+    if st then return st end
+    local attrs = { attr_str("service.name", ex.service_name) }
+    for _, k in ipairs(res_keys) do
+        if k ~= "service.name" then attrs[#attrs + 1] = attr_str(k, ex.resource_attributes[k]) end
+    end
+    local headers = { ["Content-Type"] = "application/json" }
+    for k, v in pairs(ex.headers) do headers[k] = v end
+    st = {
+        url = ex.url, headers = headers, timeout = ex.timeout, batch = ex.batch_size,
+        max = ex.max_queue, interval = ex.flush_interval, plugin_spans = ex.plugin_spans,
+        q = {}, head = 1, n = 0,                 -- the ring of queued records
+        sent = 0, dropped = 0, rejected = 0, failed = 0, -- counters (P.stats)
+        busy = false, last_send = now(), retry_at = 0, failures_in_row = 0,
+        last_err = nil, last_report = -1 / 0, reported = { dropped = 0, rejected = 0, failed = 0 },
+        -- ExportTraceServiceRequest around the spans of one batch
+        prefix = '{"resourceSpans":[{"resource":{"attributes":[' .. concat(attrs, ",")
+            .. ']},"scopeSpans":[{"scope":{"name":"moongate"},"spans":[',
+        suffix = "]}]}]}",
+    }
+    by_key[key] = st
+    list[#list + 1] = st
+    return st
+end
+
+-- "http://IP[:port]/path" with an address gw.http can reach without a
+-- name lookup.
+local function check_url(url)
+    local host = url:match("^http://([^/?#]+)/[^%s]*$")
+    if not host then return nil, "must be http://IP[:port]/path" end
+    local h = host:match("^(.*):%d+$") or host
+    if h == "localhost" or h:find("^%d+%.%d+%.%d+%.%d+$") or h:find("^%[[%x:.]+%]$") then
+        return true
+    end
+    return nil, "the host must be an IP literal or localhost (names are not resolved)"
+end
+
+function P.schema.check(conf)
+    local ex = conf.exporter
+    if not ex then return true end
+    local ok, err = check_url(ex.url)
+    if not ok then return nil, "exporter.url: " .. err end
+    if ex.batch_size > ex.max_queue then
+        return nil, "exporter.batch_size must not exceed exporter.max_queue"
+    end
+    for name, value in pairs(ex.headers) do
+        if not name:find(TOKEN) or value:find("[\r\n%z]") then
+            return nil, "exporter.headers: invalid header " .. name
+        end
+        if GATEWAY_OWNED[name:lower()] then
+            return nil, "exporter.headers: " .. name .. " is set by the gateway"
+        end
+    end
+    exporters[ex] = new_exporter(ex)
+    return true
+end
+
+--- The runtime's hook: which timings this config needs (ctx.timings).
+function P.timings(conf)
+    local ex = conf.exporter
+    if not ex then return nil end
+    return ex.plugin_spans and "plugins" or "request"
+end
+
+--- P.exporter(conf) -> the exporter state of a checked config (or nil).
+function P.exporter(conf)
+    return conf.exporter and exporters[conf.exporter]
+end
+
+--- P.enqueue(st, rec) -> true, or false when the queue is full (counted).
+function P.enqueue(st, rec)
+    local n = st.n
+    if n >= st.max then
+        st.dropped = st.dropped + 1
+        return false
+    end
+    st.q[(st.head + n - 1) % st.max + 1] = rec
+    st.n = n + 1
+    return true
+end
+
+local function pop(st, k)
+    local q, head, max = st.q, st.head, st.max
+    for _ = 1, k do
+        q[head] = nil
+        head = head % max + 1
+    end
+    st.head, st.n = head, st.n - k
+end
+
+local function nanos(us)
+    return format('"%.0f000"', us)
+end
+
+local function attr_int(key, v)
+    return '{"key":"' .. key .. '","value":{"intValue":"' .. format("%d", v) .. '"}}'
+end
+
+local function attr_double(key, v)
+    return '{"key":"' .. key .. '","value":{"doubleValue":' .. format("%.3f", v) .. "}}"
+end
+
+local function span_json(tid, sid, parent, tracestate, name, kind, t0, t1, attrs, events, err)
+    local out = { '{"traceId":"', tid, '","spanId":"', sid, '"' }
+    if parent then out[#out + 1] = ',"parentSpanId":"' .. parent .. '"' end
+    if tracestate then out[#out + 1] = ',"traceState":' .. json_encode(tracestate) end
+    out[#out + 1] = ',"name":' .. json_encode(name) .. ',"kind":' .. kind
+        .. ',"startTimeUnixNano":' .. nanos(t0) .. ',"endTimeUnixNano":' .. nanos(t1)
+    if attrs and #attrs > 0 then out[#out + 1] = ',"attributes":[' .. concat(attrs, ",") .. "]" end
+    if events then out[#out + 1] = ',"events":[' .. concat(events, ",") .. "]" end
+    if err then out[#out + 1] = ',"status":{"code":2}' end
+    out[#out + 1] = "}"
+    return concat(out)
+end
+
+-- One child span id (8 random bytes in hex, not all zeros).
+local function child_id()
+    return P.new_id(8)
+end
+
+--- P.spans(rec, plugin_spans) -> a list of OTLP JSON span objects (text):
+-- the gateway's SERVER span, an "upstream" child when the request was
+-- proxied, and one child per plugin call when asked for.
+function P.spans(rec, plugin_spans)
+    local out = {}
+    local tid, sid = rec.trace_id, rec.span_id
+    local upstream_ms = rec.proxy and (rec.finish - rec.proxy) / 1000
+    local attrs = {
+        attr_str("http.request.method", rec.method),
+        attr_str("http.route", rec.route),
+        attr_int("http.response.status_code", rec.status),
+        attr_str("url.path", rec.path),
+        attr_str("url.scheme", "http"),
+        attr_str("client.address", rec.client),
+        attr_str("moongate.route", rec.route_name),
+        attr_str("moongate.request_id", rec.request_id),
+    }
+    if upstream_ms then attrs[#attrs + 1] = attr_double("moongate.upstream_ms", upstream_ms) end
+    out[1] = span_json(tid, sid, rec.parent, rec.tracestate, rec.method .. " " .. rec.route,
+        KIND_SERVER, rec.start, rec.finish, attrs, nil, rec.status >= 500 or rec.status == 0)
+    if rec.proxy then
+        local events
+        if rec.header and rec.header >= rec.proxy then
+            events = { '{"timeUnixNano":' .. nanos(rec.header) .. ',"name":"response head"}' }
+        end
+        out[#out + 1] = span_json(tid, child_id(), sid, nil, "upstream", KIND_INTERNAL,
+            rec.proxy, rec.finish, nil, events, rec.status >= 500)
+    end
+    local calls = plugin_spans and rec.plugins
+    if calls then
+        for i = 1, #calls - 3, 4 do
+            local name, phase = calls[i], calls[i + 1]
+            out[#out + 1] = span_json(tid, child_id(), sid, nil, phase .. " " .. name,
+                KIND_INTERNAL, calls[i + 2], calls[i + 3],
+                { attr_str("moongate.plugin", name), attr_str("moongate.phase", phase) })
+        end
+    end
+    return out
+end
+
+--- P.encode(st, k) -> the ExportTraceServiceRequest (JSON text) of the k
+-- oldest queued records.
+function P.encode(st, k)
+    local spans, q, max = {}, st.q, st.max
+    local i = st.head
+    for _ = 1, k do
+        local list = P.spans(q[i], st.plugin_spans)
+        for j = 1, #list do spans[#spans + 1] = list[j] end
+        i = i % max + 1
+    end
+    return st.prefix .. concat(spans, ",") .. st.suffix
+end
+
+--- P.send(st, body) -> HTTP status, or nil, err. One export request.
+function P.send(st, body)
+    local res, err = gw.http.request({ url = st.url, method = "POST", headers = st.headers,
+                                       body = body, timeout = st.timeout })
+    if not res then return nil, err end
+    return res.status
+end
+
+-- Sends what is queued, batch by batch, until the queue is empty, a
+-- retryable failure (the batch stays queued: backoff), or as many batches
+-- as were queued at the start (later records wait for the next tick).
+local function drain(st)
+    for _ = 1, ceil(st.n / st.batch) do
+        local k = min(st.n, st.batch)
+        if k == 0 then break end
+        local status, err = P.send(st, P.encode(st, k))
+        if status and status >= 200 and status < 300 then
+            pop(st, k)
+            st.sent, st.failures_in_row, st.retry_at = st.sent + k, 0, 0
+        elseif status and not RETRYABLE[status] then
+            pop(st, k) -- the collector refuses this batch for good (OTLP: no retry)
+            st.rejected, st.last_err = st.rejected + k, "HTTP " .. status
+        else
+            st.failed, st.failures_in_row = st.failed + 1, st.failures_in_row + 1
+            st.last_err = err or ("HTTP " .. status)
+            st.retry_at = now() + min(MAX_BACKOFF, st.interval * 2 ^ (st.failures_in_row - 1))
+            break
+        end
+    end
+end
+
+-- One warn line per REPORT_EVERY seconds at most, when something failed or
+-- was dropped since the last one.
+local function report(st, t)
+    local r = st.reported
+    if st.failed == r.failed and st.dropped == r.dropped and st.rejected == r.rejected then
+        return
+    end
+    if t - st.last_report < REPORT_EVERY then return end
+    gw.log("warn", "request-id exporter ", st.url, ": ", st.failed - r.failed,
+        " export(s) failed (last: ", tostring(st.last_err), "), ",
+        st.dropped - r.dropped, " span(s) dropped (queue full: ", st.max, "), ",
+        st.rejected - r.rejected, " rejected by the collector; ", st.n, " queued")
+    st.last_report, r.failed, r.dropped, r.rejected = t, st.failed, st.dropped, st.rejected
+end
+
+--- P.flush(st[, force]): the timer's work. Sends when a batch is full or
+-- the oldest span has waited flush_interval (`force`: anything queued),
+-- unless a send is in progress or a failure's backoff runs.
+function P.flush(st, force)
+    if st.busy then return end
+    local t = now()
+    if st.n > 0 and t >= st.retry_at
+        and (force or st.n >= st.batch or t - st.last_send >= st.interval) then
+        st.busy = true
+        local ok, err = pcall(drain, st)
+        st.busy = false
+        if not ok then st.failed, st.last_err = st.failed + 1, tostring(err) end
+        t = now()
+        st.last_send = t
+    elseif st.n == 0 then
+        st.last_send = t -- the interval counts from the first span queued
+    end
+    report(st, t)
+end
+
+--- P.stats(st) -> { queued, sent, dropped, rejected, failed }.
+function P.stats(st)
+    return { queued = st.n, sent = st.sent, dropped = st.dropped, rejected = st.rejected,
+             failed = st.failed }
+end
+
+function P.init_worker()
+    for _, st in ipairs(list) do
+        local id, err = gw.timer.every(min(st.interval, TICK), P.flush, st)
+        if not id then gw.log("error", "request-id exporter ", st.url, ": ", err) end
+    end
+end
+
+-- --------------------------------------------------------------- phases
+
 function P.rewrite(conf, ctx)
-    local incoming = gw.request.get_header(ctx, "traceparent")
-    local tid, _, flags = P.parse_traceparent(incoming)
+    local incoming = get_header(ctx, "traceparent")
+    local tid, pid, flags = P.parse_traceparent(incoming)
     if not tid then
         tid, flags = P.new_id(16), "01"
         gw.request.clear_header(ctx, "tracestate")
     end
     local span = P.new_id(8)
     local tp = "00-" .. tid .. "-" .. span .. "-" .. flags
-    gw.request.set_header(ctx, "traceparent", tp)
-    ctx.var.trace_id, ctx.var.span_id, ctx.var.traceparent = tid, span, tp
+    set_header(ctx, "traceparent", tp)
+    local v = ctx.var
+    v.trace_id, v.span_id, v.traceparent, v.parent_span_id = tid, span, tp, pid
 end
 
 function P.header_filter(conf, ctx)
@@ -81,6 +415,34 @@ function P.header_filter(conf, ctx)
     else
         gw.response.set_header(ctx, name, ctx.var.trace_id)
     end
+end
+
+--- P.record(ctx) -> what the exporter keeps of a finished request.
+function P.record(ctx)
+    local v, t = ctx.var, ctx.timings or {}
+    local parent = v.parent_span_id
+    local finish = t.finish or now_us()
+    return {
+        trace_id = v.trace_id, span_id = v.span_id, parent = parent,
+        tracestate = parent and get_header(ctx, "tracestate") or nil,
+        method = gw.request.get_method(ctx), route = ctx.route.path or "",
+        route_name = ctx.route.name or "", path = gw.request.get_path(ctx),
+        status = gw.response.get_status(ctx), client = gw.request.get_client_ip(ctx),
+        request_id = gw.request.get_id(ctx),
+        start = t.start or finish, proxy = t.proxy, header = t.header, finish = finish,
+        plugins = t.plugins,
+    }
+end
+
+function P.log(conf, ctx)
+    local st = conf.exporter and exporters[conf.exporter]
+    -- No span without ids (an earlier rewrite plugin ended the request).
+    if not st or not ctx.var.span_id then return end
+    if st.n >= st.max then
+        st.dropped = st.dropped + 1
+        return
+    end
+    P.enqueue(st, P.record(ctx))
 end
 
 return P

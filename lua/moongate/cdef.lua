@@ -78,6 +78,11 @@ int mg_ffi_redis_send(mg_lua_task_t *t, int serial, int kind, int n, const int *
                       const char **argv, const size_t *lens, const char *script,
                       size_t slen, const char **err);
 void mg_ffi_redis_sha1(const char *s, size_t len, char *out);
+
+/* libc (not the binary's exports, so outside the version check): the
+ * wall clock with sub-millisecond resolution, for gw.now_us. */
+typedef struct { long tv_sec; long tv_nsec; } mg_timespec_t;
+int clock_gettime(int clk_id, mg_timespec_t *tp);
 ]]
 
 return _M

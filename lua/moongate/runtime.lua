@@ -12,6 +12,7 @@ local setmetatable, loadfile, setfenv = setmetatable, loadfile, setfenv
 local co_yield, co_running = coroutine.yield, coroutine.running
 local sort, concat = table.sort, table.concat
 local io_open, getenv = io.open, os.getenv
+local now_us = gw.now_us
 
 local _M = {}
 
@@ -134,6 +135,13 @@ local function build_route(route, globals, paths, cache, where, errors)
         end
     end
     order_entries(entries, route.order, where, errors)
+    -- Timings are off unless a plugin of the route asks for them (see
+    -- handle): mod.timings(conf) -> nil, "request" or "plugins".
+    local timed
+    for _, e in ipairs(entries) do
+        local want = type(e.mod.timings) == "function" and e.mod.timings(e.conf)
+        if want == "plugins" or (want == "request" and not timed) then timed = want end
+    end
     local chains, mask = {}, 0
     for _, phase in ipairs(PHASES) do
         local chain = {}
@@ -154,7 +162,7 @@ local function build_route(route, globals, paths, cache, where, errors)
     local names = {}
     for i, e in ipairs(entries) do names[i] = e.name end
     return {
-        chains = chains, handler = route.handler, mask = mask, plugins = names,
+        chains = chains, handler = route.handler, mask = mask, plugins = names, timed = timed,
         info = { name = route.name or route.path, path = route.path },
     }
 end
@@ -293,12 +301,19 @@ local function response(status, body, headers)
     return status, body or "", flat
 end
 
-local function run_phase(chain, ctx, phase)
+-- `spans`, when timings of each plugin call were asked for, gets four
+-- entries per call: name, phase, start and end (gw.now_us).
+local function run_phase(chain, ctx, phase, spans)
     ctx.phase = phase
     for i = 1, #chain do
         local p = chain[i]
         ctx.plugin = p.name
+        local t0 = spans and now_us()
         local status, body, headers = p.fn(p.conf, ctx)
+        if spans then
+            local n = #spans
+            spans[n + 1], spans[n + 2], spans[n + 3], spans[n + 4] = p.name, phase, t0, now_us()
+        end
         if status ~= nil and (phase == "rewrite" or phase == "access") then
             return status, body, headers
         end
@@ -308,6 +323,13 @@ end
 --- The body of a request's coroutine (see core/lua.c). Yields "proxy" or
 -- "respond" once rewrite/access are done, then runs the phases the core
 -- resumes it with ("header_filter", "log") and returns after "log".
+--
+-- Timings (for a tracing plugin's spans), only on a route where a plugin
+-- asked for them: ctx.timings = { start =, proxy =, header =, finish =,
+-- plugins = }, gw.now_us() when the Lua side got the request, when it went
+-- upstream, when the response head arrived (header_filter) and when the
+-- log phase began; `plugins` ("plugins" level only) lists each plugin
+-- call and the handler as name, phase, start, end.
 function _M.handle(task, gen_id, route_idx, req)
     local route = generations[gen_id].routes[route_idx]
     local ctx = { _req = req, var = {}, route = route.info }
@@ -316,28 +338,42 @@ function _M.handle(task, gen_id, route_idx, req)
     gw._tasks[co] = task
     gw.http.requests[co] = req
     gw.timer.gens[co] = gen_id
-    local status, body, headers = run_phase(route.chains.rewrite, ctx, "rewrite")
+    local t, spans
+    if route.timed then
+        spans = route.timed == "plugins" and {} or nil
+        t = { start = now_us(), plugins = spans }
+        ctx.timings = t
+    end
+    local status, body, headers = run_phase(route.chains.rewrite, ctx, "rewrite", spans)
     if status == nil then
-        status, body, headers = run_phase(route.chains.access, ctx, "access")
+        status, body, headers = run_phase(route.chains.access, ctx, "access", spans)
     end
     if status == nil and route.handler then
         ctx.phase, ctx.plugin = "handler", nil
+        local t0 = spans and now_us()
         status, body, headers = route.handler(ctx)
+        if spans then
+            local n = #spans
+            spans[n + 1], spans[n + 2], spans[n + 3], spans[n + 4] = "handler", "handler", t0, now_us()
+        end
         if status == nil then status = 200 end
     end
     local phase
     if status ~= nil then
         phase = co_yield("respond", response(status, body, headers))
     else
+        if t then t.proxy = now_us() end
         phase = co_yield("proxy")
     end
     gw._tasks[co_running()] = nil -- later phases may not wait
     while true do
         if phase == "header_filter" then
-            run_phase(route.chains.header_filter, ctx, phase)
+            if t then t.header = now_us() end
+            run_phase(route.chains.header_filter, ctx, phase, spans)
         elseif phase == "log" or phase == "finish" then
+            if t then t.finish = now_us() end
             gw._record_consumer(ctx)
-            if phase == "log" then run_phase(route.chains.log, ctx, phase) end
+            if phase == "log" then run_phase(route.chains.log, ctx, phase, spans) end
             ctx._done = true
             return "done"
         end
