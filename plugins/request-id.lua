@@ -24,8 +24,8 @@
 -- gw.timer started in init_worker sends the queue in batches with gw.http,
 -- never on the request path. A failed export (refused, timeout, 429, 502,
 -- 503, 504) keeps its spans queued and backs off; other statuses drop the
--- batch, as the OTLP spec says. Failures and drops are logged at most once
--- every REPORT_EVERY seconds per collector.
+-- batch, as the OTLP spec says. Failures and drops are logged (the first at
+-- once, then at most once every REPORT_EVERY seconds per collector).
 local gw = require("moongate.gw")
 
 local type, pairs, ipairs, tostring, pcall = type, pairs, ipairs, tostring, pcall
@@ -343,14 +343,17 @@ local function drain(st)
     end
 end
 
--- One warn line per REPORT_EVERY seconds at most, when something failed or
--- was dropped since the last one.
+-- A warn line when something failed or was dropped since the last one: at
+-- once for the first failure, drop or rejection, then at most one line per
+-- REPORT_EVERY seconds.
 local function report(st, t)
     local r = st.reported
     if st.failed == r.failed and st.dropped == r.dropped and st.rejected == r.rejected then
         return
     end
-    if t - st.last_report < REPORT_EVERY then return end
+    local first = (r.failed == 0 and st.failed > 0) or (r.dropped == 0 and st.dropped > 0)
+        or (r.rejected == 0 and st.rejected > 0)
+    if not first and t - st.last_report < REPORT_EVERY then return end
     gw.log("warn", "request-id exporter ", st.url, ": ", st.failed - r.failed,
         " export(s) failed (last: ", tostring(st.last_err), "), ",
         st.dropped - r.dropped, " span(s) dropped (queue full: ", st.max, "), ",
@@ -397,7 +400,7 @@ function P.rewrite(conf, ctx)
     local incoming = get_header(ctx, "traceparent")
     local tid, pid, flags = P.parse_traceparent(incoming)
     if not tid then
-        tid, flags = P.new_id(16), "01"
+        tid, pid, flags = P.new_id(16), nil, "01"
         gw.request.clear_header(ctx, "tracestate")
     end
     local span = P.new_id(8)
