@@ -11,6 +11,7 @@ encoding and the queue are covered in depth by spec/tracing_spec.lua."""
 
 import json
 import re
+import shutil
 import socket
 import threading
 import time
@@ -245,3 +246,23 @@ def test_a_hung_collector_does_not_hold_up_requests():
             hung.close()
     finally:
         hung.close()
+
+
+def test_moongate_check_names_the_route_and_field_of_a_bad_exporter():
+    from test_lua import run_cli
+    cases = [
+        ({"url": "http://127.0.0.1:4318/v1/traces", "max_queue": 0},
+         r'moongate\.lua: routes\[1\] "/t": plugins\.request-id\.exporter\.max_queue: '
+         r'must be at least 1'),
+        ({"url": "http://otel.example.com:4318/v1/traces"},
+         r'moongate\.lua: routes\[1\] "/t": plugins\.request-id: exporter\.url: the host '
+         r'must be an IP literal or localhost'),
+    ]
+    with Upstream() as up:
+        for exporter, pattern in cases:
+            gw = gateway(up, exporter)
+            try:
+                code, out, err = run_cli("check", "-c", gw.conf_path)
+            finally:
+                shutil.rmtree(gw.dir, ignore_errors=True)
+            assert code == 1 and re.search(pattern, out + err), (code, out + err)
