@@ -35,6 +35,7 @@ local min, ceil = math.min, math.ceil
 local random, now_us, now = gw.crypto.random, gw.now_us, gw.now
 local get_header, set_header = gw.request.get_header, gw.request.set_header
 local json_encode = gw.json.encode
+local strbuf = require("string.buffer")
 
 local TOKEN = "^[%w!#$%%&'*+.^_`|~-]+$"
 local TICK = 0.1          -- how often the exporter's timer looks at its queue (max)
@@ -43,7 +44,6 @@ local REPORT_EVERY = 10   -- seconds between two failure/drop log lines of a col
 local RETRYABLE = { [429] = true, [502] = true, [503] = true, [504] = true }
 local GATEWAY_OWNED = { ["content-length"] = true, ["transfer-encoding"] = true,
                         connection = true, ["content-type"] = true }
-local KIND_INTERNAL, KIND_SERVER = 1, 2
 
 local P = {
     name = "request-id",
@@ -151,6 +151,7 @@ local function new_exporter(ex)
         url = ex.url, headers = headers, timeout = ex.timeout, batch = ex.batch_size,
         max = ex.max_queue, interval = ex.flush_interval, plugin_spans = ex.plugin_spans,
         q = {}, head = 1, n = 0,                 -- the ring of queued records
+        buf = strbuf.new(),                      -- where a batch is encoded
         sent = 0, dropped = 0, rejected = 0, failed = 0, -- counters (P.stats)
         busy = false, last_send = now(), retry_at = 0, failures_in_row = 0,
         last_err = nil, last_report = -1 / 0, reported = { dropped = 0, rejected = 0, failed = 0 },
@@ -229,87 +230,134 @@ local function pop(st, k)
     st.head, st.n = head, st.n - k
 end
 
-local function nanos(us)
-    return format('"%.0f000"', us)
+-- Spans are written into a string.buffer (LuaJIT): one string per batch,
+-- not one per span and attribute.
+
+-- Puts a JSON string literal; the common case (printable ASCII but " and
+-- \: nothing to escape) without cjson.
+local function put_str(buf, s)
+    if find(s, "[^ !#-%[%]-~]") then return buf:put(json_encode(s)) end
+    return buf:put('"', s, '"')
 end
 
-local function attr_int(key, v)
-    return '{"key":"' .. key .. '","value":{"intValue":"' .. format("%d", v) .. '"}}'
+-- The same for values that repeat (methods, routes, client addresses): the
+-- literal is kept, in a table emptied when it holds QUOTED_MAX of them.
+local QUOTED_MAX = 1024
+local quoted, nquoted = {}, 0
+local function put_known(buf, s)
+    local q = quoted[s]
+    if not q then
+        q = find(s, "[^ !#-%[%]-~]") and json_encode(s) or '"' .. s .. '"'
+        if nquoted >= QUOTED_MAX then quoted, nquoted = {}, 0 end
+        quoted[s], nquoted = q, nquoted + 1
+    end
+    return buf:put(q)
 end
 
-local function attr_double(key, v)
-    return '{"key":"' .. key .. '","value":{"doubleValue":' .. format("%.3f", v) .. "}}"
+local function put_attr(buf, key, s, put)
+    buf:put(',{"key":"', key, '","value":{"stringValue":')
+    put(buf, s)
+    buf:put("}}")
 end
 
-local function span_json(tid, sid, parent, tracestate, name, kind, t0, t1, attrs, events, err)
-    local out = { '{"traceId":"', tid, '","spanId":"', sid, '"' }
-    if parent then out[#out + 1] = ',"parentSpanId":"' .. parent .. '"' end
-    if tracestate then out[#out + 1] = ',"traceState":' .. json_encode(tracestate) end
-    out[#out + 1] = ',"name":' .. json_encode(name) .. ',"kind":' .. kind
-        .. ',"startTimeUnixNano":' .. nanos(t0) .. ',"endTimeUnixNano":' .. nanos(t1)
-    if attrs and #attrs > 0 then out[#out + 1] = ',"attributes":[' .. concat(attrs, ",") .. "]" end
-    if events then out[#out + 1] = ',"events":[' .. concat(events, ",") .. "]" end
-    if err then out[#out + 1] = ',"status":{"code":2}' end
-    out[#out + 1] = "}"
-    return concat(out)
-end
-
--- One child span id (8 random bytes in hex, not all zeros).
+-- Child span ids only need to be unique within their trace: a random
+-- per-module prefix (4 bytes, not zero) and a counter, cheaper than 8
+-- random bytes per span.
+local child_prefix
+repeat child_prefix = format("%02x%02x%02x%02x", byte(random(4), 1, 4)) until child_prefix ~= "00000000"
+local child_n = 0
 local function child_id()
-    return P.new_id(8)
+    child_n = (child_n + 1) % 4294967296
+    return format("%s%08x", child_prefix, child_n)
 end
 
---- P.spans(rec, plugin_spans) -> a list of OTLP JSON span objects (text):
--- the gateway's SERVER span, an "upstream" child when the request was
--- proxied, and one child per plugin call when asked for.
-function P.spans(rec, plugin_spans)
-    local out = {}
-    local tid, sid = rec.trace_id, rec.span_id
-    local upstream_ms = rec.proxy and (rec.finish - rec.proxy) / 1000
-    local attrs = {
-        attr_str("http.request.method", rec.method),
-        attr_str("http.route", rec.route),
-        attr_int("http.response.status_code", rec.status),
-        attr_str("url.path", rec.path),
-        attr_str("url.scheme", "http"),
-        attr_str("client.address", rec.client),
-        attr_str("moongate.route", rec.route_name),
-        attr_str("moongate.request_id", rec.request_id),
-    }
-    if upstream_ms then attrs[#attrs + 1] = attr_double("moongate.upstream_ms", upstream_ms) end
-    out[1] = span_json(tid, sid, rec.parent, rec.tracestate, rec.method .. " " .. rec.route,
-        KIND_SERVER, rec.start, rec.finish, attrs, nil, rec.status >= 500 or rec.status == 0)
-    if rec.proxy then
-        local events
-        if rec.header and rec.header >= rec.proxy then
-            events = { '{"timeUnixNano":' .. nanos(rec.header) .. ',"name":"response head"}' }
+local function put_child(buf, tid, sid, t0, t1)
+    buf:put(',{"traceId":"', tid, '","spanId":"', child_id(), '","parentSpanId":"', sid,
+            '","kind":1')
+    buf:putf(',"startTimeUnixNano":"%.0f000","endTimeUnixNano":"%.0f000"', t0, t1)
+end
+
+--- P.put_spans(buf, rec, plugin_spans): puts the OTLP JSON span objects of
+-- a record, each preceded by a comma: the gateway's SERVER span, an
+-- "upstream" child when the request was proxied, and one child per plugin
+-- call when asked for.
+function P.put_spans(buf, rec, plugin_spans)
+    local tid, sid, status, proxy, finish = rec.trace_id, rec.span_id, rec.status, rec.proxy,
+        rec.finish
+    local err = status >= 500 or status == 0
+    buf:put(',{"traceId":"', tid, '","spanId":"', sid, '"')
+    if rec.parent then buf:put(',"parentSpanId":"', rec.parent, '"') end
+    if rec.tracestate then
+        buf:put(',"traceState":')
+        put_str(buf, rec.tracestate)
+    end
+    buf:put(',"name":')
+    put_known(buf, rec.method .. " " .. rec.route)
+    buf:putf(',"kind":2,"startTimeUnixNano":"%.0f000","endTimeUnixNano":"%.0f000"',
+        rec.start, finish)
+    buf:put(',"attributes":[{"key":"http.request.method","value":{"stringValue":')
+    put_known(buf, rec.method)
+    buf:put("}}")
+    put_attr(buf, "http.route", rec.route, put_known)
+    buf:putf(',{"key":"http.response.status_code","value":{"intValue":"%d"}}', status)
+    put_attr(buf, "url.path", rec.path, put_str)
+    buf:put(',{"key":"url.scheme","value":{"stringValue":"http"}}')
+    put_attr(buf, "client.address", rec.client, put_known)
+    put_attr(buf, "moongate.route", rec.route_name, put_known)
+    put_attr(buf, "moongate.request_id", rec.request_id, put_str)
+    if proxy then
+        buf:putf(',{"key":"moongate.upstream_ms","value":{"doubleValue":%.3f}}',
+            (finish - proxy) / 1000)
+    end
+    buf:put("]")
+    if err then buf:put(',"status":{"code":2}') end
+    buf:put("}")
+    if proxy then
+        put_child(buf, tid, sid, proxy, finish)
+        buf:put(',"name":"upstream"')
+        local head = rec.header
+        if head and head >= proxy then
+            buf:putf(',"events":[{"timeUnixNano":"%.0f000","name":"response head"}]', head)
         end
-        out[#out + 1] = span_json(tid, child_id(), sid, nil, "upstream", KIND_INTERNAL,
-            rec.proxy, rec.finish, nil, events, rec.status >= 500)
+        if err then buf:put(',"status":{"code":2}') end
+        buf:put("}")
     end
     local calls = plugin_spans and rec.plugins
     if calls then
         for i = 1, #calls - 3, 4 do
             local name, phase = calls[i], calls[i + 1]
-            out[#out + 1] = span_json(tid, child_id(), sid, nil, phase .. " " .. name,
-                KIND_INTERNAL, calls[i + 2], calls[i + 3],
-                { attr_str("moongate.plugin", name), attr_str("moongate.phase", phase) })
+            put_child(buf, tid, sid, calls[i + 2], calls[i + 3])
+            buf:put(',"name":')
+            put_known(buf, phase .. " " .. name)
+            buf:put(',"attributes":[{"key":"moongate.plugin","value":{"stringValue":')
+            put_known(buf, name)
+            buf:put('}},{"key":"moongate.phase","value":{"stringValue":"', phase, '"}}]}')
         end
     end
-    return out
+end
+
+--- P.spans(rec, plugin_spans) -> the JSON array (text) of a record's spans.
+function P.spans(rec, plugin_spans)
+    local buf = strbuf.new()
+    P.put_spans(buf, rec, plugin_spans)
+    buf:skip(1) -- the first comma
+    return "[" .. buf:tostring() .. "]"
 end
 
 --- P.encode(st, k) -> the ExportTraceServiceRequest (JSON text) of the k
 -- oldest queued records.
 function P.encode(st, k)
-    local spans, q, max = {}, st.q, st.max
+    local buf, q, max, plugin_spans = st.buf, st.q, st.max, st.plugin_spans
+    buf:reset()
     local i = st.head
     for _ = 1, k do
-        local list = P.spans(q[i], st.plugin_spans)
-        for j = 1, #list do spans[#spans + 1] = list[j] end
+        P.put_spans(buf, q[i], plugin_spans)
         i = i % max + 1
     end
-    return st.prefix .. concat(spans, ",") .. st.suffix
+    buf:skip(1) -- the first comma
+    local body = st.prefix .. buf:tostring() .. st.suffix
+    buf:reset()
+    return body
 end
 
 --- P.send(st, body) -> HTTP status, or nil, err. One export request.

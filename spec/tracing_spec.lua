@@ -44,16 +44,9 @@ local function attrs(list)
     return out
 end
 
--- The spans of one decoded ExportTraceServiceRequest, checked for the
--- OTLP/JSON shape on the way.
-local function spans_of(body)
-    local doc = assert(gw.json.decode(body))
-    assert.are.equal(1, #doc.resourceSpans)
-    local rs = doc.resourceSpans[1]
-    assert.is_table(rs.resource.attributes)
-    assert.are.equal(1, #rs.scopeSpans)
-    assert.are.equal("moongate", rs.scopeSpans[1].scope.name)
-    local spans = rs.scopeSpans[1].spans
+-- Spans checked for the OTLP/JSON shape: hex ids, uint64 times as strings,
+-- the kind as a number.
+local function check_shape(spans)
     for _, s in ipairs(spans) do
         assert.matches("^%x+$", s.traceId)
         assert.are.equal(32, #s.traceId)
@@ -62,8 +55,25 @@ local function spans_of(body)
         assert.matches("^%d+$", s.startTimeUnixNano)       -- uint64 as a JSON string
         assert.matches("^%d+$", s.endTimeUnixNano)
         assert.is_number(s.kind)
+        assert.is_string(s.name)
     end
-    return spans, doc
+    return spans
+end
+
+-- The spans of one decoded ExportTraceServiceRequest.
+local function spans_of(body)
+    local doc = assert(gw.json.decode(body))
+    assert.are.equal(1, #doc.resourceSpans)
+    local rs = doc.resourceSpans[1]
+    assert.is_table(rs.resource.attributes)
+    assert.are.equal(1, #rs.scopeSpans)
+    assert.are.equal("moongate", rs.scopeSpans[1].scope.name)
+    return check_shape(rs.scopeSpans[1].spans), doc
+end
+
+-- The spans of one record, decoded.
+local function spans(P, rec, plugin_spans)
+    return check_shape(assert(gw.json.decode(P.spans(rec, plugin_spans))))
 end
 
 describe("request-id exporter config", function()
@@ -108,11 +118,9 @@ end)
 describe("request-id spans", function()
     it("makes the gateway's SERVER span with the client's span as parent", function()
         local P = load({ url = URL })
-        local spans = spans_of('{"resourceSpans":[{"resource":{"attributes":[]},'
-            .. '"scopeSpans":[{"scope":{"name":"moongate"},"spans":['
-            .. table.concat(P.spans(record()), ",") .. "]}]}]}")
-        assert.are.equal(2, #spans)
-        local s = spans[1]
+        local list = spans(P, record())
+        assert.are.equal(2, #list)
+        local s = list[1]
         assert.are.equal(TID, s.traceId)
         assert.are.equal(SID, s.spanId)
         assert.are.equal(PARENT, s.parentSpanId)
@@ -134,7 +142,7 @@ describe("request-id spans", function()
 
     it("adds an upstream child span from proxying to the end, with the response head as an event", function()
         local P = load({ url = URL })
-        local up = gw.json.decode(P.spans(record())[2])
+        local up = spans(P, record())[2]
         assert.are.equal(TID, up.traceId)
         assert.are.equal(SID, up.parentSpanId)
         assert.are_not.equal(SID, up.spanId)
@@ -149,10 +157,10 @@ describe("request-id spans", function()
 
     it("makes a root span for a fresh trace and marks 5xx as an error", function()
         local P = load({ url = URL })
-        local list = P.spans(record({ parent = false, tracestate = false, proxy = false,
-                                      status = 502 }))
+        local list = spans(P, record({ parent = false, tracestate = false, proxy = false,
+                                       status = 502 }))
         assert.are.equal(1, #list)
-        local s = gw.json.decode(list[1])
+        local s = list[1]
         assert.is_nil(s.parentSpanId)
         assert.is_nil(s.traceState)
         assert.are.same({ code = 2 }, s.status)
@@ -161,10 +169,10 @@ describe("request-id spans", function()
 
     it("adds a span per plugin call only when plugin_spans is on", function()
         local P = load({ url = URL })
-        assert.are.equal(2, #P.spans(record(), false))
-        local list = P.spans(record(), true)
+        assert.are.equal(2, #spans(P, record(), false))
+        local list = spans(P, record(), true)
         assert.are.equal(4, #list)
-        local rw, acl = gw.json.decode(list[3]), gw.json.decode(list[4])
+        local rw, acl = list[3], list[4]
         assert.are.equal("rewrite request-id", rw.name)
         assert.are.equal(SID, rw.parentSpanId)
         assert.are.equal("1700000000000010000", rw.startTimeUnixNano)
@@ -175,8 +183,8 @@ describe("request-id spans", function()
 
     it("escapes what came from the client in valid JSON", function()
         local P = load({ url = URL })
-        local s = gw.json.decode(P.spans(record({ path = '/a"b\\c', tracestate = 'x="y"' }))[1])
-        assert.are.equal('/a"b\\c', attrs(s.attributes)["url.path"])
+        local s = spans(P, record({ path = '/a"b\\c\1\200', tracestate = 'x="y"' }))[1]
+        assert.are.equal('/a"b\\c\1\200', attrs(s.attributes)["url.path"])
         assert.are.equal('x="y"', s.traceState)
     end)
 end)
