@@ -204,6 +204,12 @@ function P.timings(conf)
     return ex.plugin_spans and "plugins" or "request"
 end
 
+--- The runtime's hook: without an exporter, no log phase (a route whose
+-- plugins have none saves resuming the request for it).
+function P.skips(conf, phase)
+    return phase == "log" and not conf.exporter
+end
+
 --- P.exporter(conf) -> the exporter state of a checked config (or nil).
 function P.exporter(conf)
     return conf.exporter and exporters[conf.exporter]

@@ -77,6 +77,14 @@ local function spans(P, rec, plugin_spans)
 end
 
 describe("request-id exporter config", function()
+    it("has a log phase only with an exporter", function()
+        local P, c = load({ url = URL })
+        assert.is_false(P.skips(c, "log"))
+        local plain = require("spec.helpers.plugin_conf")(P)({})
+        assert.is_true(P.skips(plain, "log"))
+        assert.is_false(P.skips(plain, "rewrite"))
+    end)
+
     it("fills in the defaults and asks the runtime for request timings", function()
         local P, c, st = load({ url = URL })
         assert.are.same({ url = URL, service_name = "moongate", resource_attributes = {},
@@ -324,8 +332,9 @@ describe("runtime timings", function()
         return what, trace.calls[1]
     end
 
+    local masks
     setup(function()
-        assert(runtime.load_generation(gen, SPEC_DIR .. "/fixtures/timings.lua"))
+        masks = assert(runtime.load_generation(gen, SPEC_DIR .. "/fixtures/timings.lua"))
     end)
     teardown(function() runtime.free_generation(gen) end)
 
@@ -355,6 +364,16 @@ describe("runtime timings", function()
     it("leaves ctx.timings out where no plugin asks", function()
         local _, t = run(3)
         assert.is_false(t)
+    end)
+
+    it("leaves out a phase the plugin's skips(conf, phase) declines", function()
+        local log_bit = runtime.PHASE_BIT.log
+        assert.are.equal(0, math.floor(masks[5] / log_bit) % 2)
+        assert.are.equal(1, math.floor(masks[1] / log_bit) % 2)
+        local calls = {}
+        run(5)
+        for i, c in ipairs(trace.calls) do calls[i] = c end
+        assert.are.same({ "access" }, calls)
     end)
 
     it("times a handler like a plugin call, with no upstream time", function()

@@ -146,7 +146,11 @@ local function build_route(route, globals, paths, cache, where, errors)
     for _, phase in ipairs(PHASES) do
         local chain = {}
         for _, e in ipairs(entries) do
-            if type(e.mod[phase]) == "function" then
+            -- mod.skips(conf, phase) -> true leaves a phase function out
+            -- of this route's chain (a config that does not need it)
+            local skips = e.mod.skips
+            if type(e.mod[phase]) == "function"
+                and not (type(skips) == "function" and skips(e.conf, phase)) then
                 chain[#chain + 1] = { name = e.name, fn = e.mod[phase], conf = e.conf }
             end
         end
