@@ -474,9 +474,11 @@ function P.header_filter(conf, ctx)
     end
 end
 
+local NO_TIMINGS = {}
+
 --- P.record(ctx) -> what the exporter keeps of a finished request.
 function P.record(ctx)
-    local v, t = ctx.var, ctx.timings or {}
+    local v, t = ctx.var, ctx.timings or NO_TIMINGS
     local parent = v.parent_span_id
     local finish = t.finish or now_us()
     return {
@@ -486,7 +488,8 @@ function P.record(ctx)
         route_name = ctx.route.name or "", path = gw.request.get_path(ctx),
         status = gw.response.get_status(ctx), client = gw.request.get_client_ip(ctx),
         request_id = gw.request.get_id(ctx),
-        start = t.start or finish, proxy = t.proxy, header = t.header, finish = finish,
+        start = t.start or finish, proxy = t.proxy or nil, header = t.header or nil,
+        finish = finish,
         plugins = t.plugins,
     }
 end

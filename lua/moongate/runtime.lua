@@ -332,8 +332,8 @@ end
 -- asked for them: ctx.timings = { start =, proxy =, header =, finish =,
 -- plugins = }, gw.now_us() when the Lua side got the request, when it went
 -- upstream, when the response head arrived (header_filter) and when the
--- log phase began; `plugins` ("plugins" level only) lists each plugin
--- call and the handler as name, phase, start, end.
+-- log phase began (false until then); `plugins` ("plugins" level only)
+-- lists each plugin call and the handler as name, phase, start, end.
 function _M.handle(task, gen_id, route_idx, req)
     local route = generations[gen_id].routes[route_idx]
     local ctx = { _req = req, var = {}, route = route.info }
@@ -345,7 +345,8 @@ function _M.handle(task, gen_id, route_idx, req)
     local t, spans
     if route.timed then
         spans = route.timed == "plugins" and {} or nil
-        t = { start = now_us(), plugins = spans }
+        -- every field in the constructor: one allocation, no rehash later
+        t = { start = now_us(), proxy = false, header = false, finish = false, plugins = spans }
         ctx.timings = t
     end
     local status, body, headers = run_phase(route.chains.rewrite, ctx, "rewrite", spans)
