@@ -215,6 +215,20 @@ function P.exporter(conf)
     return conf.exporter and exporters[conf.exporter]
 end
 
+-- A queued record is an array (no hash part: a third of the memory of the
+-- same fields by name), in this order.
+local TID, SID, PARENT, STATE, METHOD, ROUTE, ROUTE_NAME, PATH, STATUS, CLIENT, RID, START,
+    PROXY, HEAD, FINISH, PLUGINS = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16
+
+--- P.new_record(fields) -> a record from named fields (trace_id, span_id,
+-- parent, tracestate, method, route, route_name, path, status, client,
+-- request_id, start, proxy, header, finish, plugins); absent ones false.
+function P.new_record(f)
+    return { f.trace_id, f.span_id, f.parent or false, f.tracestate or false, f.method,
+             f.route, f.route_name, f.path, f.status, f.client, f.request_id, f.start,
+             f.proxy or false, f.header or false, f.finish, f.plugins or false }
+end
+
 --- P.enqueue(st, rec) -> true, or false when the queue is full (counted).
 function P.enqueue(st, rec)
     local n = st.n
@@ -283,34 +297,35 @@ local function put_child(buf, tid, sid, t0, t1)
     buf:putf(',"startTimeUnixNano":"%.0f000","endTimeUnixNano":"%.0f000"', t0, t1)
 end
 
---- P.put_spans(buf, rec, plugin_spans): puts the OTLP JSON span objects of
--- a record, each preceded by a comma: the gateway's SERVER span, an
--- "upstream" child when the request was proxied, and one child per plugin
--- call when asked for.
-function P.put_spans(buf, rec, plugin_spans)
-    local tid, sid, status, proxy, finish = rec.trace_id, rec.span_id, rec.status, rec.proxy,
-        rec.finish
+--- P.put_spans(buf, rec, plugin_spans, first): puts the OTLP JSON span
+-- objects of a record, comma-separated (and preceded by a comma unless
+-- `first`): the gateway's SERVER span, an "upstream" child when the
+-- request was proxied, and one child per plugin call when asked for.
+function P.put_spans(buf, rec, plugin_spans, first)
+    local tid, sid, status, proxy, finish = rec[TID], rec[SID], rec[STATUS], rec[PROXY],
+        rec[FINISH]
     local err = status >= 500 or status == 0
-    buf:put(',{"traceId":"', tid, '","spanId":"', sid, '"')
-    if rec.parent then buf:put(',"parentSpanId":"', rec.parent, '"') end
-    if rec.tracestate then
+    buf:put(first and '{"traceId":"' or ',{"traceId":"', tid, '","spanId":"', sid, '"')
+    if rec[PARENT] then buf:put(',"parentSpanId":"', rec[PARENT], '"') end
+    if rec[STATE] then
         buf:put(',"traceState":')
-        put_str(buf, rec.tracestate)
+        put_str(buf, rec[STATE])
     end
     buf:put(',"name":')
-    put_known(buf, rec.method .. " " .. rec.route)
+    local method, route = rec[METHOD], rec[ROUTE]
+    put_known(buf, method .. " " .. route)
     buf:putf(',"kind":2,"startTimeUnixNano":"%.0f000","endTimeUnixNano":"%.0f000"',
-        rec.start, finish)
+        rec[START], finish)
     buf:put(',"attributes":[{"key":"http.request.method","value":{"stringValue":')
-    put_known(buf, rec.method)
+    put_known(buf, method)
     buf:put("}}")
-    put_attr(buf, "http.route", rec.route, put_known)
+    put_attr(buf, "http.route", route, put_known)
     buf:putf(',{"key":"http.response.status_code","value":{"intValue":"%d"}}', status)
-    put_attr(buf, "url.path", rec.path, put_str)
+    put_attr(buf, "url.path", rec[PATH], put_str)
     buf:put(',{"key":"url.scheme","value":{"stringValue":"http"}}')
-    put_attr(buf, "client.address", rec.client, put_known)
-    put_attr(buf, "moongate.route", rec.route_name, put_known)
-    put_attr(buf, "moongate.request_id", rec.request_id, put_str)
+    put_attr(buf, "client.address", rec[CLIENT], put_known)
+    put_attr(buf, "moongate.route", rec[ROUTE_NAME], put_known)
+    put_attr(buf, "moongate.request_id", rec[RID], put_str)
     if proxy then
         buf:putf(',{"key":"moongate.upstream_ms","value":{"doubleValue":%.3f}}',
             (finish - proxy) / 1000)
@@ -321,14 +336,14 @@ function P.put_spans(buf, rec, plugin_spans)
     if proxy then
         put_child(buf, tid, sid, proxy, finish)
         buf:put(',"name":"upstream"')
-        local head = rec.header
+        local head = rec[HEAD]
         if head and head >= proxy then
             buf:putf(',"events":[{"timeUnixNano":"%.0f000","name":"response head"}]', head)
         end
         if err then buf:put(',"status":{"code":2}') end
         buf:put("}")
     end
-    local calls = plugin_spans and rec.plugins
+    local calls = plugin_spans and rec[PLUGINS]
     if calls then
         for i = 1, #calls - 3, 4 do
             local name, phase = calls[i], calls[i + 1]
@@ -345,8 +360,7 @@ end
 --- P.spans(rec, plugin_spans) -> the JSON array (text) of a record's spans.
 function P.spans(rec, plugin_spans)
     local buf = strbuf.new()
-    P.put_spans(buf, rec, plugin_spans)
-    buf:skip(1) -- the first comma
+    P.put_spans(buf, rec, plugin_spans, true)
     return "[" .. buf:tostring() .. "]"
 end
 
@@ -356,12 +370,13 @@ function P.encode(st, k)
     local buf, q, max, plugin_spans = st.buf, st.q, st.max, st.plugin_spans
     buf:reset()
     local i = st.head
-    for _ = 1, k do
-        P.put_spans(buf, q[i], plugin_spans)
+    buf:put(st.prefix)
+    for j = 1, k do
+        P.put_spans(buf, q[i], plugin_spans, j == 1)
         i = i % max + 1
     end
-    buf:skip(1) -- the first comma
-    local body = st.prefix .. buf:tostring() .. st.suffix
+    buf:put(st.suffix)
+    local body = buf:tostring()
     buf:reset()
     return body
 end
@@ -478,20 +493,14 @@ local NO_TIMINGS = {}
 
 --- P.record(ctx) -> what the exporter keeps of a finished request.
 function P.record(ctx)
-    local v, t = ctx.var, ctx.timings or NO_TIMINGS
-    local parent = v.parent_span_id
+    local v, t, route = ctx.var, ctx.timings or NO_TIMINGS, ctx.route
+    local parent = v.parent_span_id or false
     local finish = t.finish or now_us()
-    return {
-        trace_id = v.trace_id, span_id = v.span_id, parent = parent,
-        tracestate = parent and get_header(ctx, "tracestate") or nil,
-        method = gw.request.get_method(ctx), route = ctx.route.path or "",
-        route_name = ctx.route.name or "", path = gw.request.get_path(ctx),
-        status = gw.response.get_status(ctx), client = gw.request.get_client_ip(ctx),
-        request_id = gw.request.get_id(ctx),
-        start = t.start or finish, proxy = t.proxy or nil, header = t.header or nil,
-        finish = finish,
-        plugins = t.plugins,
-    }
+    return { v.trace_id, v.span_id, parent, parent and get_header(ctx, "tracestate") or false,
+             gw.request.get_method(ctx), route.path or "", route.name or "",
+             gw.request.get_path(ctx), gw.response.get_status(ctx),
+             gw.request.get_client_ip(ctx), gw.request.get_id(ctx), t.start or finish,
+             t.proxy or false, t.header or false, finish, t.plugins or false }
 end
 
 function P.log(conf, ctx)
