@@ -477,6 +477,13 @@ function P.rewrite(conf, ctx)
     set_header(ctx, "traceparent", tp)
     local v = ctx.var
     v.trace_id, v.span_id, v.traceparent, v.parent_span_id = tid, span, tp, pid
+    -- The exporter's queue is full (a dead or slow collector): this
+    -- request's span will be dropped, so it need not be timed either.
+    local ex = conf.exporter
+    if ex then
+        local st = exporters[ex]
+        if st and st.n >= st.max then ctx.timings = false end
+    end
 end
 
 function P.header_filter(conf, ctx)
@@ -507,7 +514,9 @@ function P.log(conf, ctx)
     local st = conf.exporter and exporters[conf.exporter]
     -- No span without ids (an earlier rewrite plugin ended the request).
     if not st or not ctx.var.span_id then return end
-    if st.n >= st.max then
+    -- Full now, or already when the request began (rewrite then dropped
+    -- its timings): counted as a drop.
+    if st.n >= st.max or ctx.timings == false then
         st.dropped = st.dropped + 1
         return
     end

@@ -310,6 +310,14 @@ describe("request-id export failures", function()
             P.stats(st))
     end)
 
+    it("counts a request whose timings rewrite dropped as a drop, without reading it", function()
+        local P, c, st = load({ url = URL })
+        -- a fake ctx: reading the request would raise, so nothing is read
+        P.log(c, { var = { span_id = SID }, timings = false })
+        assert.are.same({ queued = 0, sent = 0, dropped = 1, rejected = 0, failed = 0 },
+            P.stats(st))
+    end)
+
     it("survives a send that raises", function()
         local P, _, st = load({ url = URL })
         P.send = function() error("boom") end
@@ -376,6 +384,17 @@ describe("runtime timings", function()
         run(5)
         for i, c in ipairs(trace.calls) do calls[i] = c end
         assert.are.same({ "access" }, calls)
+    end)
+
+    it("stops timing a request whose plugin set ctx.timings to false", function()
+        local what = run(6)
+        assert.are.equal("proxy", what)
+        local t, seen_in_log = trace.calls[1], trace.calls[2]
+        assert.is_number(t.start)
+        assert.is_false(t.proxy)
+        assert.is_false(t.header)
+        assert.is_false(t.finish)
+        assert.is_false(seen_in_log)
     end)
 
     it("times a handler like a plugin call, with no upstream time", function()

@@ -353,6 +353,9 @@ function _M.handle(task, gen_id, route_idx, req)
     if status == nil then
         status, body, headers = run_phase(route.chains.access, ctx, "access", spans)
     end
+    -- A plugin that will not use them stops the timings of this request
+    -- (ctx.timings = false in rewrite or access): no more clock reads.
+    if t and not ctx.timings then t, spans = nil, nil end
     if status == nil and route.handler then
         ctx.phase, ctx.plugin = "handler", nil
         local t0 = spans and now_us()
