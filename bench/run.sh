@@ -595,6 +595,36 @@ scenario_self() {
     stop "$ss_b_sid"
 }
 
+# scenario_pair NAME BASE_ROUTE_LUA CAND_ROUTE_LUA [TOP_LUA]: moongate
+# against moongate, no nginx: the catch-all route with two config variants
+# (labelled mg-base and moongate, both on the proxy core), ROUNDS
+# interleaved rounds; the ratios are moongate/mg-base. For the cost of one
+# option, e.g. the span exporter on against off.
+scenario_pair() {
+    selected "$1" || return 0
+    if [ "$STANDIN" = nginx ]; then
+        log "scenario $1 compares two moongate configs: skipped with BENCH_STANDIN=nginx"
+        return 0
+    fi
+    WRK_HEADER=""
+    log "scenario $1 (moongate against moongate)"
+    start_moongate "moongate-$1-base" "$2" "${4:-}"
+    sp_base_sid=$PROXY_SID sp_base_port=$PROXY_PORT
+    start_moongate "moongate-$1" "$3" "${4:-}"
+    sp_cand_sid=$PROXY_SID sp_cand_port=$PROXY_PORT
+    sp_r=1
+    while [ "$sp_r" -le "$ROUNDS" ]; do
+        measure "$1" mg-base "$sp_base_sid" "$sp_base_port" "$sp_r"
+        measure "$1" moongate "$sp_cand_sid" "$sp_cand_port" "$sp_r"
+        sp_r=$((sp_r + 1))
+    done
+    if [ "$PROFILE" = 1 ]; then
+        profile "$sp_cand_sid" "$sp_cand_port" "$1" >>"$DIR/profiles.txt"
+    fi
+    stop "$sp_cand_sid"
+    stop "$sp_base_sid"
+}
+
 # The scenarios, in order. Each adds (2 x (WARMUP + DURATION)) x ROUNDS
 # seconds. Later issues add theirs here (see bench/README.md).
 scenarios() {
@@ -651,6 +681,18 @@ print(h + "." + p + "." + s)')
     scenario json10k_gzip \
         'plugins = { compression = { encodings = { "gzip" }, gzip_level = 1 } }' \
         "" "Accept-Encoding: gzip" "$JSON10K_PATH"
+    # Issue 13: request-id with its span exporter on and the collector down
+    # (nothing listens on the port), against request-id without an
+    # exporter: what a dead collector costs requests (target: req/s >= 0.95x).
+    sc_dead=$($TOOL port)
+    scenario_pair tracing_dead \
+        'plugins = { ["request-id"] = {} }' \
+        "plugins = { [\"request-id\"] = { exporter = { url = \"http://127.0.0.1:$sc_dead/v1/traces\" } } }"
+    # The same with a live collector: the upstream nginx answers the
+    # exports (200), so every span is built, encoded and sent.
+    scenario_pair tracing_live \
+        'plugins = { ["request-id"] = {} }' \
+        "plugins = { [\"request-id\"] = { exporter = { url = \"http://127.0.0.1:$UP_PORT/v1/traces\" } } }"
 }
 
 # ------------------------------------------------------------------ main

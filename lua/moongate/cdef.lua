@@ -87,6 +87,10 @@ void mg_ffi_redis_sha1(const char *s, size_t len, char *out);
 int mg_ffi_metrics_define(const char *name, const char *help, const char *labelnames);
 int mg_ffi_metrics_series(int fam, const char *labels);
 void mg_ffi_metrics_add(int series, uint64_t n);
+/* libc (not the binary's exports, so outside the version check): the
+ * wall clock with sub-millisecond resolution, for gw.now_us. */
+typedef struct { long tv_sec; long tv_nsec; } mg_timespec_t;
+int clock_gettime(int clk_id, mg_timespec_t *tp);
 ]]
 
 return _M

@@ -12,6 +12,7 @@ local setmetatable, loadfile, loadstring, setfenv = setmetatable, loadfile, load
 local co_yield, co_running = coroutine.yield, coroutine.running
 local sort, concat = table.sort, table.concat
 local io_open, getenv = io.open, os.getenv
+local now_us = gw.now_us
 
 local _M = {}
 
@@ -180,11 +181,22 @@ local function build_route(route, globals, paths, cache, where, errors, upstream
         end
     end
     order_entries(entries, route.order, where, errors)
+    -- Timings are off unless a plugin of the route asks for them (see
+    -- handle): mod.timings(conf) -> nil, "request" or "plugins".
+    local timed
+    for _, e in ipairs(entries) do
+        local want = type(e.mod.timings) == "function" and e.mod.timings(e.conf)
+        if want == "plugins" or (want == "request" and not timed) then timed = want end
+    end
     local chains, run, mask = {}, {}, 0
     for _, phase in ipairs(PHASES) do
         local chain = {}
         for _, e in ipairs(entries) do
-            if type(e.mod[phase]) == "function" then
+            -- mod.skips(conf, phase) -> true leaves a phase function out
+            -- of this route's chain (a config that does not need it)
+            local skips = e.mod.skips
+            if type(e.mod[phase]) == "function"
+                and not (type(skips) == "function" and skips(e.conf, phase)) then
                 chain[#chain + 1] = { name = e.name, fn = e.mod[phase], conf = e.conf }
             end
         end
@@ -202,6 +214,7 @@ local function build_route(route, globals, paths, cache, where, errors, upstream
     for i, e in ipairs(entries) do names[i] = e.name end
     return {
         chains = chains, run = run, handler = route.handler, mask = mask, plugins = names,
+        timed = timed,
         info = { name = route.name or route.path, path = route.path,
                  upstream = type(route.upstream) == "string" and route.upstream or nil,
                  targets = targets_of(upstreams, route.upstream),
@@ -347,6 +360,32 @@ local function response(status, body, headers)
     return status, body or "", flat
 end
 
+-- A phase's chain as a loop, timing each plugin call: for routes whose
+-- tracing asked for per-plugin spans (the compiled chains of
+-- compile_phase serve every other route). `spans` gets four entries per
+-- call: name, phase, start and end (gw.now_us).
+local function run_timed(chain, ctx, phase, spans)
+    ctx.phase = phase
+    for i = 1, #chain do
+        local p = chain[i]
+        ctx.plugin = p.name
+        local t0 = now_us()
+        local status, body, headers = p.fn(p.conf, ctx)
+        local n = #spans
+        spans[n + 1], spans[n + 2], spans[n + 3], spans[n + 4] = p.name, phase, t0, now_us()
+        if status ~= nil and (phase == "rewrite" or phase == "access") then
+            return status, body, headers
+        end
+    end
+end
+
+-- Runs phase `phase` of the route: its compiled chain, or the timed loop.
+local function run_phase(route, ctx, phase, spans)
+    if spans then return run_timed(route.chains[phase], ctx, phase, spans) end
+    local fn = route.run[phase]
+    if fn then return fn(ctx) end
+end
+
 -- Passes one piece of the response body through the chain: each plugin
 -- gets what the one before it returned (nil from a plugin: unchanged).
 local function run_body_filter(chain, ctx, chunk, eof)
@@ -368,6 +407,13 @@ end
 --- The body of a request's coroutine (see core/lua.c). Yields "proxy" or
 -- "respond" once rewrite/access are done, then runs the phases the core
 -- resumes it with ("header_filter", "log") and returns after "log".
+--
+-- Timings (for a tracing plugin's spans), only on a route where a plugin
+-- asked for them: ctx.timings = { start =, proxy =, header =, finish =,
+-- plugins = }, gw.now_us() when the Lua side got the request, when it went
+-- upstream, when the response head arrived (header_filter) and when the
+-- log phase began (false until then); `plugins` ("plugins" level only)
+-- lists each plugin call and the handler as name, phase, start, end.
 function _M.handle(task, gen_id, route_idx, req, co)
     local route = generations[gen_id].routes[route_idx]
     req, task = gw._to_req(req), gw._to_task(task)
@@ -380,33 +426,49 @@ function _M.handle(task, gen_id, route_idx, req, co)
     gw.http.requests[co] = req
     gw.timer.gens[co] = gen_id
     gw.timer.starters[co] = task -- timers may start in every phase
-    local run = route.run
-    local status, body, headers
-    if run.rewrite then status, body, headers = run.rewrite(ctx) end
-    if status == nil and run.access then
-        status, body, headers = run.access(ctx)
+    local t, spans
+    if route.timed then
+        spans = route.timed == "plugins" and {} or nil
+        -- every field in the constructor: one allocation, no rehash later
+        t = { start = now_us(), proxy = false, header = false, finish = false, plugins = spans }
+        ctx.timings = t
     end
+    local status, body, headers = run_phase(route, ctx, "rewrite", spans)
+    if status == nil then
+        status, body, headers = run_phase(route, ctx, "access", spans)
+    end
+    -- A plugin that will not use them stops the timings of this request
+    -- (ctx.timings = false in rewrite or access): no more clock reads.
+    if t and not ctx.timings then t, spans = nil, nil end
     if status == nil and route.handler then
         ctx.phase, ctx.plugin = "handler", nil
+        local t0 = spans and now_us()
         status, body, headers = route.handler(ctx)
+        if spans then
+            local n = #spans
+            spans[n + 1], spans[n + 2], spans[n + 3], spans[n + 4] = "handler", "handler", t0, now_us()
+        end
         if status == nil then status = 200 end
     end
     local phase, chunk, eof, out
     if status ~= nil then
         phase, chunk, eof = co_yield("respond", response(status, body, headers))
     else
+        if t then t.proxy = now_us() end
         phase, chunk, eof = co_yield("proxy")
     end
     gw._tasks[co] = nil -- later phases may not wait
     while true do
         out = nil
         if phase == "header_filter" then
-            if run.header_filter then run.header_filter(ctx) end
+            if t then t.header = now_us() end
+            run_phase(route, ctx, phase, spans)
         elseif phase == "body_filter" then
             out = run_body_filter(route.chains.body_filter, ctx, chunk, eof)
         elseif phase == "log" or phase == "finish" then
             gw._record_consumer(ctx)
-            if phase == "log" and run.log then run.log(ctx) end
+            if t then t.finish = now_us() end
+            if phase == "log" then run_phase(route, ctx, phase, spans) end
             ctx._done = true
             return "done"
         end
