@@ -29,7 +29,8 @@ struct mg_target_s {
     char port[8];
     uv_timer_t resolve_timer;
     uv_getaddrinfo_t gai;
-    unsigned pending; /* resolve_timer open + lookup in flight */
+    unsigned pending; /* references: the target itself, resolve_timer
+                         open, a lookup in flight, each connection */
     unsigned resolving : 1;
     unsigned freeing : 1;
 };
@@ -407,8 +408,10 @@ static void unlink_idle(mg_upconn_t *uc)
 static void on_timer_closed(uv_handle_t *h)
 {
     mg_upconn_t *uc = h->data;
+    mg_target_t *t = uc->target;
     free(uc->rbuf);
     free(uc);
+    target_release(t); /* the connection's reference */
 }
 
 static void on_tcp_closed(uv_handle_t *h)
@@ -536,6 +539,10 @@ int mg_upconn_get(mg_target_t *t, void *owner, uint64_t connect_ms,
     }
     mg_upconn_t *uc = mg_calloc(1, sizeof(*uc));
     uc->target = t;
+    /* A connection keeps its target alive: a target freed while a request
+     * is on it (gw.http from a timer as a worker stops) goes when the
+     * connection does. */
+    t->pending++;
     uc->owner = owner;
     uc->rcap = uc->rmax = UC_READ_CHUNK;
     uc->rbuf = mg_malloc(uc->rcap);
@@ -571,7 +578,7 @@ void mg_upconn_release(mg_upconn_t *uc, unsigned max_idle, uint64_t idle_ms)
     uc->rmax = uc->rcap;
     if (uc->closing)
         return;
-    if (t->nidle >= max_idle || idle_ms == 0) {
+    if (t->freeing || t->nidle >= max_idle || idle_ms == 0) {
         mg_upconn_close(uc);
         return;
     }

@@ -690,3 +690,41 @@ def test_moongate_lua_script_makes_http_requests():
         st = up.stats()
         assert st["requests"] == 3, st
         assert any("/script?status=203" in l for l in st["last"]), st
+
+
+def test_a_timer_request_in_flight_when_the_worker_stops_is_cleaned_up():
+    # A plugin's timer calls a server that accepts and never answers; the
+    # gateway stops meanwhile. The request's connection outlives the Lua
+    # side's targets: it must neither touch freed memory (the ASan run
+    # checks) nor keep the worker from exiting past the call's timeout.
+    import socket as _socket
+    from test_lua import conf_text, make_gateway
+    silent = _socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    plugin = """local gw = require("moongate.gw")
+return { name = "hang", priority = 1, schema = { fields = {} },
+  init_worker = function()
+    gw.timer.at(0, function()
+      gw.log("info", "hang: calling")
+      local res, err = gw.http.request({ url = "http://127.0.0.1:%d/x", timeout = 3 })
+      gw.log("info", "hang: done ", tostring(err))
+    end)
+  end,
+  access = function() end }
+""" % port
+    try:
+        with Upstream() as up:
+            gw = make_gateway(conf_text(up, '{ path = "/*", upstream = "up" }', '["hang"] = {}'),
+                              {"hang": plugin})
+            with gw:
+                gw.wait_log("hang: calling")
+                conn, _ = silent.accept()
+                t0 = time.monotonic()
+                gw.stop()
+                took = time.monotonic() - t0
+                conn.close()
+            assert took < 6, "stopping took %.1fs" % took
+    finally:
+        silent.close()
