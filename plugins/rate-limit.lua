@@ -445,12 +445,20 @@ return out
 ]]
 
 local function check_redis(conf, c, id)
-    local keys, args = {}, { conf.algorithm }
+    local args = c.redis_args
+    if not args then
+        -- The same for every request of this config: built once, as text.
+        args = { conf.algorithm }
+        for _, l in ipairs(c.limits) do
+            args[#args + 1] = int_str(l.limit)
+            args[#args + 1] = int_str(floor(l.window * 1000 + 0.5))
+            args[#args + 1] = int_str(l.burst)
+        end
+        c.redis_args = args
+    end
+    local keys = {}
     for i, l in ipairs(c.limits) do
         keys[i] = algo.redis_key(id, conf.algorithm, l.window)
-        args[#args + 1] = l.limit
-        args[#args + 1] = floor(l.window * 1000 + 0.5)
-        args[#args + 1] = l.burst
     end
     local r, err = gw.redis.eval(SCRIPT, keys, args)
     if not r then return nil, err end
