@@ -244,8 +244,8 @@ unsigned mg_upstream_retry_after(mg_upstream_t *u, uint64_t now_ms)
 }
 
 /* One target's state, from its shared slot. */
-static void target_status(const mg_upstream_conf_t *c, size_t i,
-                          mg_peer_t *pe, uint64_t now, mg_target_status_t *out)
+static void target_status(const mg_upstream_conf_t *c, size_t i, mg_peer_t *pe,
+                          uint64_t now, mg_target_status_t *out)
 {
     int state = mg_breaker_state(&pe->breaker);
     if (state == MG_BREAKER_OPEN && c->breaker.enabled
