@@ -724,13 +724,12 @@ static void bad_resilience_options_name_upstream_and_field(void)
 static void host_name_targets_are_marked_for_re_resolution(void)
 {
     mg_config_t *cfg;
-    CHECK_INT(
-        load("return { listen = \":0\", upstreams = {\n"
-             "  u = { targets = { \"localhost:9001\", \"127.0.0.1:9002\",\n"
-             "                    \"[::1]:9003\" }, dns_refresh = 5 },\n"
-             "  v = { targets = { \"localhost:9001\" }, dns_refresh = 0 } } }",
-             &cfg),
-        ==, 0);
+    CHECK_INT(load("return { listen = \":0\", upstreams = {\n"
+                   "  u = { targets = { \"localhost:9001\", \"127.0.0.1:9002\",\n"
+                   "                    \"[::1]:9003\" }, dns_refresh = 5 },\n"
+                   "  v = { targets = { \"localhost:9001\" }, dns_refresh = 0 } } }",
+                   &cfg),
+              ==, 0);
     const mg_upstream_conf_t *u = &cfg->upstreams[0];
     CHECK_STR(u->targets[0].host, "localhost");
     CHECK_INT(u->targets[0].resolve_ms, ==, 5000);
