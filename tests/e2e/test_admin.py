@@ -54,7 +54,11 @@ def test_status_reports_version_hash_generation_workers_routes_and_upstreams():
         assert chain["phases"]["access"] == [] and chain["handler"] is False, chain
         assert by_path["/x/*"]["name"] == "x-all", by_path
         ups = {u["name"]: u for u in st["upstreams"]}
-        assert ups["up"]["targets"] == [{"address": up.addr, "weight": 1}], ups
+        t = ups["up"]["targets"]
+        assert [(x["address"], x["weight"]) for x in t] == [(up.addr, 1)], ups
+        assert t[0]["healthy"] is True and t[0]["breaker"] == "closed", ups
+        assert t[0]["inflight"] == 0 and ups["up"]["health_checks"] is False, ups
+        assert st["last_reload"] is None, st
         assert ups["up"]["balance"] == "round_robin", ups
 
 

@@ -212,6 +212,17 @@ def test_dashboard_shows_live_state_in_chromium_and_talks_only_to_the_admin_list
                 assert "healthy" in page.evaluate(target_state_js(a.addr))
                 assert "1 of 2 down" in page.evaluate(
                     "document.getElementById('upstreams').textContent")
+
+                # A refused reload: the page shows the failure and its reason.
+                gw.write_config(conf.replace('upstream = "users"', 'upstream = "nope"', 1))
+                r = request(aport, "POST", "/reload", body=b"", host="127.0.0.1",
+                            headers=[("Authorization", "Bearer " + TOKEN)])
+                assert r.status == 400, r
+                page.wait_for("/FAILED/.test(document.getElementById('last-reload').textContent)",
+                              what="the refused reload")
+                shown = page.evaluate("document.getElementById('reload-error').textContent")
+                assert shown == r.json()["error"] and "nope" in shown, (shown, r)
+                assert page.evaluate("document.getElementById('reloads').textContent") == "0 / 1"
                 page.drain(2.5)  # one more poll, so the chart has moved on
 
                 png = screenshot(page, str(ROOT / "docs" / "dashboard.png"))
