@@ -8,6 +8,7 @@ targets and a non-zero request rate, turns a killed target "down", fits a
 screenshots in docs/ come from this test."""
 
 import base64
+import hashlib
 import os
 import re
 import struct
@@ -298,6 +299,11 @@ def test_page_is_served_without_the_token_and_a_missing_file_is_a_clear_404():
             assert r.body.startswith(b"<!doctype html>"), r.body[:40]
             with open(ROOT / "admin" / "dashboard.html", "rb") as f:
                 assert r.body == f.read()
+            # The hashes are those of the page's own style and script text.
+            for tag, directive in ((b"script", "script-src"), (b"style", "style-src")):
+                text = r.body.split(b"<%s>" % tag, 1)[1].split(b"</%s>" % tag, 1)[0]
+                digest = base64.b64encode(hashlib.sha256(text).digest()).decode()
+                assert "%s 'sha256-%s';" % (directive, digest) in csp, (directive, csp)
         # Only the page is open: the data still needs the token.
         assert admin_get(aport, "/status", token=None).status == 401
         r = request(aport, "POST", "/", body=b"", host="127.0.0.1")
