@@ -355,15 +355,15 @@ static void describe_config(master_t *m)
         mg_log_lines(MG_LOG_WARN, "plugin chains not described: ", err);
 }
 
+static int reload_inner(master_t *m, char *err, size_t errlen);
+
 /*
  * Validates the config file again and applies it. Returns 0 when the new
  * config is running (or being rolled out to the workers); otherwise the
  * previous one keeps serving and the reason is in err: MG_ECONFIG for an
- * invalid config, -1 when it was valid but could not be applied.
+ * invalid config, -1 when it was valid but could not be applied. The
+ * outcome is remembered for /status.
  */
-static int reload_inner(master_t *m, char *err, size_t errlen);
-
-/* Remembers the outcome for /status, then returns rc. */
 static int reload(master_t *m, char *err, size_t errlen)
 {
     err[0] = '\0';
@@ -580,8 +580,6 @@ static int admin_reload(void *arg, mg_strbuf_t *b)
     return rc == MG_ECONFIG ? 400 : 500;
 }
 
-/* Makes the admin listener match m->cfg: opened, kept, moved or closed.
- * A new address that cannot be bound is logged; the old one is kept. */
 /* The dashboard lives beside lua/ and plugins/ (MOONGATE_HOME or found
  * from the executable); read again on each reload so an edit shows. */
 static void load_page(mg_admin_t *a)
@@ -591,6 +589,8 @@ static void load_page(mg_admin_t *a)
     mg_admin_load_page(a, path);
 }
 
+/* Makes the admin listener match m->cfg: opened, kept, moved or closed.
+ * A new address that cannot be bound is logged; the old one is kept. */
 static void sync_admin(master_t *m)
 {
     const mg_admin_conf_t *ac = &m->cfg->admin;
