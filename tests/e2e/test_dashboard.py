@@ -32,6 +32,8 @@ return {
         users = { targets = { "%(a)s", "%(b)s" }, timeouts = { read = 5 },
                   health = { path = "/health", interval = 0.2, timeout = 0.5,
                              healthy = 2, unhealthy = 2 } },
+        flaky = { targets = { "%(c)s" }, timeouts = { read = 5 },
+                  breaker = { failures = 3, failure_ratio = 0, open_for = 300 } },
     },
     routes = {
         { name = "users", path = "/users/*", upstream = "users",
@@ -41,6 +43,7 @@ return {
         { name = "limited", path = "/limited",
           plugins = { ["rate-limit"] = { limit = 2, window = 60 } },
           handler = function(ctx) return 200, { ok = true } end },
+        { name = "flaky", path = "/flaky/*", upstream = "flaky" },
         { name = "boom", path = "/boom",
           handler = function(ctx) return 500, { error = "demo failure" } end },
     },
@@ -56,7 +59,7 @@ def admin_get(aport, path, token=TOKEN):
 class Traffic(threading.Thread):
     """Keeps requests flowing (about 30/s) until stopped."""
 
-    PATHS = ["/users/1", "/orders/7", "/users/2", "/limited", "/boom"]
+    PATHS = ["/users/1", "/orders/7", "/users/2", "/limited", "/boom", "/flaky/x?status=500"]
 
     def __init__(self, port):
         super().__init__(daemon=True)
@@ -114,16 +117,18 @@ WIDE_JS = ("Array.prototype.slice.call(document.querySelectorAll('body *')).filt
            ".right);}).join(', ')")
 
 
-def target_state_js(addr):
-    return ("(function(){var r=document.querySelector('tr[data-target=\"%s\"] td.health');"
-            "return r ? r.textContent : '';})()" % addr)
+def target_state_js(addr, upstream="users", cell="health"):
+    return ("(function(){var r=document.querySelector('table[data-upstream=\"%s\"] "
+            "tr[data-target=\"%s\"] td.%s');return r ? r.textContent : '';})()"
+            % (upstream, addr, cell))
 
 
 def test_dashboard_shows_live_state_in_chromium_and_talks_only_to_the_admin_listener():
     aport = free_port()
-    a, b = Upstream(name="a"), Upstream(name="b")
-    with a, b:
-        conf = CONFIG % {"aport": aport, "token": TOKEN, "a": a.addr, "b": b.addr}
+    a, b, c = Upstream(name="a"), Upstream(name="b"), Upstream(name="c")
+    with a, b, c:
+        conf = CONFIG % {"aport": aport, "token": TOKEN, "a": a.addr, "b": b.addr,
+                         "c": c.addr}
         with Gateway(conf) as gw:
             traffic = Traffic(gw.port)
             traffic.start()
@@ -165,7 +170,7 @@ def test_dashboard_shows_live_state_in_chromium_and_talks_only_to_the_admin_list
                 routes = page.wait_for(
                     "(function(){var o={};document.querySelectorAll('#routes tr[data-route]')"
                     ".forEach(function(r){o[r.dataset.route]=r.textContent;});"
-                    "return Object.keys(o).length === 4 ? o : null;})()", what="4 routes")
+                    "return Object.keys(o).length === 5 ? o : null;})()", what="5 routes")
                 assert "/users/*" in routes["users"] and "request-id" in routes["users"] \
                     and "rate-limit" in routes["users"], routes
                 assert "upstream users" in routes["users"], routes
@@ -174,6 +179,13 @@ def test_dashboard_shows_live_state_in_chromium_and_talks_only_to_the_admin_list
                 for t in (a.addr, b.addr):
                     page.wait_for(target_state_js(t) + ".indexOf('healthy') >= 0",
                                   what="%s healthy" % t)
+                # Upstream "flaky" answers 500: three in a row open its breaker.
+                page.wait_for(target_state_js(c.addr, "flaky", "breaker") + ".indexOf('open') >= 0",
+                              what="the breaker of %s shown open" % c.addr)
+                st = admin_get(aport, "/status").json()
+                flaky = [u for u in st["upstreams"] if u["name"] == "flaky"][0]
+                assert flaky["breaker"] is True and flaky["targets"][0]["breaker"] in (
+                    "open", "half_open"), flaky
                 rps = page.wait_for(
                     "(function(){var v=parseFloat(document.getElementById('rps').textContent);"
                     "return v > 0 ? v : 0;})()", what="a non-zero request rate")
@@ -200,7 +212,7 @@ def test_dashboard_shows_live_state_in_chromium_and_talks_only_to_the_admin_list
 
                 # The token is kept for the tab: a reload does not ask again.
                 page.call("Page.reload")
-                page.wait_for("document.querySelectorAll('#routes tr[data-route]').length === 4",
+                page.wait_for("document.querySelectorAll('#routes tr[data-route]').length === 5",
                               what="the dashboard after a page reload")
                 assert page.evaluate("document.getElementById('login').hidden") is True
 
