@@ -175,7 +175,8 @@ class Session:
         r = self.call("Runtime.evaluate", timeout=timeout, expression=expr,
                       returnByValue=True, awaitPromise=True)
         if "exceptionDetails" in r:
-            raise CDPError("JS error in %r: %s" % (expr[:80], json.dumps(r["exceptionDetails"])[:500]))
+            raise CDPError("JS error in %r: %s"
+                           % (expr[:80], json.dumps(r["exceptionDetails"])[:500]))
         return r["result"].get("value")
 
     def wait_for(self, expr, timeout=20, what=None):

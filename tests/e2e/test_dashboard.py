@@ -13,7 +13,6 @@ import os
 import re
 import struct
 import threading
-import time
 import urllib.parse
 
 from cdp import Chromium
