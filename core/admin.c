@@ -14,11 +14,21 @@
  * ignored, at most 16 connections, 5 s per connection. Sockets are
  * non-blocking, so a slow or silent client cannot stall the master; a
  * reload does block it while the config loads, as SIGHUP always did.
+ *
+ * It also serves the dashboard (admin/dashboard.html, docs/dashboard.md) at
+ * GET / and GET /dashboard: one file read into memory at start and on each
+ * reload, answered without the token (it holds no data: the page asks for
+ * the token and sends it with its own /status and /metrics requests). Its
+ * inline <style> and <script> are allowed by their sha256 in a strict
+ * Content-Security-Policy computed when the file is read, so the page can
+ * run only its own code and reach only this listener.
  */
 #include "admin.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <strings.h>
@@ -32,6 +42,7 @@
 #define HEAD_MAX 16384
 #define BODY_MAX 65536
 #define CONN_TIMEOUT_MS 5000
+#define PAGE_MAX (1024 * 1024)
 
 typedef struct {
     int fd;      /* -1: free */
@@ -49,6 +60,10 @@ struct mg_admin_s {
     socklen_t addrlen;
     char *token;
     mg_admin_handlers_t h;
+    /* The dashboard: the file's bytes and its security headers, or
+     * page_error (why / answers 404). All owned. */
+    char *page, *page_headers, *page_error;
+    size_t page_len;
     conn_t conns[MAX_CONNS];
 };
 
@@ -121,6 +136,9 @@ void mg_admin_close(mg_admin_t *a)
         conn_free(&a->conns[i]);
     close(a->fd);
     free(a->token);
+    free(a->page);
+    free(a->page_headers);
+    free(a->page_error);
     free(a);
 }
 
@@ -132,6 +150,87 @@ void mg_admin_close_fds(mg_admin_t *a)
     for (size_t i = 0; i < MAX_CONNS; i++)
         if (a->conns[i].fd >= 0)
             close(a->conns[i].fd);
+}
+
+/* ---- the dashboard page -------------------------------------------------- */
+
+/* Adds " 'sha256-<base64>'" for every element <tag>...</tag> of the page
+ * (written without attributes), hashing its exact text as browsers do. */
+static void csp_hashes(const char *page, size_t len, const char *tag,
+                       mg_strbuf_t *out)
+{
+    char open[16], close_tag[16];
+    snprintf(open, sizeof(open), "<%s>", tag);
+    snprintf(close_tag, sizeof(close_tag), "</%s>", tag);
+    const char *p = page, *end = page + len;
+    while ((p = memmem(p, (size_t)(end - p), open, strlen(open)))) {
+        const char *body = p + strlen(open);
+        const char *e =
+            memmem(body, (size_t)(end - body), close_tag, strlen(close_tag));
+        if (!e)
+            return;
+        unsigned char md[EVP_MAX_MD_SIZE];
+        unsigned mdlen = 0;
+        EVP_Digest(body, (size_t)(e - body), md, &mdlen, EVP_sha256(), NULL);
+        unsigned char b64[4 * ((EVP_MAX_MD_SIZE + 2) / 3) + 1];
+        EVP_EncodeBlock(b64, md, (int)mdlen);
+        mg_strbuf_printf(out, " 'sha256-%s'", (const char *)b64);
+        p = e + strlen(close_tag);
+    }
+}
+
+int mg_admin_load_page(mg_admin_t *a, const char *path)
+{
+    free(a->page);
+    free(a->page_headers);
+    free(a->page_error);
+    a->page = a->page_headers = a->page_error = NULL;
+    a->page_len = 0;
+    char msg[PATH_MAX + 128];
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        int e = errno;
+        snprintf(msg, sizeof(msg),
+                 "dashboard not installed: cannot read %s: %s (set "
+                 "MOONGATE_HOME to the directory holding admin/)",
+                 path, strerror(e));
+        a->page_error = mg_strndup(msg, strlen(msg));
+        mg_log_error("%s", msg);
+        return -e;
+    }
+    mg_strbuf_t b = {0};
+    char buf[8192];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof(buf), f)) > 0 && b.len <= PAGE_MAX)
+        mg_strbuf_add(&b, buf, n);
+    int bad = ferror(f) || b.len > PAGE_MAX;
+    fclose(f);
+    if (bad) {
+        snprintf(msg, sizeof(msg),
+                 "dashboard not loaded: %s is unreadable or over 1 MiB", path);
+        a->page_error = mg_strndup(msg, strlen(msg));
+        mg_log_error("%s", msg);
+        mg_strbuf_free(&b);
+        return -EINVAL;
+    }
+    /* Nothing but the page's own hashed code runs, and it may talk only
+     * to this origin: no CDN, no beacon, no framing by another site. */
+    mg_strbuf_t h = {0};
+    mg_strbuf_puts(&h, "Content-Security-Policy: default-src 'none'; "
+                       "script-src");
+    csp_hashes(b.p, b.len, "script", &h);
+    mg_strbuf_puts(&h, "; style-src");
+    csp_hashes(b.p, b.len, "style", &h);
+    mg_strbuf_puts(&h, "; connect-src 'self'; img-src 'self'; "
+                       "base-uri 'none'; form-action 'none'; "
+                       "frame-ancestors 'none'\r\n"
+                       "X-Content-Type-Options: nosniff\r\n"
+                       "X-Frame-Options: DENY\r\n"
+                       "Referrer-Policy: no-referrer\r\n");
+    a->page = b.p;
+    a->page_len = b.len;
+    a->page_headers = h.p;
+    return 0;
 }
 
 /* ---- answers ------------------------------------------------------------ */
@@ -215,9 +314,29 @@ static int token_ok(const char *want, const char *got, size_t len)
     return diff == 0;
 }
 
+/* GET / and /dashboard: the page, open to anyone who reaches the listener
+ * (it carries no data; its requests for data need the token). */
+static void serve_page(mg_admin_t *a, conn_t *c, const char *method)
+{
+    if (strcmp(method, "GET") != 0) {
+        reply_error(c, 405, "the dashboard takes GET only", "Allow: GET\r\n");
+        return;
+    }
+    if (!a->page) {
+        reply_error(c, 404, a->page_error, NULL);
+        return;
+    }
+    mg_strbuf_t body = {.p = a->page, .len = a->page_len};
+    reply(c, 200, "text/html; charset=utf-8", a->page_headers, &body);
+}
+
 static void route_request(mg_admin_t *a, conn_t *c, const char *method,
                           const char *path)
 {
+    if (strcmp(path, "/") == 0 || strcmp(path, "/dashboard") == 0) {
+        serve_page(a, c, method);
+        return;
+    }
     if (a->token) {
         size_t len = 0;
         const char *v = header(c->in, "Authorization", &len);
@@ -258,7 +377,7 @@ static void route_request(mg_admin_t *a, conn_t *c, const char *method,
     }
     reply_error(c, 404,
                 "no such admin endpoint (try /status, /metrics, "
-                "/reload)",
+                "/reload, /dashboard)",
                 NULL);
 }
 

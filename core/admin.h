@@ -1,7 +1,8 @@
 /*
  * The admin listener: a small HTTP/1.1 server run by the master process
  * (see admin.c for why there), answering GET /status, GET /metrics and
- * POST /reload through callbacks the master provides. It knows nothing of
+ * POST /reload through callbacks the master provides, and the dashboard
+ * page (GET /, GET /dashboard) from a file. It knows nothing of
  * what the answers contain; the master and metrics.c build them.
  */
 #ifndef MG_ADMIN_H
@@ -35,6 +36,13 @@ int mg_admin_same_address(const mg_admin_t *a, const mg_admin_conf_t *conf);
 
 /* Takes the token of a new config (NULL: none required). */
 void mg_admin_set_token(mg_admin_t *a, const char *token);
+
+/*
+ * (Re)reads the dashboard page from `path` (borrowed) and computes its
+ * Content-Security-Policy. On failure GET / answers 404 with the reason,
+ * which is also logged. Returns 0 or a negative errno.
+ */
+int mg_admin_load_page(mg_admin_t *a, const char *path);
 
 /* Closes the listener and every connection; NULL is a no-op. */
 void mg_admin_close(mg_admin_t *a);

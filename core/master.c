@@ -17,6 +17,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <llhttp.h>
 #include <openssl/evp.h>
 #include <poll.h>
@@ -37,6 +38,7 @@
 #include "lua.h"
 #include "metrics.h"
 #include "peers.h"
+#include "upstream.h"
 #include "worker.h"
 #include "zones.h"
 
@@ -77,6 +79,11 @@ typedef struct {
     char config_hash[65]; /* hex sha256 of the config file */
     char **chains;        /* per route: plugin chain JSON (lua.h) */
     uint64_t reloads_ok, reloads_failed, restarts;
+    /* The last reload (SIGHUP or POST /reload), for /status: 0 none yet,
+     * 1 accepted, -1 refused with last_reload_error (owned). */
+    int last_reload;
+    char *last_reload_error;
+    time_t last_reload_at; /* wall clock */
 } master_t;
 
 static uint64_t now_ms(void)
@@ -357,13 +364,33 @@ static void describe_config(master_t *m)
         mg_log_lines(MG_LOG_WARN, "plugin chains not described: ", err);
 }
 
+static int reload_inner(master_t *m, char *err, size_t errlen);
+
 /*
  * Validates the config file again and applies it. Returns 0 when the new
  * config is running (or being rolled out to the workers); otherwise the
  * previous one keeps serving and the reason is in err: MG_ECONFIG for an
- * invalid config, -1 when it was valid but could not be applied.
+ * invalid config, -1 when it was valid but could not be applied. The
+ * outcome is remembered for /status.
  */
 static int reload(master_t *m, char *err, size_t errlen)
+{
+    err[0] = '\0';
+    int rc = reload_inner(m, err, errlen);
+    free(m->last_reload_error);
+    m->last_reload_error = NULL;
+    m->last_reload = rc == 0 ? 1 : -1;
+    m->last_reload_at = time(NULL);
+    if (rc) {
+        size_t n = strlen(err);
+        while (n && err[n - 1] == '\n')
+            n--;
+        m->last_reload_error = mg_strndup(err, n);
+    }
+    return rc;
+}
+
+static int reload_inner(master_t *m, char *err, size_t errlen)
 {
     mg_config_t *cfg;
     int rc = mg_config_load(m->config_path, &cfg, err, errlen);
@@ -435,6 +462,8 @@ static void status_routes(const master_t *m, mg_strbuf_t *b)
     mg_strbuf_puts(b, "]");
 }
 
+/* Upstreams with each target's live state from the shared per-target
+ * table (health, breaker, in flight: the whole gateway's numbers). */
 static void status_upstreams(const mg_config_t *cfg, mg_strbuf_t *b)
 {
     mg_strbuf_puts(b, "\"upstreams\":[");
@@ -444,12 +473,28 @@ static void status_upstreams(const mg_config_t *cfg, mg_strbuf_t *b)
         mg_strbuf_json_str(b, u->name);
         mg_strbuf_puts(b, ",\"balance\":");
         mg_strbuf_json_str(b, u->balance ? u->balance : "round_robin");
+        mg_strbuf_printf(b, ",\"health_checks\":%s,\"breaker\":%s",
+                         u->health.enabled ? "true" : "false",
+                         u->breaker.enabled ? "true" : "false");
         mg_strbuf_puts(b, ",\"targets\":[");
+        mg_target_status_t *ts =
+            mg_calloc(u->ntargets ? u->ntargets : 1, sizeof(*ts));
+        mg_upstream_conf_status(u, ts, u->ntargets);
         for (size_t k = 0; k < u->ntargets; k++) {
+            const mg_target_status_t t = ts[k];
             mg_strbuf_puts(b, k ? ",{\"address\":" : "{\"address\":");
-            mg_strbuf_json_str(b, u->targets[k].text);
-            mg_strbuf_printf(b, ",\"weight\":%u}", u->targets[k].weight);
+            mg_strbuf_json_str(b, t.address);
+            mg_strbuf_printf(
+                b,
+                ",\"weight\":%u,\"healthy\":%s,\"breaker\":\"%s\","
+                "\"inflight\":%u,\"failures\":%u,\"requests\":%llu,"
+                "\"failed\":%llu,\"checks\":%llu,\"latency_ms\":%.3f}",
+                t.weight, t.healthy ? "true" : "false", t.breaker, t.inflight,
+                t.failures, (unsigned long long)t.requests,
+                (unsigned long long)t.failed, (unsigned long long)t.checks,
+                t.latency_ms);
         }
+        free(ts);
         mg_strbuf_puts(b, "]}");
     }
     mg_strbuf_puts(b, "]");
@@ -482,7 +527,20 @@ static int admin_status(void *arg, mg_strbuf_t *b)
     mg_strbuf_puts(b, "],\"draining_workers\":[");
     for (size_t i = 0; i < m->nretired; i++)
         mg_strbuf_printf(b, "%s%d", i ? "," : "", (int)m->retired[i]);
-    mg_strbuf_puts(b, "],");
+    mg_strbuf_puts(b, "],\"last_reload\":");
+    if (m->last_reload) {
+        mg_strbuf_printf(b, "{\"result\":\"%s\",\"at\":%lld,\"error\":",
+                         m->last_reload > 0 ? "success" : "failure",
+                         (long long)m->last_reload_at);
+        if (m->last_reload_error)
+            mg_strbuf_json_str(b, m->last_reload_error);
+        else
+            mg_strbuf_puts(b, "null");
+        mg_strbuf_puts(b, "}");
+    } else {
+        mg_strbuf_puts(b, "null");
+    }
+    mg_strbuf_puts(b, ",");
     status_routes(m, b);
     mg_strbuf_puts(b, ",");
     status_upstreams(m->cfg, b);
@@ -532,6 +590,15 @@ static int admin_reload(void *arg, mg_strbuf_t *b)
     return rc == MG_ECONFIG ? 400 : 500;
 }
 
+/* The dashboard lives beside lua/ and plugins/ (MOONGATE_HOME or found
+ * from the executable); read again on each reload so an edit shows. */
+static void load_page(mg_admin_t *a)
+{
+    char path[PATH_MAX + 32];
+    snprintf(path, sizeof(path), "%s/admin/dashboard.html", mg_lua_root());
+    mg_admin_load_page(a, path);
+}
+
 /* Makes the admin listener match m->cfg: opened, kept, moved or closed.
  * A new address that cannot be bound is logged; the old one is kept. */
 static void sync_admin(master_t *m)
@@ -547,6 +614,7 @@ static void sync_admin(master_t *m)
     }
     if (m->admin && mg_admin_same_address(m->admin, ac)) {
         mg_admin_set_token(m->admin, ac->token);
+        load_page(m->admin);
         return;
     }
     mg_admin_handlers_t h = {admin_status, admin_metrics, admin_reload, m};
@@ -561,6 +629,7 @@ static void sync_admin(master_t *m)
     }
     mg_admin_close(m->admin);
     m->admin = a;
+    load_page(a);
     mg_log_info("admin listening on %s", ac->listen.text);
 }
 
@@ -807,6 +876,7 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
     free(m.retired);
     free(m.retired_mslot);
     free_chains(&m);
+    free(m.last_reload_error);
     mg_config_free(m.cfg);
     return 0;
 }

@@ -244,29 +244,46 @@ unsigned mg_upstream_retry_after(mg_upstream_t *u, uint64_t now_ms)
     return s < 1 ? 1 : s > 3600 ? 3600 : (unsigned)s;
 }
 
+/* One target's state, from its shared slot. */
+static void target_status(const mg_upstream_conf_t *c, size_t i, mg_peer_t *pe,
+                          uint64_t now, mg_target_status_t *out)
+{
+    int state = mg_breaker_state(&pe->breaker);
+    if (state == MG_BREAKER_OPEN && c->breaker.enabled
+        && mg_breaker_usable(&pe->breaker, &c->breaker, now))
+        state = MG_BREAKER_HALF_OPEN; /* the next request probes */
+    *out = (mg_target_status_t){
+        .address = c->targets[i].text,
+        .weight = c->targets[i].weight,
+        .healthy = !atomic_load(&pe->down),
+        .breaker = mg_breaker_state_name(state),
+        .inflight = atomic_load(&pe->inflight),
+        .failures = atomic_load(&pe->fails),
+        .requests = atomic_load(&pe->requests),
+        .failed = atomic_load(&pe->failures),
+        .checks = atomic_load(&pe->checks),
+        .latency_ms = (double)atomic_load(&pe->ewma_us) / 1000.0,
+    };
+}
+
 size_t mg_upstream_status(mg_upstream_t *u, mg_target_status_t *out, size_t cap)
 {
     uint64_t now = mg_peers_now_ms();
-    for (size_t i = 0; i < u->ntargets && i < cap; i++) {
-        mg_peer_t *pe = u->peers[i];
-        int state = mg_breaker_state(&pe->breaker);
-        if (state == MG_BREAKER_OPEN && u->conf->breaker.enabled
-            && mg_breaker_usable(&pe->breaker, &u->conf->breaker, now))
-            state = MG_BREAKER_HALF_OPEN; /* the next request probes */
-        out[i] = (mg_target_status_t){
-            .address = u->conf->targets[i].text,
-            .weight = u->conf->targets[i].weight,
-            .healthy = !atomic_load(&pe->down),
-            .breaker = mg_breaker_state_name(state),
-            .inflight = atomic_load(&pe->inflight),
-            .failures = atomic_load(&pe->fails),
-            .requests = atomic_load(&pe->requests),
-            .failed = atomic_load(&pe->failures),
-            .checks = atomic_load(&pe->checks),
-            .latency_ms = (double)atomic_load(&pe->ewma_us) / 1000.0,
-        };
-    }
+    for (size_t i = 0; i < u->ntargets && i < cap; i++)
+        target_status(u->conf, i, u->peers[i], now, &out[i]);
     return u->ntargets;
+}
+
+size_t mg_upstream_conf_status(const mg_upstream_conf_t *c,
+                               mg_target_status_t *out, size_t cap)
+{
+    uint64_t now = mg_peers_now_ms();
+    for (size_t i = 0; i < c->ntargets && i < cap; i++) {
+        mg_peer_t *pe = mg_peers_get(mg_str_from_cstr(c->name),
+                                     mg_str_from_cstr(c->targets[i].text));
+        target_status(c, i, pe, now, &out[i]);
+    }
+    return c->ntargets;
 }
 
 const char *mg_target_name(const mg_target_t *t)

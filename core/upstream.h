@@ -120,6 +120,15 @@ typedef struct {
 size_t mg_upstream_status(mg_upstream_t *u, mg_target_status_t *out,
                           size_t cap);
 
+/*
+ * The same from a config's upstream, for a process that holds no
+ * generation (the master's /status): the shared slots are found by
+ * upstream name and target address, as the workers key them. Needs the
+ * shared table mapped (mg_peers_init). Strings borrow `c`.
+ */
+size_t mg_upstream_conf_status(const mg_upstream_conf_t *c,
+                               mg_target_status_t *out, size_t cap);
+
 typedef void (*mg_upconn_connect_cb)(mg_upconn_t *uc, int status);
 
 /* Data arrived (rbuf[rlen - nread .. rlen)), or nread < 0: EOF/error. */

@@ -54,7 +54,11 @@ def test_status_reports_version_hash_generation_workers_routes_and_upstreams():
         assert chain["phases"]["access"] == [] and chain["handler"] is False, chain
         assert by_path["/x/*"]["name"] == "x-all", by_path
         ups = {u["name"]: u for u in st["upstreams"]}
-        assert ups["up"]["targets"] == [{"address": up.addr, "weight": 1}], ups
+        t = ups["up"]["targets"]
+        assert [(x["address"], x["weight"]) for x in t] == [(up.addr, 1)], ups
+        assert t[0]["healthy"] is True and t[0]["breaker"] == "closed", ups
+        assert t[0]["inflight"] == 0 and ups["up"]["health_checks"] is False, ups
+        assert st["last_reload"] is None, st
         assert ups["up"]["balance"] == "round_robin", ups
 
 
@@ -92,7 +96,7 @@ def test_wrong_method_unknown_path_and_bad_requests_get_json_errors():
             assert r.status == 405, (method, path, r)
             assert r.header("allow") == allow, r
             assert r.json() == {"error": "%s takes %s only" % (path, allow)}, r
-        for path in ("/", "/statusx", "/status/", "/admin/status", "/metrics/../status"):
+        for path in ("/statusx", "/status/", "/admin/status", "/metrics/../status"):
             r = admin(aport, "GET", path)
             assert r.status == 404 and "no such admin endpoint" in r.json()["error"], (path, r)
         # The query string is ignored.

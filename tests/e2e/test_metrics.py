@@ -94,8 +94,15 @@ def test_counts_add_up_across_two_workers():
                 assert request(gw.port, "DELETE", "/nowhere").status == 404
             for i in range(2):
                 assert request(gw.port, "PROPFIND", "/x/q").status == 501
-            after = parse(scrape(aport))
             req = "moongate_http_requests_total"
+
+            # A request is counted once its response is written: the client
+            # may have read it a moment before. Wait for all 60.
+            def all_counted():
+                a = parse(scrape(aport))
+                total = sum(v - before.get(k, 0) for k, v in a.items() if k[0] == req)
+                return a if total == 60 else None
+            after = wait_until(all_counted, 5, interval=0.05, what="60 requests counted")
             assert delta(after, before, req, route="/x/*", method="GET", status="2xx") == 40
             assert delta(after, before, req, route="/x/*", method="POST", status="2xx") == 10
             assert delta(after, before, req, route="/x/*", method="GET", status="5xx") == 5
