@@ -121,6 +121,10 @@ static const char *const route_reserved[] = {
     NULL,
 };
 static const char *const target_fields[] = {"weight", NULL};
+static const char *const listen_fields[] = {"tls", NULL};
+static const char *const tls_fields[] = {"cert", "key", "certificates",
+                                         "ciphers", NULL};
+static const char *const cert_fields[] = {"cert", "key", NULL};
 static const char *const admin_fields[] = {"listen", "token", "allow_remote",
                                            NULL};
 
@@ -583,6 +587,121 @@ static int parse_cidr(const char *text, mg_cidr_t *c)
 
 /* ---- top level ---------------------------------------------------------- */
 
+/* A path from the config: relative ones are taken from the config file's
+ * directory (as nginx takes them from its conf directory). */
+static char *config_relative(const ld_t *ld, const char *path)
+{
+    const char *slash = strrchr(ld->file, '/');
+    if (path[0] == '/' || !slash)
+        return mg_strndup(path, strlen(path));
+    size_t dir = (size_t)(slash - ld->file) + 1, len = strlen(path);
+    char *p = mg_malloc(dir + len + 1);
+    memcpy(p, ld->file, dir);
+    memcpy(p + dir, path, len + 1);
+    return p;
+}
+
+/* { cert = "x.pem", key = "x.key" } at -1, both required: appended to
+ * *certs as config-relative paths. */
+static void load_cert_pair(ld_t *ld, mg_tls_conf_t *tc)
+{
+    char *cert = NULL, *key = NULL;
+    if (get_string(ld, -1, "cert", &cert) == 0)
+        fail(ld, "cert", "required");
+    if (get_string(ld, -1, "key", &key) == 0)
+        fail(ld, "key", "required");
+    if (cert && key) {
+        tc->certs =
+            mg_realloc(tc->certs, (tc->ncerts + 1) * sizeof(*tc->certs));
+        tc->certs[tc->ncerts].cert = config_relative(ld, cert);
+        tc->certs[tc->ncerts].key = config_relative(ld, key);
+        tc->ncerts++;
+    }
+    free(cert);
+    free(key);
+}
+
+/*
+ * tls = { cert = , key = , certificates = { { cert = , key = }, ... },
+ * ciphers = } at -1: cert/key is the default certificate, the others are
+ * chosen by SNI. The files are loaded now, so `moongate check` and a reload
+ * report an unreadable file, bad PEM or a key that does not match.
+ */
+static void load_tls(ld_t *ld, mg_listen_conf_t *lc, const char *saved)
+{
+    lua_State *L = ld->L;
+    mg_tls_conf_t tc = {0};
+    char *ciphers = NULL;
+    unsigned before = ld->nerrors;
+    if (push_field(ld, -1, "cert") || push_field(ld, -1, "key")) {
+        lua_pop(L, 1);
+        load_cert_pair(ld, &tc);
+    }
+    size_t n = 0;
+    if (push_field(ld, -1, "certificates")) {
+        if (list_len(ld, -1, "certificates", &n) == 0) {
+            char pre[sizeof(ld->prefix)];
+            memcpy(pre, ld->prefix, sizeof(pre));
+            for (size_t i = 0; i < n; i++) {
+                lua_rawgeti(L, -1, (int)i + 1);
+                snprintf(ld->prefix, sizeof(ld->prefix), "%scertificates[%zu].",
+                         pre, i + 1);
+                if (lua_type(L, -1) != LUA_TTABLE) {
+                    fail_type(ld, "", -1, "a table { cert = , key = }");
+                } else {
+                    check_fields(ld, -1, cert_fields, NULL);
+                    load_cert_pair(ld, &tc);
+                }
+                lua_pop(L, 1);
+            }
+            memcpy(ld->prefix, pre, sizeof(pre));
+        }
+        lua_pop(L, 1);
+    }
+    get_string(ld, -1, "ciphers", &ciphers);
+    if (ld->nerrors == before && tc.ncerts == 0)
+        fail(ld, "cert", "required (or a non-empty certificates list)");
+    if (ld->nerrors == before) {
+        char err[512];
+        tc.ciphers = ciphers;
+        lc->tls = mg_tls_new(&tc, err, sizeof(err));
+        if (!lc->tls) {
+            snprintf(ld->prefix, sizeof(ld->prefix), "%s", saved);
+            fail(ld, "tls", "%s", err);
+        }
+    }
+    for (size_t i = 0; i < tc.ncerts; i++) {
+        free(tc.certs[i].cert);
+        free(tc.certs[i].key);
+    }
+    free(tc.certs);
+    free(ciphers);
+}
+
+/* { "127.0.0.1:8443", tls = { ... } } at -1, named `f` ("listen[2]"). */
+static void load_listen_entry(ld_t *ld, mg_listen_conf_t *lc, const char *f)
+{
+    lua_State *L = ld->L;
+    char saved[sizeof(ld->prefix)];
+    memcpy(saved, ld->prefix, sizeof(saved));
+    lua_rawgeti(L, -1, 1);
+    if (lua_isnil(L, -1))
+        fail(ld, f, "the address is required as the first element");
+    else if (to_string(ld, -1, f, &lc->text) == 0)
+        parse_addr(ld, f, lc->text, 1, &lc->addr, &lc->addrlen);
+    lua_pop(L, 1);
+    snprintf(ld->prefix, sizeof(ld->prefix), "%s%s.", saved, f);
+    check_fields_pos(ld, -1, listen_fields, NULL, 1);
+    char mine[sizeof(ld->prefix)];
+    memcpy(mine, ld->prefix, sizeof(mine));
+    if (push_record(ld, -1, "tls", tls_fields, NULL)) {
+        snprintf(ld->prefix, sizeof(ld->prefix), "%stls.", mine);
+        load_tls(ld, lc, mine);
+        lua_pop(L, 1);
+    }
+    memcpy(ld->prefix, saved, sizeof(saved));
+}
+
 static void load_listen(ld_t *ld, int t)
 {
     lua_State *L = ld->L;
@@ -607,7 +726,9 @@ static void load_listen(ld_t *ld, int t)
         if (!single)
             lua_rawgeti(L, -1, (int)i + 1);
         mg_listen_conf_t *lc = &cfg->listen[i];
-        if (to_string(ld, -1, single ? "listen" : f, &lc->text) == 0)
+        if (!single && lua_type(L, -1) == LUA_TTABLE)
+            load_listen_entry(ld, lc, f);
+        else if (to_string(ld, -1, single ? "listen" : f, &lc->text) == 0)
             parse_addr(ld, single ? "listen" : f, lc->text, 1, &lc->addr,
                        &lc->addrlen);
         if (!single)
@@ -1631,8 +1752,10 @@ void mg_config_free(mg_config_t *cfg)
 {
     if (!cfg)
         return;
-    for (size_t i = 0; i < cfg->nlisten; i++)
+    for (size_t i = 0; i < cfg->nlisten; i++) {
         free(cfg->listen[i].text);
+        mg_tls_unref(cfg->listen[i].tls);
+    }
     free(cfg->listen);
     for (size_t i = 0; i < cfg->nupstreams; i++)
         free_upstream(&cfg->upstreams[i]);

@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 
 #include "common.h"
+#include "tls.h"
 
 typedef struct mg_config_s mg_config_t;
 
@@ -20,6 +21,8 @@ typedef struct {
     char *text; /* as written in the config */
     struct sockaddr_storage addr;
     socklen_t addrlen;
+    mg_tls_t *tls; /* `{ ADDR, tls = { ... } }`: this config's certificates
+                      (a reference); NULL: plain HTTP */
 } mg_listen_conf_t;
 
 /* An IPv4 or IPv6 CIDR block; an IPv4 block also matches v4-mapped v6. */

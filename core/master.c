@@ -70,6 +70,10 @@ typedef struct {
     char config_hash[65]; /* hex sha256 of the config file */
     char **chains;        /* per route: plugin chain JSON (lua.h) */
     uint64_t reloads_ok, reloads_failed, restarts;
+    uint8_t ticket_secret[MG_TLS_SECRET_LEN]; /* TLS session tickets: drawn
+                                                 once, inherited by every
+                                                 worker (tls.h) */
+    int ticket_ok;
 } master_t;
 
 static uint64_t now_ms(void)
@@ -149,7 +153,9 @@ static pid_t spawn(master_t *m, unsigned slot, int mslot)
         mg_worker_opts_t opts = {.listen_fds = m->fds,
                                  .nlisten = m->nfds,
                                  .slot = slot,
-                                 .config_path = m->config_path};
+                                 .config_path = m->config_path,
+                                 .ticket_secret =
+                                     m->ticket_ok ? m->ticket_secret : NULL};
         /* The worker takes the config (this process's copy of it). */
         exit(mg_worker_run(&opts, m->cfg));
     }
@@ -640,6 +646,10 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
         mg_config_free(cfg);
         return 1;
     }
+    m.ticket_ok = mg_tls_new_secret(m.ticket_secret) == 0;
+    if (!m.ticket_ok)
+        mg_log_warn("no random bytes for a ticket secret: TLS session "
+                    "tickets are off");
     mg_log_info("moongate %s starting %u workers", MG_VERSION, cfg->workers);
     start_workers(&m);
 

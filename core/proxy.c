@@ -377,7 +377,10 @@ static void build_head(mg_proxy_t *p, mg_str_t path, mg_str_t query)
         }
     }
     append(&w, r->client_ip, strlen(r->client_ip));
-    APPEND_LIT(&w, "\r\nX-Forwarded-Proto: http\r\n");
+    if (r->tls)
+        APPEND_LIT(&w, "\r\nX-Forwarded-Proto: https\r\n");
+    else
+        APPEND_LIT(&w, "\r\nX-Forwarded-Proto: http\r\n");
     if (r->host.len) {
         APPEND_LIT(&w, "X-Forwarded-Host: ");
         append_str(&w, r->host);
@@ -649,8 +652,8 @@ static void lua_respond(mg_proxy_t *p)
         char *len = mg_arena_alloc(r->arena, 24);
         int nlen = snprintf(len, 24, "%zu", body.len);
         r->resp_headers_cap = n + 1;
-        r->resp_headers[r->nresp_headers++] = (mg_header_t){
-            MG_STR("Content-Length"), {len, (size_t)nlen}};
+        r->resp_headers[r->nresp_headers++] =
+            (mg_header_t){MG_STR("Content-Length"), {len, (size_t)nlen}};
         r->resp_mutable = 1;
         int what = mg_lua_task_phase(p->task, "header_filter");
         r->resp_mutable = 0;
