@@ -790,12 +790,14 @@ static size_t tls_encrypt(mg_conn_t *c, const uv_buf_t *bufs, unsigned n)
 
 /*
  * Decrypts what the session holds into the read buffer while it has room
- * (the buffer grows during a head exactly as for a socket read). Returns -1
- * when the connection was closed (bad handshake, garbage, refused version:
- * logged at info, never more, since any client can cause it).
+ * (the buffer grows during a head exactly as for a socket read). Returns
+ * the bytes added, or -1 when the connection was closed (bad handshake,
+ * garbage, refused version: logged at info, never more, since any client
+ * can cause it).
  */
 static int tls_pump(mg_conn_t *c)
 {
+    size_t before = c->len;
     for (;;) {
         uv_buf_t b;
         on_alloc((uv_handle_t *)&c->tcp, 0, &b);
@@ -825,7 +827,7 @@ static int tls_pump(mg_conn_t *c)
         break;
     }
     tls_flush(c);
-    return 0;
+    return (int)(c->len - before);
 }
 
 static void read_start(mg_conn_t *c)
@@ -939,6 +941,12 @@ static void advance(mg_conn_t *c)
              * was copied out at headers-complete) the buffer is free. */
             if (c->holds == 0)
                 c->len = c->pos = 0;
+            /* The session may hold more than the buffer took before. */
+            if (c->tls && c->pos == c->len && tls_pump(c) != 0) {
+                if (c->closing)
+                    return;
+                continue;
+            }
             keep_reading(c);
             return;
         case C_DONE:

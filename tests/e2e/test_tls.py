@@ -1,0 +1,394 @@
+"""TLS termination end to end: certificates made with the openssl CLI in the
+test's temp dir (a CA, localhost, a.example.test, *.wild.example.test),
+HTTPS/1.1 through to a real upstream with plugins on the route (curl), SNI
+(openssl s_client), TLS 1.0/1.1 refused, session resumption across worker
+processes, garbage on the TLS port, certificate reload, and `moongate check`
+errors for bad certificate files."""
+
+import json
+import os
+import re
+import signal
+import ssl
+import subprocess
+import tempfile
+import time
+
+from harness import (Client, Gateway, Upstream, free_port, moongate_bin, pattern_sha256,
+                     wait_until)
+
+OPENSSL = "openssl"
+CURL = "curl"
+
+
+def run(argv, timeout=20, **kw):
+    return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=timeout, **kw)
+
+
+def make_cert(d, name, cn, sans, ca="ca", org=None):
+    """A P-256 leaf certificate for `sans` signed by the CA in d."""
+    subj = "/CN=%s" % cn + ("/O=%s" % org if org else "")
+    key, csr, crt = (os.path.join(d, name + ext) for ext in (".key", ".csr", ".pem"))
+    ext = os.path.join(d, name + ".ext")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=%s\n" % ",".join(sans))
+    r = run([OPENSSL, "req", "-new", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key, "-out", csr,
+             "-subj", subj])
+    assert r.returncode == 0, r.stdout
+    r = run([OPENSSL, "x509", "-req", "-in", csr, "-CA", os.path.join(d, ca + ".pem"),
+             "-CAkey", os.path.join(d, ca + ".key"), "-CAcreateserial", "-out", crt,
+             "-days", "2", "-extfile", ext])
+    assert r.returncode == 0, r.stdout
+    return crt, key
+
+
+def make_pki(d):
+    """CA + the three leaves; returns {name: (cert, key)} and the CA path."""
+    r = run([OPENSSL, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", os.path.join(d, "ca.key"),
+             "-out", os.path.join(d, "ca.pem"), "-days", "2", "-subj", "/CN=moongate test CA"])
+    assert r.returncode == 0, r.stdout
+    certs = {
+        "localhost": make_cert(d, "localhost", "localhost", ["DNS:localhost", "IP:127.0.0.1"]),
+        "a": make_cert(d, "a", "a.example.test", ["DNS:a.example.test"]),
+        "wild": make_cert(d, "wild", "*.wild.example.test", ["DNS:*.wild.example.test"]),
+    }
+    return certs, os.path.join(d, "ca.pem")
+
+
+def tls_config(tls_port, tls_lua, up=None, workers=1, routes=None, extra=""):
+    ups = 'upstreams = { up = { targets = { "%s" } } },' % up.addr if up else ""
+    routes = routes or """
+    { path = "/*", upstream = "up",
+      plugins = {
+        ["request-id"] = {},
+        inline = { access = function(conf, ctx)
+            local gw = require("moongate.gw")
+            gw.request.set_header(ctx, "X-Inline", "seen")
+        end },
+      } },"""
+    return """return {
+  listen = { "@LISTEN@", { "127.0.0.1:%d", tls = %s } },
+  workers = %d,
+  pid_file = "@PID_FILE@", error_log = "@ERROR_LOG@", log_level = "info",
+  %s
+  routes = { %s },
+  %s
+}
+""" % (tls_port, tls_lua, workers, ups, routes, extra)
+
+
+def tls_table(certs, default="localhost", extra=("a", "wild")):
+    c, k = certs[default]
+    more = ", ".join('{ cert = "%s", key = "%s" }' % certs[n] for n in extra)
+    return '{ cert = "%s", key = "%s", certificates = { %s } }' % (c, k, more)
+
+
+class Env:
+    def __init__(self, workers=1, extra=""):
+        self.dir = tempfile.mkdtemp(prefix="mg-tls-")
+        self.certs, self.ca = make_pki(self.dir)
+        self.tls_port = free_port()
+        self.workers = workers
+        self.extra = extra
+
+    def gateway(self, up):
+        return Gateway(tls_config(self.tls_port, tls_table(self.certs), up=up,
+                                  workers=self.workers, extra=self.extra))
+
+    def curl(self, *args, path="/", host="localhost"):
+        argv = [CURL, "-sS", "--max-time", "10", "--cacert", self.ca]
+        argv += list(args)
+        argv.append("https://%s:%d%s" % (host, self.tls_port, path))
+        return run(argv, timeout=20)
+
+    def s_client(self, *args, stdin_sleep=0.3):
+        """openssl s_client; stdin stays open a moment so that TLS 1.3
+        tickets (sent after the handshake) arrive."""
+        argv = [OPENSSL, "s_client", "-connect", "127.0.0.1:%d" % self.tls_port,
+                "-CAfile", self.ca] + list(args)
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
+        time.sleep(stdin_sleep)
+        out, _ = p.communicate(b"", timeout=20)
+        return p.returncode, out.decode("latin-1")
+
+    def tls_client(self, server_hostname="localhost"):
+        """A harness Client (raw HTTP/1.1) over a verified TLS connection."""
+        ctx = ssl.create_default_context(cafile=self.ca)
+        c = Client(self.tls_port)
+        c.sock = ctx.wrap_socket(c.sock, server_hostname=server_hostname)
+        return c
+
+
+def subject_of(out):
+    m = re.search(r"^subject=(.*)$", out, re.M)
+    return m.group(1) if m else None
+
+
+def test_https_requests_reach_the_upstream_with_plugins():
+    env = Env()
+    with Upstream() as up, env.gateway(up) as gw:
+        r = env.curl("-v", path="/users/1?x=y")
+        out = r.stdout.decode("latin-1")
+        assert r.returncode == 0, out
+        assert "ALPN: server accepted http/1.1" in out, out
+        body = json.loads(out[out.rindex("\n{") + 1:])
+        assert body["path"] == "/users/1?x=y", body
+        hdrs = {n.lower(): v for n, v in body["headers"]}
+        assert hdrs["x-forwarded-proto"] == "https", hdrs
+        assert hdrs["x-inline"] == "seen", hdrs
+        assert re.search(r"< x-request-id: \w+", out, re.I), out
+        # POST with a 1 MB body, and a chunked upload.
+        blob = os.path.join(env.dir, "blob")
+        with open(blob, "wb") as f:
+            f.write(os.urandom(1 << 20))
+        r = env.curl("--data-binary", "@" + blob, path="/post?drain=1")
+        d = json.loads(r.stdout)
+        assert r.returncode == 0 and d["body_len"] == 1 << 20, r.stdout[:300]
+        r = env.curl("-H", "Transfer-Encoding: chunked", "--data-binary", "@" + blob,
+                     path="/chunked?drain=1")
+        d = json.loads(r.stdout)
+        assert d["body_len"] == 1 << 20, d
+        # A large streamed response comes back whole.
+        out_file = os.path.join(env.dir, "big")
+        r = env.curl("-o", out_file, path="/big?size=3000000")
+        assert r.returncode == 0, r.stdout
+        with open(out_file, "rb") as f:
+            got = f.read()
+        assert len(got) == 3000000 and _sha(got) == pattern_sha256(3000000)
+        # Keep-alive: curl reuses one TLS connection for three requests.
+        argv = [CURL, "-sS", "-v", "--max-time", "10", "--cacert", env.ca]
+        for i in range(3):
+            argv.append("https://localhost:%d/ka/%d" % (env.tls_port, i))
+        r = run(argv)
+        out = r.stdout.decode("latin-1")
+        assert r.returncode == 0, out
+        assert out.count("Re-using existing connection") == 2, out
+        assert out.count('"path": "/ka/') + out.count('"path":"/ka/') == 3, out
+        # Plain HTTP on the other listener is untouched.
+        with Client(gw.port) as c:
+            d = c.request("GET", "/plain").json()
+            hdrs = {n.lower(): v for n, v in d["headers"]}
+            assert hdrs["x-forwarded-proto"] == "http", hdrs
+
+
+def _sha(b):
+    import hashlib
+    return hashlib.sha256(b).hexdigest()
+
+
+def test_pipelined_requests_and_keepalive_over_tls():
+    env = Env()
+    with Upstream() as up, env.gateway(up):
+        c = env.tls_client()
+        try:
+            req = "".join("GET /p/%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % i for i in range(20))
+            c.send(req)
+            for i in range(20):
+                r = c.read_response()
+                assert r.status == 200 and r.json()["path"] == "/p/%d" % i, r
+            r = c.request("POST", "/after", body=b"x" * 100000)
+            assert r.json()["body_len"] == 100000, r
+        finally:
+            c.close()
+
+
+def test_sni_picks_the_certificate():
+    env = Env()
+    with Upstream() as up, env.gateway(up):
+        cases = [("a.example.test", "CN = a.example.test"),
+                 ("x.wild.example.test", "CN = *.wild.example.test"),
+                 ("A.Example.Test", "CN = a.example.test"),
+                 ("localhost", "CN = localhost"),
+                 # no match, or a wildcard one label too deep: the default
+                 ("other.test", "CN = localhost"),
+                 ("a.b.wild.example.test", "CN = localhost"),
+                 ("wild.example.test", "CN = localhost")]
+        for name, want in cases:
+            rc, out = env.s_client("-servername", name, stdin_sleep=0)
+            assert subject_of(out) == want, (name, subject_of(out), out[-800:])
+        rc, out = env.s_client("-noservername", stdin_sleep=0)
+        assert subject_of(out) == "CN = localhost", out[-800:]
+        # curl verifies the SNI-chosen certificate against the name.
+        r = run([CURL, "-sS", "--max-time", "10", "--cacert", env.ca, "--resolve",
+                 "q.wild.example.test:%d:127.0.0.1" % env.tls_port,
+                 "https://q.wild.example.test:%d/sni" % env.tls_port])
+        assert r.returncode == 0 and json.loads(r.stdout)["path"] == "/sni", r.stdout
+
+
+def test_tls_1_0_and_1_1_are_refused_1_2_and_1_3_work():
+    env = Env()
+    with Upstream() as up, env.gateway(up) as gw:
+        for flag in ("-tls1", "-tls1_1"):
+            since = gw.log_size()
+            rc, out = env.s_client(flag, "-cipher", "DEFAULT@SECLEVEL=0", stdin_sleep=0)
+            assert rc != 0, out
+            assert "Cipher is (NONE)" in out or "no peer certificate" in out, out
+            # Refused by the gateway (not by the client's own policy).
+            gw.wait_log(r"TLS: unsupported protocol", since=since)
+        for flag, proto in (("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")):
+            rc, out = env.s_client(flag, stdin_sleep=0)
+            assert "Protocol  : %s" % proto in out or ("New, %s" % proto) in out, out
+            assert "Verify return code: 0 (ok)" in out, out
+        # TLS 1.2 offers forward-secret AEAD ciphers only.
+        rc, out = env.s_client("-tls1_2", "-cipher", "AES128-SHA256", stdin_sleep=0)
+        assert rc != 0 and "Cipher is (NONE)" in out, out
+        rc, out = env.s_client("-tls1_2", stdin_sleep=0)
+        assert re.search(r"Cipher is ECDHE-ECDSA-(AES\d+-GCM|CHACHA20)", out), out
+
+
+def test_sessions_resume_across_workers_and_worker_restarts():
+    env = Env(workers=2)
+    with Upstream() as up, env.gateway(up) as gw:
+        for proto in ("-tls1_3", "-tls1_2"):
+            sess = os.path.join(env.dir, "sess" + proto)
+            rc, out = env.s_client(proto, "-servername", "localhost", "-sess_out", sess)
+            assert out.count("New, TLSv1.") == 1, out
+            for _ in range(6):
+                rc, out = env.s_client(proto, "-servername", "localhost", "-sess_in", sess)
+                assert "Reused, TLSv1." in out, out
+        # Both workers die; their replacements never saw the session, yet
+        # resume it: the ticket keys come from the master.
+        sess = os.path.join(env.dir, "sess-restart")
+        rc, out = env.s_client("-servername", "localhost", "-sess_out", sess)
+        old = set(gw.worker_pids())
+        assert len(old) == 2
+        for pid in old:
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: len(set(gw.worker_pids()) - old) == 2, 15,
+                   what="both workers replaced")
+        wait_until(lambda: env.curl(path="/ready").returncode == 0, 10,
+                   what="TLS served by the new workers")
+        for _ in range(4):
+            rc, out = env.s_client("-servername", "localhost", "-sess_in", sess)
+            assert "Reused, TLSv1.3" in out, out
+
+
+def test_garbage_and_silent_clients_are_closed_and_the_gateway_keeps_serving():
+    env = Env(extra="limits = { header_timeout = 1 },")
+    with Upstream() as up, env.gateway(up) as gw:
+        since = gw.log_size()
+        payloads = [b"\x00" * 10, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", os.urandom(5000),
+                    # a TLS record header claiming a huge handshake message
+                    b"\x16\x03\x01\xff\xff" + os.urandom(3000),
+                    b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00"]
+        for p in payloads:
+            with Client(env.tls_port) as c:
+                c.send(p)
+                assert c.wait_closed(timeout=5), p[:20]
+        gw.wait_log(r"\[info\] worker \d+: client 127\.0\.0\.1: TLS: ", since=since)
+        # A client that connects and says nothing: closed after header_timeout.
+        with Client(env.tls_port) as c:
+            t0 = time.monotonic()
+            assert c.wait_closed(timeout=5)
+            assert time.monotonic() - t0 > 0.5
+        # A handshake, then silence: the idle deadline closes it too.
+        c = env.tls_client()
+        try:
+            c.sock.settimeout(5)
+            assert c.sock.recv(100) == b""
+        except (ssl.SSLError, ConnectionResetError):
+            pass
+        finally:
+            c.close()
+        r = env.curl(path="/still")
+        assert r.returncode == 0 and json.loads(r.stdout)["path"] == "/still", r.stdout
+        assert gw.running()
+        assert "[error]" not in gw.log_text()
+
+
+def test_reload_brings_a_new_certificate_to_new_connections():
+    env = Env()
+    with Upstream() as up:
+        gw = env.gateway(up)
+        with gw:
+            rc, out = env.s_client("-servername", "localhost", stdin_sleep=0)
+            assert subject_of(out) == "CN = localhost", out
+            keep = env.tls_client()
+            try:
+                assert keep.request("GET", "/before").status == 200
+                env.certs["localhost"] = make_cert(env.dir, "localhost2", "localhost",
+                                                   ["DNS:localhost"], org="gen2")
+                gw.reload(tls_config(env.tls_port, tls_table(env.certs), up=up))
+                rc, out = env.s_client("-servername", "localhost", stdin_sleep=0)
+                assert subject_of(out) == "CN = localhost, O = gen2", out
+                r = env.curl(path="/after")
+                assert r.returncode == 0, r.stdout
+                # The connection made before the reload goes on, on its
+                # own certificate.
+                r = keep.request("GET", "/kept")
+                assert r.status == 200 and r.json()["path"] == "/kept"
+                assert "O=gen2" not in str(keep.sock.getpeercert()["subject"])
+            finally:
+                keep.close()
+            # A reload naming a missing file is refused; TLS keeps serving.
+            missing = dict(env.certs)
+            missing["localhost"] = (os.path.join(env.dir, "nope.pem"), env.certs["a"][1])
+            since = gw.log_size()
+            gw.write_config(tls_config(env.tls_port, tls_table(missing), up=up))
+            gw.signal(signal.SIGHUP)
+            gw.wait_log(r"reload refused.*nope\.pem", since=since)
+            assert env.curl(path="/x").returncode == 0
+
+
+def check(text):
+    d = tempfile.mkdtemp(prefix="mg-tls-check-")
+    path = os.path.join(d, "moongate.lua")
+    with open(path, "w") as f:
+        f.write(text)
+    r = run([moongate_bin(), "check", "-c", path])
+    return r.returncode, r.stdout.decode("latin-1")
+
+
+def test_check_reports_bad_certificate_files():
+    d = tempfile.mkdtemp(prefix="mg-tls-")
+    certs, ca = make_pki(d)
+    lc, lk = certs["localhost"]
+    ac, ak = certs["a"]
+    garbage = os.path.join(d, "garbage.pem")
+    with open(garbage, "w") as f:
+        f.write("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+
+    def conf(tls):
+        return ('return { listen = { "127.0.0.1:1", { "127.0.0.1:2", tls = %s } },'
+                ' routes = { { path = "/", handler = function() return 200 end } } }' % tls)
+
+    rc, out = check(conf('{ cert = "%s", key = "%s" }' % (lc, lk)))
+    assert rc == 0, out
+    cases = [
+        ('{ cert = "%s/missing.pem", key = "%s" }' % (d, lk),
+         r'listen\[2\]\.tls: cannot read certificate file ".*/missing\.pem": No such file'),
+        ('{ cert = "%s", key = "%s/missing.key" }' % (lc, d),
+         r'listen\[2\]\.tls: cannot read key file ".*/missing\.key"'),
+        ('{ cert = "%s", key = "%s" }' % (lc, ak),
+         r'listen\[2\]\.tls: key file ".*/a\.key".*(does not match|not a usable)'),
+        ('{ cert = "%s", key = "%s" }' % (garbage, lk),
+         r'listen\[2\]\.tls: certificate file ".*/garbage\.pem": not a valid PEM'),
+        ('{ cert = "%s", key = "%s" }' % (lc, garbage),
+         r'listen\[2\]\.tls: key file ".*/garbage\.pem": not a usable PEM private key'),
+        ('{ cert = "%s", key = "%s", certificates = { { cert = "%s", key = "%s" } } }'
+         % (lc, lk, ac, lk), r'key file ".*/localhost\.key".*certificate ".*/a\.pem"'),
+        ('{ cert = "%s" }' % lc, r"listen\[2\]\.tls\.key: required"),
+        ('{ certificates = { { key = "%s" } } }' % lk,
+         r"listen\[2\]\.tls\.certificates\[1\]\.cert: required"),
+        ("{ }", r"listen\[2\]\.tls\.cert: required"),
+        ('{ cert = "%s", key = "%s", versions = 1 }' % (lc, lk),
+         r"listen\[2\]\.tls\.versions: unknown field"),
+        ('{ cert = "%s", key = "%s", ciphers = "NOPE" }' % (lc, lk),
+         r'listen\[2\]\.tls: ciphers: no usable cipher in "NOPE"'),
+    ]
+    for tls, want in cases:
+        rc, out = check(conf(tls))
+        assert rc != 0, (tls, out)
+        assert re.search(want, out), (want, out)
+    # The address is required, extra fields are reported.
+    rc, out = check('return { listen = { { tls = { cert = "%s", key = "%s" } } },'
+                    ' routes = {} }' % (lc, lk))
+    assert rc != 0 and "listen[1]: the address is required" in out, out
+    # Relative paths are taken from the config file's directory.
+    rc, out = check(conf('{ cert = "c.pem", key = "k.pem" }'))
+    assert rc != 0 and re.search(r'cannot read certificate file ".*/mg-tls-check-[^/]+/c\.pem"',
+                                 out), out
