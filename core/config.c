@@ -587,6 +587,16 @@ static int parse_cidr(const char *text, mg_cidr_t *c)
 
 /* ---- top level ---------------------------------------------------------- */
 
+/* ld->prefix = a + b, truncated (a and b may not overlap the prefix). */
+static void prefix_join(ld_t *ld, const char *a, const char *b)
+{
+    size_t la = strnlen(a, sizeof(ld->prefix) - 1);
+    size_t lb = strnlen(b, sizeof(ld->prefix) - 1 - la);
+    memcpy(ld->prefix, a, la);
+    memcpy(ld->prefix + la, b, lb);
+    ld->prefix[la + lb] = '\0';
+}
+
 /* A path from the config: relative ones are taken from the config file's
  * directory (as nginx takes them from its conf directory). */
 static char *config_relative(const ld_t *ld, const char *path)
@@ -644,8 +654,9 @@ static void load_tls(ld_t *ld, mg_listen_conf_t *lc, const char *saved)
             memcpy(pre, ld->prefix, sizeof(pre));
             for (size_t i = 0; i < n; i++) {
                 lua_rawgeti(L, -1, (int)i + 1);
-                snprintf(ld->prefix, sizeof(ld->prefix), "%scertificates[%zu].",
-                         pre, i + 1);
+                char item[40];
+                snprintf(item, sizeof(item), "certificates[%zu].", i + 1);
+                prefix_join(ld, pre, item);
                 if (lua_type(L, -1) != LUA_TTABLE) {
                     fail_type(ld, "", -1, "a table { cert = , key = }");
                 } else {
@@ -666,7 +677,7 @@ static void load_tls(ld_t *ld, mg_listen_conf_t *lc, const char *saved)
         tc.ciphers = ciphers;
         lc->tls = mg_tls_new(&tc, err, sizeof(err));
         if (!lc->tls) {
-            snprintf(ld->prefix, sizeof(ld->prefix), "%s", saved);
+            prefix_join(ld, saved, "");
             fail(ld, "tls", "%s", err);
         }
     }
@@ -690,12 +701,14 @@ static void load_listen_entry(ld_t *ld, mg_listen_conf_t *lc, const char *f)
     else if (to_string(ld, -1, f, &lc->text) == 0)
         parse_addr(ld, f, lc->text, 1, &lc->addr, &lc->addrlen);
     lua_pop(L, 1);
-    snprintf(ld->prefix, sizeof(ld->prefix), "%s%s.", saved, f);
+    char me[40];
+    snprintf(me, sizeof(me), "%s.", f);
+    prefix_join(ld, saved, me);
     check_fields_pos(ld, -1, listen_fields, NULL, 1);
     char mine[sizeof(ld->prefix)];
     memcpy(mine, ld->prefix, sizeof(mine));
     if (push_record(ld, -1, "tls", tls_fields, NULL)) {
-        snprintf(ld->prefix, sizeof(ld->prefix), "%stls.", mine);
+        prefix_join(ld, mine, "tls.");
         load_tls(ld, lc, mine);
         lua_pop(L, 1);
     }
