@@ -66,7 +66,7 @@ def tls_config(tls_port, tls_lua, up=None, workers=1, routes=None, extra=""):
         ["request-id"] = {},
         inline = { access = function(conf, ctx)
             local gw = require("moongate.gw")
-            gw.request.set_header(ctx, "X-Inline", "seen")
+            gw.request.set_header(ctx, "X-Inline", gw.request.get_scheme(ctx))
         end },
       } },"""
     return """return {
@@ -139,7 +139,7 @@ def test_https_requests_reach_the_upstream_with_plugins():
         assert body["path"] == "/users/1?x=y", body
         hdrs = {n.lower(): v for n, v in body["headers"]}
         assert hdrs["x-forwarded-proto"] == "https", hdrs
-        assert hdrs["x-inline"] == "seen", hdrs
+        assert hdrs["x-inline"] == "https", hdrs
         assert re.search(r"< x-request-id: \w+", out, re.I), out
         # POST with a 1 MB body, and a chunked upload.
         blob = os.path.join(env.dir, "blob")
@@ -173,6 +173,7 @@ def test_https_requests_reach_the_upstream_with_plugins():
             d = c.request("GET", "/plain").json()
             hdrs = {n.lower(): v for n, v in d["headers"]}
             assert hdrs["x-forwarded-proto"] == "http", hdrs
+            assert hdrs["x-inline"] == "http", hdrs
 
 
 def _sha(b):
