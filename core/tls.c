@@ -16,6 +16,7 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
+#include <openssl/pem.h>
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
@@ -283,19 +284,36 @@ static int load_cert(mg_tls_t *t, const mg_tls_conf_t *conf,
                  cc->cert, why);
         return -1;
     }
-    if (SSL_CTX_use_PrivateKey_file(c->ctx, cc->key, SSL_FILETYPE_PEM) != 1) {
+    /* The key is read on its own first, so that a bad file and a key of
+     * another certificate get different messages. */
+    EVP_PKEY *pkey = NULL;
+    FILE *f = fopen(cc->key, "r");
+    if (f) {
+        pkey = PEM_read_PrivateKey(f, NULL, NULL, NULL);
+        fclose(f);
+    }
+    if (!pkey) {
         ssl_reason(why, sizeof(why));
         snprintf(err, errlen,
-                 "key file \"%s\": not a usable PEM private key, or it "
-                 "does not match certificate \"%s\" (%s)",
-                 cc->key, cc->cert, why);
+                 "key file \"%s\": not an unencrypted PEM private key (%s)",
+                 cc->key, why);
         return -1;
     }
-    if (SSL_CTX_check_private_key(c->ctx) != 1) {
-        ssl_reason(why, sizeof(why));
+    int match = X509_check_private_key(SSL_CTX_get0_certificate(c->ctx), pkey);
+    ERR_clear_error();
+    if (match != 1) {
+        EVP_PKEY_free(pkey);
         snprintf(err, errlen,
-                 "key file \"%s\" does not match certificate \"%s\" (%s)",
-                 cc->key, cc->cert, why);
+                 "key file \"%s\" does not match certificate \"%s\"", cc->key,
+                 cc->cert);
+        return -1;
+    }
+    int used = SSL_CTX_use_PrivateKey(c->ctx, pkey);
+    EVP_PKEY_free(pkey);
+    if (used != 1 || SSL_CTX_check_private_key(c->ctx) != 1) {
+        ssl_reason(why, sizeof(why));
+        snprintf(err, errlen, "key file \"%s\": unusable key (%s)", cc->key,
+                 why);
         return -1;
     }
     index_names(c, SSL_CTX_get0_certificate(c->ctx));
