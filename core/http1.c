@@ -734,7 +734,7 @@ static void on_tls_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
 {
     mg_conn_t *c = h->data;
     size_t len;
-    char *p = mg_tls_conn_inbuf(c->tls, &len);
+    char *p = mg_worker_scratch(c->w, &len);
     *b = uv_buf_init(p, (unsigned)len);
 }
 

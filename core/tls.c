@@ -37,7 +37,6 @@
     "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"               \
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 #define TICKET_PERIOD_S 3600 /* key rotation; tickets live up to 2 periods */
-#define INBUF_LEN 16384
 
 typedef struct {
     SSL_CTX *ctx;
@@ -58,7 +57,6 @@ struct mg_tls_conn_s {
     BIO *rbio, *wbio;
     mg_tls_t *tls;
     char err[160];
-    char in[INBUF_LEN];
 };
 
 /* ---- ticket keys ---------------------------------------------------------
@@ -396,12 +394,6 @@ void mg_tls_conn_free(mg_tls_conn_t *tc)
     SSL_free(tc->ssl);
     mg_tls_unref(tc->tls);
     free(tc);
-}
-
-char *mg_tls_conn_inbuf(mg_tls_conn_t *tc, size_t *len)
-{
-    *len = sizeof(tc->in);
-    return tc->in;
 }
 
 void mg_tls_conn_feed(mg_tls_conn_t *tc, const char *p, size_t n)

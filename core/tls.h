@@ -64,9 +64,6 @@ int mg_tls_new_secret(uint8_t secret[MG_TLS_SECRET_LEN]);
 mg_tls_conn_t *mg_tls_conn_new(mg_tls_t *t);
 void mg_tls_conn_free(mg_tls_conn_t *tc); /* NULL is fine */
 
-/* A buffer for the next socket read (ciphertext), owned by tc. */
-char *mg_tls_conn_inbuf(mg_tls_conn_t *tc, size_t *len);
-
 /* Ciphertext read from the socket (copied). */
 void mg_tls_conn_feed(mg_tls_conn_t *tc, const char *p, size_t n);
 

@@ -41,6 +41,7 @@ struct mg_worker_s {
     int shut;
     uint64_t rng[2];
     mg_health_t *health; /* active health checks: worker 1 only */
+    char scratch[65536]; /* mg_worker_scratch */
 };
 
 mg_gen_t *mg_worker_gen(mg_worker_t *w)
@@ -72,6 +73,12 @@ static void set_access_log(mg_worker_t *w, const mg_config_t *cfg)
     w->alog = mg_accesslog_open(&w->loop, want, err, sizeof(err));
     if (!w->alog)
         mg_log_error("%s", err);
+}
+
+char *mg_worker_scratch(mg_worker_t *w, size_t *len)
+{
+    *len = sizeof(w->scratch);
+    return w->scratch;
 }
 
 mg_lua_t *mg_worker_lua(mg_worker_t *w)

@@ -40,6 +40,14 @@ uv_loop_t *mg_worker_loop(mg_worker_t *w);
 typedef struct mg_accesslog_s mg_accesslog_t;
 mg_accesslog_t *mg_worker_accesslog(mg_worker_t *w);
 
+/*
+ * A read buffer for bytes that are copied elsewhere as soon as they are
+ * read (TLS ciphertext goes straight into the session): libuv calls a
+ * stream's alloc and read callbacks back to back, so one buffer serves
+ * every connection of the worker. Valid until the callback returns.
+ */
+char *mg_worker_scratch(mg_worker_t *w, size_t *len);
+
 /* The worker's Lua VM. */
 mg_lua_t *mg_worker_lua(mg_worker_t *w);
 
