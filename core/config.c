@@ -82,9 +82,12 @@ static const char *const limits_fields[] = {
     "drain_timeout",     NULL,
 };
 static const char *const upstream_fields[] = {
-    "targets", "balance", "timeouts", "keepalive", "max_pending", "hash_on",
-    "health",  "passive", "breaker",  "retries",   "dns_refresh", NULL,
+    "targets",     "balance", "timeouts", "keepalive", "max_pending",
+    "hash_on",     "health",  "passive",  "breaker",   "retries",
+    "dns_refresh", "tls",     NULL,
 };
+static const char *const upstream_tls_fields[] = {"ca",   "sni", "verify",
+                                                  "cert", "key", NULL};
 static const char *const health_fields[] = {
     "path", "interval", "timeout", "healthy", "unhealthy", "statuses", NULL,
 };
@@ -987,6 +990,11 @@ static void load_target(ld_t *ld, size_t i, mg_target_conf_t *tc)
         return;
     }
     if (to_string(ld, -1, f, &tc->text) == 0
+        && strncmp(tc->text, "https://", 8) == 0) {
+        tc->https = 1;
+        memmove(tc->text, tc->text + 8, strlen(tc->text + 8) + 1);
+    }
+    if (tc->text
         && parse_addr(ld, f, tc->text, 0, &tc->addr, &tc->addrlen) == 0)
         tc->host = name_of(tc->text);
     if (table)
@@ -1251,6 +1259,93 @@ static void load_retries(ld_t *ld, mg_upstream_conf_t *u)
     lua_pop(ld->L, 1);
 }
 
+/* The host of "host:port" or "[v6]:port" (caller frees). */
+static char *host_part(const char *text)
+{
+    const char *colon = strrchr(text, ':');
+    size_t n = colon ? (size_t)(colon - text) : strlen(text);
+    if (text[0] == '[' && n >= 2)
+        return mg_strndup(text + 1, n - 2);
+    return mg_strndup(text, n);
+}
+
+/*
+ * tls = true | false | { ca =, sni =, verify =, cert =, key = } on the
+ * upstream at -1, and https:// targets (which turn it on): builds the
+ * client context and gives each target its SNI / verified name.
+ */
+static void load_upstream_tls(ld_t *ld, mg_upstream_conf_t *u)
+{
+    lua_State *L = ld->L;
+    size_t https = 0;
+    for (size_t i = 0; i < u->ntargets; i++)
+        https += u->targets[i].https ? 1 : 0;
+    if (https && https != u->ntargets)
+        fail(ld, "targets", "mixes https:// and plain targets");
+    int want = https > 0, is_false = 0;
+    char *ca = NULL, *sni = NULL, *cert = NULL, *key = NULL;
+    mg_tls_client_conf_t cc = {.verify = 1};
+    if (push_field(ld, -1, "tls")) {
+        if (lua_type(L, -1) == LUA_TBOOLEAN) {
+            want |= lua_toboolean(L, -1);
+            is_false = !lua_toboolean(L, -1);
+            lua_pop(L, 1);
+        } else {
+            lua_pop(L, 1);
+            if (push_record(ld, -1, "tls", upstream_tls_fields, NULL)) {
+                want = 1;
+                set_prefix(ld, "tls.");
+                get_string(ld, -1, "ca", &ca);
+                get_string(ld, -1, "sni", &sni);
+                get_string(ld, -1, "cert", &cert);
+                get_string(ld, -1, "key", &key);
+                if (push_field(ld, -1, "verify")) {
+                    if (lua_type(L, -1) == LUA_TBOOLEAN)
+                        cc.verify = lua_toboolean(L, -1);
+                    else
+                        fail_type(ld, "verify", -1, "a boolean");
+                    lua_pop(L, 1);
+                }
+                if (!cert != !key)
+                    fail(ld, cert ? "key" : "cert", "required with a client %s",
+                         cert ? "cert" : "key");
+                set_prefix(ld, "");
+                lua_pop(L, 1);
+            }
+        }
+    }
+    if (is_false && https)
+        fail(ld, "tls", "is false, but the targets are https://");
+    if (want && u->health.enabled)
+        fail(ld, "health",
+             "active health checks over TLS are not supported yet (passive "
+             "checks are)");
+    if (want && ld->nerrors == 0) {
+        char *paths[3] = {ca ? config_relative(ld, ca) : NULL,
+                          cert ? config_relative(ld, cert) : NULL,
+                          key ? config_relative(ld, key) : NULL};
+        char err[512];
+        cc.ca = paths[0];
+        cc.cert = paths[1];
+        cc.key = paths[2];
+        u->tls = mg_tls_client_new(&cc, err, sizeof(err));
+        if (!u->tls)
+            fail(ld, "tls", "%s", err);
+        for (size_t i = 0; u->tls && i < u->ntargets; i++) {
+            mg_target_conf_t *tc = &u->targets[i];
+            tc->tls = u->tls;
+            tc->tls_name =
+                sni ? mg_strndup(sni, strlen(sni)) : host_part(tc->text);
+        }
+        for (int i = 0; i < 3; i++)
+            free(paths[i]);
+    }
+    free(ca);
+    free(sni);
+    free(cert);
+    free(key);
+}
+
 /* The upstream record at the top of the stack. */
 static void load_upstream(ld_t *ld, mg_upstream_conf_t *u)
 {
@@ -1288,6 +1383,7 @@ static void load_upstream(ld_t *ld, mg_upstream_conf_t *u)
         lua_pop(ld->L, 1);
     }
     get_uint(ld, -1, "max_pending", 0, 1u << 24, &u->max_pending);
+    load_upstream_tls(ld, u);
 }
 
 static int cmp_upstream(const void *a, const void *b)
@@ -1744,12 +1840,14 @@ static void free_upstream(mg_upstream_conf_t *u)
     for (size_t i = 0; i < u->ntargets; i++) {
         free(u->targets[i].text);
         free(u->targets[i].host);
+        free(u->targets[i].tls_name);
     }
     free(u->targets);
     free(u->name);
     free(u->balance);
     free(u->hash_header);
     free(u->health.path);
+    mg_tls_client_unref(u->tls);
 }
 
 static void free_route(mg_route_conf_t *r)

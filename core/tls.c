@@ -11,6 +11,7 @@
  */
 #include "tls.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <openssl/core_names.h>
 #include <openssl/err.h>
@@ -52,10 +53,17 @@ struct mg_tls_s {
     uint8_t secret[MG_TLS_SECRET_LEN];
 };
 
+struct mg_tls_client_s {
+    unsigned refs;
+    SSL_CTX *ctx;
+    int verify;
+};
+
 struct mg_tls_conn_s {
     SSL *ssl; /* owns both BIOs */
     BIO *rbio, *wbio;
-    mg_tls_t *tls;
+    mg_tls_t *tls;           /* server side */
+    mg_tls_client_t *client; /* client side */
     char err[160];
 };
 
@@ -263,18 +271,15 @@ static SSL_CTX *new_ctx(mg_tls_t *t, const mg_tls_conf_t *conf, char *err,
     return ctx;
 }
 
-static int load_cert(mg_tls_t *t, const mg_tls_conf_t *conf,
-                     const mg_tls_cert_conf_t *cc, cert_t *c, char *err,
-                     size_t errlen)
+/* Loads a certificate chain and its key into ctx; checks they match. */
+static int use_cert_key(SSL_CTX *ctx, const mg_tls_cert_conf_t *cc, char *err,
+                        size_t errlen)
 {
     char why[160];
     if (readable("certificate", cc->cert, err, errlen) < 0
         || readable("key", cc->key, err, errlen) < 0)
         return -1;
-    c->ctx = new_ctx(t, conf, err, errlen);
-    if (!c->ctx)
-        return -1;
-    if (SSL_CTX_use_certificate_chain_file(c->ctx, cc->cert) != 1) {
+    if (SSL_CTX_use_certificate_chain_file(ctx, cc->cert) != 1) {
         ssl_reason(why, sizeof(why));
         snprintf(err, errlen,
                  "certificate file \"%s\": not a valid PEM certificate "
@@ -297,7 +302,7 @@ static int load_cert(mg_tls_t *t, const mg_tls_conf_t *conf,
                  cc->key, why);
         return -1;
     }
-    int match = X509_check_private_key(SSL_CTX_get0_certificate(c->ctx), pkey);
+    int match = X509_check_private_key(SSL_CTX_get0_certificate(ctx), pkey);
     ERR_clear_error();
     if (match != 1) {
         EVP_PKEY_free(pkey);
@@ -306,14 +311,27 @@ static int load_cert(mg_tls_t *t, const mg_tls_conf_t *conf,
                  cc->cert);
         return -1;
     }
-    int used = SSL_CTX_use_PrivateKey(c->ctx, pkey);
+    int used = SSL_CTX_use_PrivateKey(ctx, pkey);
     EVP_PKEY_free(pkey);
-    if (used != 1 || SSL_CTX_check_private_key(c->ctx) != 1) {
+    if (used != 1 || SSL_CTX_check_private_key(ctx) != 1) {
         ssl_reason(why, sizeof(why));
         snprintf(err, errlen, "key file \"%s\": unusable key (%s)", cc->key,
                  why);
         return -1;
     }
+    return 0;
+}
+
+static int load_cert(mg_tls_t *t, const mg_tls_conf_t *conf,
+                     const mg_tls_cert_conf_t *cc, cert_t *c, char *err,
+                     size_t errlen)
+{
+    if (readable("certificate", cc->cert, err, errlen) < 0
+        || readable("key", cc->key, err, errlen) < 0)
+        return -1;
+    c->ctx = new_ctx(t, conf, err, errlen);
+    if (!c->ctx || use_cert_key(c->ctx, cc, err, errlen) < 0)
+        return -1;
     index_names(c, SSL_CTX_get0_certificate(c->ctx));
     return 0;
 }
@@ -369,11 +387,12 @@ int mg_tls_new_secret(uint8_t secret[MG_TLS_SECRET_LEN])
 
 /* ---- connections --------------------------------------------------------- */
 
-mg_tls_conn_t *mg_tls_conn_new(mg_tls_t *t)
+static int fatal(mg_tls_conn_t *tc, int sslerr);
+
+static mg_tls_conn_t *conn_new(SSL_CTX *ctx)
 {
-    mg_tls_conn_t *tc = mg_malloc(sizeof(*tc));
-    tc->err[0] = '\0';
-    tc->ssl = SSL_new(t->certs[0].ctx);
+    mg_tls_conn_t *tc = mg_calloc(1, sizeof(*tc));
+    tc->ssl = SSL_new(ctx);
     tc->rbio = BIO_new(BIO_s_mem());
     tc->wbio = BIO_new(BIO_s_mem());
     if (!tc->ssl || !tc->rbio || !tc->wbio)
@@ -381,10 +400,123 @@ mg_tls_conn_t *mg_tls_conn_new(mg_tls_t *t)
     /* An empty input BIO means "more to come", not end of file. */
     BIO_set_mem_eof_return(tc->rbio, -1);
     SSL_set_bio(tc->ssl, tc->rbio, tc->wbio);
+    return tc;
+}
+
+mg_tls_conn_t *mg_tls_conn_new(mg_tls_t *t)
+{
+    mg_tls_conn_t *tc = conn_new(t->certs[0].ctx);
     SSL_set_accept_state(tc->ssl);
     tc->tls = t;
     mg_tls_ref(t);
     return tc;
+}
+
+mg_tls_conn_t *mg_tls_conn_new_client(mg_tls_client_t *c, const char *name)
+{
+    mg_tls_conn_t *tc = conn_new(c->ctx);
+    unsigned char ip[16];
+    int is_ip =
+        inet_pton(AF_INET, name, ip) == 1 || inet_pton(AF_INET6, name, ip) == 1;
+    if (!is_ip)
+        SSL_set_tlsext_host_name(tc->ssl, name);
+    if (c->verify) {
+        if (is_ip)
+            X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(tc->ssl), name);
+        else
+            SSL_set1_host(tc->ssl, name);
+    }
+    SSL_set_connect_state(tc->ssl);
+    tc->client = c;
+    mg_tls_client_ref(c);
+    return tc;
+}
+
+int mg_tls_conn_handshake(mg_tls_conn_t *tc)
+{
+    int rc = SSL_do_handshake(tc->ssl);
+    if (rc == 1)
+        return 1;
+    int e = SSL_get_error(tc->ssl, rc);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE)
+        return 0;
+    long v = SSL_get_verify_result(tc->ssl);
+    if (v != X509_V_OK) {
+        snprintf(tc->err, sizeof(tc->err), "certificate verify failed: %s",
+                 X509_verify_cert_error_string(v));
+        ERR_clear_error();
+        return MG_EPROTO;
+    }
+    return fatal(tc, e);
+}
+
+int mg_tls_conn_has_input(const mg_tls_conn_t *tc)
+{
+    return SSL_pending(tc->ssl) > 0 || BIO_ctrl_pending(tc->rbio) > 0;
+}
+
+/* ---- client contexts ----------------------------------------------------- */
+
+mg_tls_client_t *mg_tls_client_new(const mg_tls_client_conf_t *conf, char *err,
+                                   size_t errlen)
+{
+    char why[160];
+    mg_tls_client_t *c = mg_calloc(1, sizeof(*c));
+    c->refs = 1;
+    c->verify = conf->verify;
+    c->ctx = SSL_CTX_new(TLS_client_method());
+    if (!c->ctx)
+        abort(); /* out of memory */
+    SSL_CTX_set_min_proto_version(c->ctx, TLS1_2_VERSION);
+    SSL_CTX_set_options(c->ctx,
+                        SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION);
+    SSL_CTX_set_mode(c->ctx, SSL_MODE_RELEASE_BUFFERS);
+    static const unsigned char alpn[] = "\x08http/1.1";
+    SSL_CTX_set_alpn_protos(c->ctx, alpn, sizeof(alpn) - 1);
+    if (conf->verify) {
+        SSL_CTX_set_verify(c->ctx, SSL_VERIFY_PEER, NULL);
+        if (conf->ca) {
+            if (readable("ca", conf->ca, err, errlen) < 0)
+                goto fail;
+            if (SSL_CTX_load_verify_locations(c->ctx, conf->ca, NULL) != 1) {
+                ssl_reason(why, sizeof(why));
+                snprintf(err, errlen,
+                         "ca file \"%s\": no PEM certificate in it (%s)",
+                         conf->ca, why);
+                goto fail;
+            }
+        } else if (SSL_CTX_set_default_verify_paths(c->ctx) != 1) {
+            ssl_reason(why, sizeof(why));
+            snprintf(err, errlen, "cannot load the system CA store (%s)", why);
+            goto fail;
+        }
+    }
+    if (conf->cert || conf->key) {
+        mg_tls_cert_conf_t cc = {(char *)conf->cert, (char *)conf->key};
+        if (!conf->cert || !conf->key) {
+            snprintf(err, errlen, "client cert and key go together");
+            goto fail;
+        }
+        if (use_cert_key(c->ctx, &cc, err, errlen) < 0)
+            goto fail;
+    }
+    return c;
+fail:
+    mg_tls_client_unref(c);
+    return NULL;
+}
+
+void mg_tls_client_ref(mg_tls_client_t *c)
+{
+    c->refs++;
+}
+
+void mg_tls_client_unref(mg_tls_client_t *c)
+{
+    if (!c || --c->refs > 0)
+        return;
+    SSL_CTX_free(c->ctx);
+    free(c);
 }
 
 void mg_tls_conn_free(mg_tls_conn_t *tc)
@@ -393,6 +525,7 @@ void mg_tls_conn_free(mg_tls_conn_t *tc)
         return;
     SSL_free(tc->ssl);
     mg_tls_unref(tc->tls);
+    mg_tls_client_unref(tc->client);
     free(tc);
 }
 

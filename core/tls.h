@@ -58,6 +58,41 @@ void mg_tls_set_ticket_secret(mg_tls_t *t,
 /* Draws a fresh ticket secret from the kernel. Returns 0 or -1. */
 int mg_tls_new_secret(uint8_t secret[MG_TLS_SECRET_LEN]);
 
+/* ---- client side (TLS to upstreams) ---------------------------------- */
+
+typedef struct mg_tls_client_s mg_tls_client_t;
+
+typedef struct {
+    const char *ca;         /* PEM CA bundle; NULL: the system store */
+    int verify;             /* verify the peer's chain and name */
+    const char *cert, *key; /* client certificate (mTLS); NULL: none */
+} mg_tls_client_conf_t;
+
+/*
+ * A client context for one upstream: TLS 1.2+, the CA store, the optional
+ * client certificate (checked against its key). NULL with a one-line
+ * reason naming the file in err. Config load only.
+ */
+mg_tls_client_t *mg_tls_client_new(const mg_tls_client_conf_t *conf, char *err,
+                                   size_t errlen);
+void mg_tls_client_ref(mg_tls_client_t *c);
+void mg_tls_client_unref(mg_tls_client_t *c); /* NULL is fine */
+
+/*
+ * A client session: SNI `name` (not sent when it is an IP literal) and,
+ * when the context verifies, the certificate must be valid for `name` (a
+ * DNS name or an IP address). Takes a reference on c.
+ */
+mg_tls_conn_t *mg_tls_conn_new_client(mg_tls_client_t *c, const char *name);
+
+/* Drives the handshake with the input fed so far: 1 done, 0 more input
+ * needed (send mg_tls_conn_pending first), MG_EPROTO failed (reason in
+ * mg_tls_conn_error: "certificate verify failed: ..."). */
+int mg_tls_conn_handshake(mg_tls_conn_t *tc);
+
+/* True when the session holds input not yet decrypted or read. */
+int mg_tls_conn_has_input(const mg_tls_conn_t *tc);
+
 /* A server-side TLS session for one accepted connection; takes a reference
  * on `t` for its life, so a reload does not pull contexts from under a
  * handshake in progress. */

@@ -393,3 +393,205 @@ def test_check_reports_bad_certificate_files():
     rc, out = check(conf('{ cert = "c.pem", key = "k.pem" }'))
     assert rc != 0 and re.search(r'cannot read certificate file ".*/mg-tls-check-[^/]+/c\.pem"',
                                  out), out
+
+
+# ------------------------------------------------------------ upstream TLS
+
+class TlsUpstream:
+    """A small HTTPS/1.1 upstream in this process (stdlib ssl + http.server):
+    answers JSON with the path, the SNI it was asked for, the client
+    certificate's subject (mTLS), the connection's port and the body
+    length. `require_client` asks for a client certificate signed by
+    `client_ca`."""
+
+    def __init__(self, cert, key, client_ca=None):
+        import http.server
+        import threading
+        self.seen = []
+        seen = self.seen
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        self.sni = []
+        ctx.sni_callback = lambda sock, name, c: self.sni.append(name) and None
+        if client_ca:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(client_ca)
+
+        class H(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):
+                pass
+
+            def _answer(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                m = re.search(r"size=(\d+)", self.path)
+                if m:
+                    size = int(m.group(1))
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(size))
+                    self.end_headers()
+                    piece = bytes(range(256)) * 256
+                    for off in range(0, size, len(piece)):
+                        self.wfile.write(piece[:min(len(piece), size - off)])
+                    return
+                peer = self.connection.getpeercert()
+                subj = dict(x[0] for x in peer["subject"]) if peer else None
+                d = {"path": self.path, "method": self.command, "body_len": len(body),
+                     "port": self.client_address[1], "client_cn": subj and subj.get("commonName"),
+                     "xfp": self.headers.get("X-Forwarded-Proto")}
+                seen.append(d)
+                out = json.dumps(d).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            do_GET = do_POST = _answer
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.httpd.daemon_threads = True
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+def https_gateway(up_port, tls_lua, target=None, extra_routes=""):
+    target = target or "https://127.0.0.1:%d" % up_port
+    return Gateway("""return {
+  listen = { "@LISTEN@" }, workers = 1,
+  pid_file = "@PID_FILE@", error_log = "@ERROR_LOG@", log_level = "info",
+  upstreams = { up = { targets = { "%s" }, tls = %s } },
+  routes = { { path = "/*", upstream = "up" }, %s },
+}
+""" % (target, tls_lua, extra_routes))
+
+
+SUBREQUEST = """{ path = "/sub", handler = function(conf, ctx)
+        local gw = require("moongate.gw")
+        local res, err = gw.http.request({ upstream = "up", path = "/inner", timeout = 5 })
+        if not res then return 502, { error = err } end
+        return 200, res.body, { ["Content-Type"] = "application/json" }
+    end }"""
+
+
+def test_https_upstream_is_verified_and_pooled():
+    d = tempfile.mkdtemp(prefix="mg-tls-")
+    certs, ca = make_pki(d)
+    with TlsUpstream(*certs["localhost"]) as up:
+        with https_gateway(up.port, '{ ca = "%s", sni = "localhost" }' % ca,
+                           extra_routes=SUBREQUEST) as gw:
+            with Client(gw.port) as c:
+                for i in range(5):
+                    r = c.request("GET", "/g/%d" % i)
+                    assert r.status == 200, r
+                    assert r.json()["path"] == "/g/%d" % i
+                r = c.request("POST", "/p", body=b"z" * 300000)
+                assert r.status == 200 and r.json()["body_len"] == 300000, r
+            assert up.sni and set(up.sni) == {"localhost"}, up.sni
+            # Pooled: six requests, one TLS connection.
+            assert len({s["port"] for s in up.seen}) == 1, up.seen
+            assert all(s["xfp"] == "http" for s in up.seen)
+            # gw.http.request to the same upstream, over TLS too.
+            r = Client(gw.port).request("GET", "/sub")
+            assert r.status == 200 and r.json()["path"] == "/inner", r
+            # A large response to a slow reader: the TLS session holds back
+            # what the read buffer cannot take and hands it over later.
+            big = os.path.join(d, "big")
+            r = run([CURL, "-sS", "--max-time", "30", "--limit-rate", "3M", "-o", big,
+                     "http://127.0.0.1:%d/big?size=4000000" % gw.port], timeout=40)
+            assert r.returncode == 0, r.stdout
+            piece = bytes(range(256)) * 256
+            want = (piece * (4000000 // len(piece) + 1))[:4000000]
+            with open(big, "rb") as f:
+                assert f.read() == want
+        # No sni: the target's IP is sent nowhere and verified against the
+        # certificate's IP SAN.
+        up.sni.clear()
+        with https_gateway(up.port, '{ ca = "%s" }' % ca) as gw:
+            r = Client(gw.port).request("GET", "/ip")
+            assert r.status == 200 and r.json()["path"] == "/ip", r
+            assert up.sni == [None], up.sni
+
+
+def test_https_upstream_with_a_wrong_ca_or_name_is_a_502():
+    d = tempfile.mkdtemp(prefix="mg-tls-")
+    certs, ca = make_pki(d)
+    other = tempfile.mkdtemp(prefix="mg-tls-other-")
+    _, other_ca = make_pki(other)
+    with TlsUpstream(*certs["localhost"]) as up:
+        with https_gateway(up.port, '{ ca = "%s" }' % other_ca) as gw:
+            r = Client(gw.port).request("GET", "/x")
+            assert r.status == 502, r
+            gw.wait_log(r"TLS handshake failed: certificate verify failed: "
+                        r"unable to get local issuer certificate")
+        with https_gateway(up.port, '{ ca = "%s", sni = "a.example.test" }' % ca) as gw:
+            r = Client(gw.port).request("GET", "/x")
+            assert r.status == 502, r
+            gw.wait_log(r"certificate verify failed: hostname mismatch")
+        # verify = false: any certificate (for tests and private networks).
+        with https_gateway(up.port, '{ verify = false }') as gw:
+            r = Client(gw.port).request("GET", "/x")
+            assert r.status == 200, r
+
+
+def test_https_upstream_with_a_client_certificate():
+    d = tempfile.mkdtemp(prefix="mg-tls-")
+    certs, ca = make_pki(d)
+    cc, ck = make_cert(d, "client", "gateway-client", ["DNS:gateway-client"])
+    with TlsUpstream(*certs["localhost"], client_ca=ca) as up:
+        with https_gateway(up.port, '{ ca = "%s", sni = "localhost" }' % ca) as gw:
+            r = Client(gw.port).request("GET", "/no-cert")
+            assert r.status == 502, r
+        with https_gateway(up.port, '{ ca = "%s", sni = "localhost", cert = "%s", key = "%s" }'
+                           % (ca, cc, ck)) as gw:
+            r = Client(gw.port).request("GET", "/mtls")
+            assert r.status == 200 and r.json()["client_cn"] == "gateway-client", r
+        # https:// in the target alone turns TLS on (system store: our test
+        # CA is not in it, so verification fails).
+        with https_gateway(up.port, "true") as gw:
+            r = Client(gw.port).request("GET", "/sys")
+            assert r.status == 502, r
+
+
+def test_check_reports_bad_upstream_tls_settings():
+    d = tempfile.mkdtemp(prefix="mg-tls-")
+    certs, ca = make_pki(d)
+    lc, lk = certs["localhost"]
+
+    def conf(up):
+        return ('return { listen = { "127.0.0.1:1" }, upstreams = { up = %s },'
+                ' routes = { { path = "/", upstream = "up" } } }' % up)
+
+    rc, out = check(conf('{ targets = { "https://127.0.0.1:9" }, tls = { ca = "%s" } }' % ca))
+    assert rc == 0, out
+    cases = [
+        ('{ targets = { "https://127.0.0.1:9", "127.0.0.1:10" } }',
+         r"upstreams\.up: targets: mixes https:// and plain targets"),
+        ('{ targets = { "https://127.0.0.1:9" }, tls = false }',
+         r"upstreams\.up: tls: is false, but the targets are https://"),
+        ('{ targets = { "127.0.0.1:9" }, tls = { ca = "%s/none.pem" } }' % d,
+         r'upstreams\.up: tls: cannot read ca file ".*/none\.pem"'),
+        ('{ targets = { "127.0.0.1:9" }, tls = { cert = "%s" } }' % lc,
+         r"upstreams\.up: tls\.key: required with a client cert"),
+        ('{ targets = { "127.0.0.1:9" }, tls = { cert = "%s", key = "%s" } }'
+         % (lc, certs["a"][1]), r'upstreams\.up: tls: key file ".*a\.key" does not match'),
+        ('{ targets = { "127.0.0.1:9" }, tls = { bogus = 1 } }',
+         r"upstreams\.up: tls\.bogus: unknown field"),
+        ('{ targets = { "127.0.0.1:9" }, tls = true, health = { path = "/h" } }',
+         r"upstreams\.up: health: active health checks over TLS are not supported yet"),
+    ]
+    for up, want in cases:
+        rc, out = check(conf(up))
+        assert rc != 0 and re.search(want, out), (want, out)
