@@ -1277,6 +1277,7 @@ static char *host_part(const char *text)
 static void load_upstream_tls(ld_t *ld, mg_upstream_conf_t *u)
 {
     lua_State *L = ld->L;
+    unsigned before = ld->nerrors;
     size_t https = 0;
     for (size_t i = 0; i < u->ntargets; i++)
         https += u->targets[i].https ? 1 : 0;
@@ -1320,7 +1321,7 @@ static void load_upstream_tls(ld_t *ld, mg_upstream_conf_t *u)
         fail(ld, "health",
              "active health checks over TLS are not supported yet (passive "
              "checks are)");
-    if (want && ld->nerrors == 0) {
+    if (want && ld->nerrors == before) {
         char *paths[3] = {ca ? config_relative(ld, ca) : NULL,
                           cert ? config_relative(ld, cert) : NULL,
                           key ? config_relative(ld, key) : NULL};

@@ -595,3 +595,10 @@ def test_check_reports_bad_upstream_tls_settings():
     for up, want in cases:
         rc, out = check(conf(up))
         assert rc != 0 and re.search(want, out), (want, out)
+    # Every error at once: a bad listener certificate does not hide the
+    # upstream's.
+    rc, out = check('return { listen = { { "127.0.0.1:1", tls = { cert = "%s/x.pem",'
+                    ' key = "%s" } } }, upstreams = { up = { targets = { "127.0.0.1:9" },'
+                    ' tls = { ca = "%s/y.pem" } } }, routes = { { path = "/", upstream = "up" } } }'
+                    % (d, lk, d))
+    assert rc != 0 and "x.pem" in out and "y.pem" in out, out
