@@ -63,6 +63,10 @@ JSON10K_PATH=/json10k
 
 WRK_HEADER=""
 WRK_PATH=/
+# https scenario: SCHEME=https and PROXY_TLS=DIR (cert.pem, key.pem in it)
+# make start_nginx_proxy and start_moongate terminate TLS.
+SCHEME=http
+PROXY_TLS=""
 STARTED=""   # session ids of every server and load process still running
 DIR=""
 
@@ -133,7 +137,7 @@ cleanup() {
 wait_ready() {
     wr_i=0
     while :; do
-        wr_code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 \
+        wr_code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 1 \
             ${WRK_HEADER:+-H "$WRK_HEADER"} "$2" || true)
         [ "$wr_code" = 200 ] && return 0
         if [ "$($TOOL alive "$1")" -eq 0 ]; then
@@ -154,7 +158,7 @@ wait_ready() {
 check_body() {
     cb_want=$BODY
     case $1 in *"$JSON10K_PATH") cb_want=$(cat "$DIR/upstream/json10k.json") ;; esac
-    cb_got=$(curl -s --compressed --max-time 2 ${WRK_HEADER:+-H "$WRK_HEADER"} "$1") \
+    cb_got=$(curl -sk --compressed --max-time 2 ${WRK_HEADER:+-H "$WRK_HEADER"} "$1") \
         || die "GET $1 failed"
     [ "$cb_got" = "$cb_want" ] \
         || die "GET $1 returned '$(printf %.200s "$cb_got")', not the upstream body"
@@ -256,6 +260,13 @@ start_nginx_proxy() {
             proxy_set_header X-Forwarded-Host $host;
             proxy_set_header X-Request-Id $request_id;'
     fi
+    np_ssl="" np_certs=""
+    if [ -n "$PROXY_TLS" ]; then
+        np_ssl=" ssl"
+        np_certs="ssl_certificate $PROXY_TLS/cert.pem;
+        ssl_certificate_key $PROXY_TLS/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;"
+    fi
     {
         nginx_common "$np_d"
         echo "http {"
@@ -268,7 +279,8 @@ start_nginx_proxy() {
         keepalive_timeout 60s;
     }
     server {
-        listen 127.0.0.1:$PROXY_PORT;
+        listen 127.0.0.1:$PROXY_PORT$np_ssl;
+        $np_certs
         location / {
             proxy_pass http://bench;
             proxy_http_version 1.1;
@@ -281,8 +293,8 @@ EOF
     } >"$np_d/nginx.conf"
     start_nginx "$np_d" "$PROXY_CPU"
     PROXY_SID=$SPAWNED
-    wait_ready "$PROXY_SID" "http://127.0.0.1:$PROXY_PORT/" "$np_d"
-    check_body "http://127.0.0.1:$PROXY_PORT/"
+    wait_ready "$PROXY_SID" "$SCHEME://127.0.0.1:$PROXY_PORT/" "$np_d"
+    check_body "$SCHEME://127.0.0.1:$PROXY_PORT/"
 }
 
 # start_moongate NAME ROUTE_LUA TOP_LUA: moongate with one worker on the
@@ -292,9 +304,13 @@ start_moongate() {
     mg_d=$DIR/$1
     mkdir -p "$mg_d"
     PROXY_PORT=$($TOOL port)
+    mg_listen="\"127.0.0.1:$PROXY_PORT\""
+    if [ -n "$PROXY_TLS" ]; then
+        mg_listen="{ $mg_listen, tls = { cert = \"$PROXY_TLS/cert.pem\", key = \"$PROXY_TLS/key.pem\" } }"
+    fi
     cat >"$mg_d/moongate.lua" <<EOF
 return {
-    listen = { "127.0.0.1:$PROXY_PORT" },
+    listen = { $mg_listen },
     workers = 1,
     pid_file = "$mg_d/moongate.pid",
     error_log = "$mg_d/error.log",
@@ -313,8 +329,8 @@ return {
 EOF
     spawn "$PROXY_CPU" "$mg_d/stdout.log" "$MOONGATE" -c "$mg_d/moongate.lua"
     PROXY_SID=$SPAWNED
-    wait_ready "$PROXY_SID" "http://127.0.0.1:$PROXY_PORT$WRK_PATH" "$mg_d"
-    check_body "http://127.0.0.1:$PROXY_PORT$WRK_PATH"
+    wait_ready "$PROXY_SID" "$SCHEME://127.0.0.1:$PROXY_PORT$WRK_PATH" "$mg_d"
+    check_body "$SCHEME://127.0.0.1:$PROXY_PORT$WRK_PATH"
 }
 
 # ----------------------------------------------------------- measurement
@@ -324,7 +340,7 @@ EOF
 run_wrk() {
     set -- "$1" "$2" "$3" -t1 "-c$CONNS" "-d$1s" --latency
     [ -n "$WRK_HEADER" ] && set -- "$@" -H "$WRK_HEADER"
-    rw_url=http://127.0.0.1:$2$WRK_PATH rw_out=$3
+    rw_url=$SCHEME://127.0.0.1:$2$WRK_PATH rw_out=$3
     shift 3
     spawn "$LOAD_CPU" "$rw_out" timeout -k 2 "$((DURATION + WARMUP + 30))" \
         wrk "$@" "$rw_url"
@@ -572,6 +588,34 @@ EOF
     stop "$ag_up_sid"
 }
 
+# tls_scenario: HTTPS/1.1 keep-alive, nginx and moongate both terminating
+# TLS (TLS 1.2/1.3 defaults of each, a self-signed P-256 certificate made
+# here) in front of the same plain upstream; interleaved rounds as usual.
+tls_scenario() {
+    selected https || return 0
+    log "scenario https"
+    PROXY_TLS=$DIR/tls
+    mkdir -p "$PROXY_TLS"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
+        -nodes -keyout "$PROXY_TLS/key.pem" -out "$PROXY_TLS/cert.pem" \
+        -days 2 -subj /CN=localhost >"$PROXY_TLS/openssl.log" 2>&1 \
+        || die "openssl could not make a certificate"
+    SCHEME=https
+    start_nginx_proxy nginx-https
+    ts_n_sid=$PROXY_SID ts_n_port=$PROXY_PORT
+    start_moongate moongate-https "" ""
+    ts_m_sid=$PROXY_SID ts_m_port=$PROXY_PORT
+    ts_r=1
+    while [ "$ts_r" -le "$ROUNDS" ]; do
+        measure https nginx "$ts_n_sid" "$ts_n_port" "$ts_r"
+        measure https moongate "$ts_m_sid" "$ts_m_port" "$ts_r"
+        ts_r=$((ts_r + 1))
+    done
+    stop "$ts_m_sid"
+    stop "$ts_n_sid"
+    SCHEME=http PROXY_TLS=""
+}
+
 # scenario_self NAME LABEL_A TOP_LUA_A LABEL_B TOP_LUA_B: moongate against
 # moongate — two instances of the bare proxy config on the proxy core, A
 # the baseline, B the candidate (TOP_LUA_* spliced into the top-level
@@ -693,6 +737,8 @@ print(h + "." + p + "." + s)')
     scenario_pair tracing_live \
         'plugins = { ["request-id"] = {} }' \
         "plugins = { [\"request-id\"] = { exporter = { url = \"http://127.0.0.1:$UP_PORT/v1/traces\" } } }"
+    # Issue 10: HTTPS/1.1 keep-alive, both proxies terminating TLS.
+    tls_scenario
 }
 
 # ------------------------------------------------------------------ main

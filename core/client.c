@@ -392,8 +392,7 @@ static void send_request(item_t *it)
     w->it = it;
     it->writing = 1;
     uv_timer_start(&uc->timer, on_timeout, it->timeout_ms, 0);
-    int rc =
-        uv_write(&w->req, (uv_stream_t *)&uc->tcp, &it->out, 1, on_written);
+    int rc = mg_upconn_write(uc, &w->req, &it->out, 1, on_written);
     if (rc < 0) {
         free(w);
         it->writing = 0;

@@ -85,9 +85,12 @@ static const char *const limits_fields[] = {
     "drain_timeout",     NULL,
 };
 static const char *const upstream_fields[] = {
-    "targets", "balance", "timeouts", "keepalive", "max_pending", "hash_on",
-    "health",  "passive", "breaker",  "retries",   "dns_refresh", NULL,
+    "targets",     "balance", "timeouts", "keepalive", "max_pending",
+    "hash_on",     "health",  "passive",  "breaker",   "retries",
+    "dns_refresh", "tls",     NULL,
 };
+static const char *const upstream_tls_fields[] = {"ca",   "sni", "verify",
+                                                  "cert", "key", NULL};
 static const char *const health_fields[] = {
     "path", "interval", "timeout", "healthy", "unhealthy", "statuses", NULL,
 };
@@ -124,6 +127,10 @@ static const char *const route_reserved[] = {
     NULL,
 };
 static const char *const target_fields[] = {"weight", NULL};
+static const char *const listen_fields[] = {"tls", NULL};
+static const char *const tls_fields[] = {"cert", "key", "certificates",
+                                         "ciphers", NULL};
+static const char *const cert_fields[] = {"cert", "key", NULL};
 static const char *const admin_fields[] = {"listen", "token", "allow_remote",
                                            NULL};
 
@@ -586,6 +593,134 @@ static int parse_cidr(const char *text, mg_cidr_t *c)
 
 /* ---- top level ---------------------------------------------------------- */
 
+/* ld->prefix = a + b, truncated (a and b may not overlap the prefix). */
+static void prefix_join(ld_t *ld, const char *a, const char *b)
+{
+    size_t la = strnlen(a, sizeof(ld->prefix) - 1);
+    size_t lb = strnlen(b, sizeof(ld->prefix) - 1 - la);
+    memcpy(ld->prefix, a, la);
+    memcpy(ld->prefix + la, b, lb);
+    ld->prefix[la + lb] = '\0';
+}
+
+/* A path from the config: relative ones are taken from the config file's
+ * directory (as nginx takes them from its conf directory). */
+static char *config_relative(const ld_t *ld, const char *path)
+{
+    const char *slash = strrchr(ld->file, '/');
+    if (path[0] == '/' || !slash)
+        return mg_strndup(path, strlen(path));
+    size_t dir = (size_t)(slash - ld->file) + 1, len = strlen(path);
+    char *p = mg_malloc(dir + len + 1);
+    memcpy(p, ld->file, dir);
+    memcpy(p + dir, path, len + 1);
+    return p;
+}
+
+/* { cert = "x.pem", key = "x.key" } at -1, both required: appended to
+ * *certs as config-relative paths. */
+static void load_cert_pair(ld_t *ld, mg_tls_conf_t *tc)
+{
+    char *cert = NULL, *key = NULL;
+    if (get_string(ld, -1, "cert", &cert) == 0)
+        fail(ld, "cert", "required");
+    if (get_string(ld, -1, "key", &key) == 0)
+        fail(ld, "key", "required");
+    if (cert && key) {
+        tc->certs =
+            mg_realloc(tc->certs, (tc->ncerts + 1) * sizeof(*tc->certs));
+        tc->certs[tc->ncerts].cert = config_relative(ld, cert);
+        tc->certs[tc->ncerts].key = config_relative(ld, key);
+        tc->ncerts++;
+    }
+    free(cert);
+    free(key);
+}
+
+/*
+ * tls = { cert = , key = , certificates = { { cert = , key = }, ... },
+ * ciphers = } at -1: cert/key is the default certificate, the others are
+ * chosen by SNI. The files are loaded now, so `moongate check` and a reload
+ * report an unreadable file, bad PEM or a key that does not match.
+ */
+static void load_tls(ld_t *ld, mg_listen_conf_t *lc, const char *saved)
+{
+    lua_State *L = ld->L;
+    mg_tls_conf_t tc = {0};
+    char *ciphers = NULL;
+    unsigned before = ld->nerrors;
+    if (push_field(ld, -1, "cert") || push_field(ld, -1, "key")) {
+        lua_pop(L, 1);
+        load_cert_pair(ld, &tc);
+    }
+    size_t n = 0;
+    if (push_field(ld, -1, "certificates")) {
+        if (list_len(ld, -1, "certificates", &n) == 0) {
+            char pre[sizeof(ld->prefix)];
+            memcpy(pre, ld->prefix, sizeof(pre));
+            for (size_t i = 0; i < n; i++) {
+                lua_rawgeti(L, -1, (int)i + 1);
+                char item[40];
+                snprintf(item, sizeof(item), "certificates[%zu].", i + 1);
+                prefix_join(ld, pre, item);
+                if (lua_type(L, -1) != LUA_TTABLE) {
+                    fail_type(ld, "", -1, "a table { cert = , key = }");
+                } else {
+                    check_fields(ld, -1, cert_fields, NULL);
+                    load_cert_pair(ld, &tc);
+                }
+                lua_pop(L, 1);
+            }
+            memcpy(ld->prefix, pre, sizeof(pre));
+        }
+        lua_pop(L, 1);
+    }
+    get_string(ld, -1, "ciphers", &ciphers);
+    if (ld->nerrors == before && tc.ncerts == 0)
+        fail(ld, "cert", "required (or a non-empty certificates list)");
+    if (ld->nerrors == before) {
+        char err[512];
+        tc.ciphers = ciphers;
+        lc->tls = mg_tls_new(&tc, err, sizeof(err));
+        if (!lc->tls) {
+            prefix_join(ld, saved, "");
+            fail(ld, "tls", "%s", err);
+        }
+    }
+    for (size_t i = 0; i < tc.ncerts; i++) {
+        free(tc.certs[i].cert);
+        free(tc.certs[i].key);
+    }
+    free(tc.certs);
+    free(ciphers);
+}
+
+/* { "127.0.0.1:8443", tls = { ... } } at -1, named `f` ("listen[2]"). */
+static void load_listen_entry(ld_t *ld, mg_listen_conf_t *lc, const char *f)
+{
+    lua_State *L = ld->L;
+    char saved[sizeof(ld->prefix)];
+    memcpy(saved, ld->prefix, sizeof(saved));
+    lua_rawgeti(L, -1, 1);
+    if (lua_isnil(L, -1))
+        fail(ld, f, "the address is required as the first element");
+    else if (to_string(ld, -1, f, &lc->text) == 0)
+        parse_addr(ld, f, lc->text, 1, &lc->addr, &lc->addrlen);
+    lua_pop(L, 1);
+    char me[40];
+    snprintf(me, sizeof(me), "%s.", f);
+    prefix_join(ld, saved, me);
+    check_fields_pos(ld, -1, listen_fields, NULL, 1);
+    char mine[sizeof(ld->prefix)];
+    memcpy(mine, ld->prefix, sizeof(mine));
+    if (push_record(ld, -1, "tls", tls_fields, NULL)) {
+        prefix_join(ld, mine, "tls.");
+        load_tls(ld, lc, mine);
+        lua_pop(L, 1);
+    }
+    memcpy(ld->prefix, saved, sizeof(saved));
+}
+
 static void load_listen(ld_t *ld, int t)
 {
     lua_State *L = ld->L;
@@ -610,7 +745,9 @@ static void load_listen(ld_t *ld, int t)
         if (!single)
             lua_rawgeti(L, -1, (int)i + 1);
         mg_listen_conf_t *lc = &cfg->listen[i];
-        if (to_string(ld, -1, single ? "listen" : f, &lc->text) == 0)
+        if (!single && lua_type(L, -1) == LUA_TTABLE)
+            load_listen_entry(ld, lc, f);
+        else if (to_string(ld, -1, single ? "listen" : f, &lc->text) == 0)
             parse_addr(ld, single ? "listen" : f, lc->text, 1, &lc->addr,
                        &lc->addrlen);
         if (!single)
@@ -856,6 +993,11 @@ static void load_target(ld_t *ld, size_t i, mg_target_conf_t *tc)
         return;
     }
     if (to_string(ld, -1, f, &tc->text) == 0
+        && strncmp(tc->text, "https://", 8) == 0) {
+        tc->https = 1;
+        memmove(tc->text, tc->text + 8, strlen(tc->text + 8) + 1);
+    }
+    if (tc->text
         && parse_addr(ld, f, tc->text, 0, &tc->addr, &tc->addrlen) == 0)
         tc->host = name_of(tc->text);
     if (table)
@@ -1120,6 +1262,94 @@ static void load_retries(ld_t *ld, mg_upstream_conf_t *u)
     lua_pop(ld->L, 1);
 }
 
+/* The host of "host:port" or "[v6]:port" (caller frees). */
+static char *host_part(const char *text)
+{
+    const char *colon = strrchr(text, ':');
+    size_t n = colon ? (size_t)(colon - text) : strlen(text);
+    if (text[0] == '[' && n >= 2)
+        return mg_strndup(text + 1, n - 2);
+    return mg_strndup(text, n);
+}
+
+/*
+ * tls = true | false | { ca =, sni =, verify =, cert =, key = } on the
+ * upstream at -1, and https:// targets (which turn it on): builds the
+ * client context and gives each target its SNI / verified name.
+ */
+static void load_upstream_tls(ld_t *ld, mg_upstream_conf_t *u)
+{
+    lua_State *L = ld->L;
+    unsigned before = ld->nerrors;
+    size_t https = 0;
+    for (size_t i = 0; i < u->ntargets; i++)
+        https += u->targets[i].https ? 1 : 0;
+    if (https && https != u->ntargets)
+        fail(ld, "targets", "mixes https:// and plain targets");
+    int want = https > 0, is_false = 0;
+    char *ca = NULL, *sni = NULL, *cert = NULL, *key = NULL;
+    mg_tls_client_conf_t cc = {.verify = 1};
+    if (push_field(ld, -1, "tls")) {
+        if (lua_type(L, -1) == LUA_TBOOLEAN) {
+            want |= lua_toboolean(L, -1);
+            is_false = !lua_toboolean(L, -1);
+            lua_pop(L, 1);
+        } else {
+            lua_pop(L, 1);
+            if (push_record(ld, -1, "tls", upstream_tls_fields, NULL)) {
+                want = 1;
+                set_prefix(ld, "tls.");
+                get_string(ld, -1, "ca", &ca);
+                get_string(ld, -1, "sni", &sni);
+                get_string(ld, -1, "cert", &cert);
+                get_string(ld, -1, "key", &key);
+                if (push_field(ld, -1, "verify")) {
+                    if (lua_type(L, -1) == LUA_TBOOLEAN)
+                        cc.verify = lua_toboolean(L, -1);
+                    else
+                        fail_type(ld, "verify", -1, "a boolean");
+                    lua_pop(L, 1);
+                }
+                if (!cert != !key)
+                    fail(ld, cert ? "key" : "cert", "required with a client %s",
+                         cert ? "cert" : "key");
+                set_prefix(ld, "");
+                lua_pop(L, 1);
+            }
+        }
+    }
+    if (is_false && https)
+        fail(ld, "tls", "is false, but the targets are https://");
+    if (want && u->health.enabled)
+        fail(ld, "health",
+             "active health checks over TLS are not supported yet (passive "
+             "checks are)");
+    if (want && ld->nerrors == before) {
+        char *paths[3] = {ca ? config_relative(ld, ca) : NULL,
+                          cert ? config_relative(ld, cert) : NULL,
+                          key ? config_relative(ld, key) : NULL};
+        char err[512];
+        cc.ca = paths[0];
+        cc.cert = paths[1];
+        cc.key = paths[2];
+        u->tls = mg_tls_client_new(&cc, err, sizeof(err));
+        if (!u->tls)
+            fail(ld, "tls", "%s", err);
+        for (size_t i = 0; u->tls && i < u->ntargets; i++) {
+            mg_target_conf_t *tc = &u->targets[i];
+            tc->tls = u->tls;
+            tc->tls_name =
+                sni ? mg_strndup(sni, strlen(sni)) : host_part(tc->text);
+        }
+        for (int i = 0; i < 3; i++)
+            free(paths[i]);
+    }
+    free(ca);
+    free(sni);
+    free(cert);
+    free(key);
+}
+
 /* The upstream record at the top of the stack. */
 static void load_upstream(ld_t *ld, mg_upstream_conf_t *u)
 {
@@ -1157,6 +1387,7 @@ static void load_upstream(ld_t *ld, mg_upstream_conf_t *u)
         lua_pop(ld->L, 1);
     }
     get_uint(ld, -1, "max_pending", 0, 1u << 24, &u->max_pending);
+    load_upstream_tls(ld, u);
 }
 
 static int cmp_upstream(const void *a, const void *b)
@@ -1620,12 +1851,14 @@ static void free_upstream(mg_upstream_conf_t *u)
     for (size_t i = 0; i < u->ntargets; i++) {
         free(u->targets[i].text);
         free(u->targets[i].host);
+        free(u->targets[i].tls_name);
     }
     free(u->targets);
     free(u->name);
     free(u->balance);
     free(u->hash_header);
     free(u->health.path);
+    mg_tls_client_unref(u->tls);
 }
 
 static void free_route(mg_route_conf_t *r)
@@ -1641,8 +1874,10 @@ void mg_config_free(mg_config_t *cfg)
 {
     if (!cfg)
         return;
-    for (size_t i = 0; i < cfg->nlisten; i++)
+    for (size_t i = 0; i < cfg->nlisten; i++) {
         free(cfg->listen[i].text);
+        mg_tls_unref(cfg->listen[i].tls);
+    }
     free(cfg->listen);
     for (size_t i = 0; i < cfg->nupstreams; i++)
         free_upstream(&cfg->upstreams[i]);

@@ -12,6 +12,7 @@
 #include <sys/socket.h>
 
 #include "common.h"
+#include "tls.h"
 
 typedef struct mg_config_s mg_config_t;
 
@@ -20,6 +21,8 @@ typedef struct {
     char *text; /* as written in the config */
     struct sockaddr_storage addr;
     socklen_t addrlen;
+    mg_tls_t *tls; /* `{ ADDR, tls = { ... } }`: this config's certificates
+                      (a reference); NULL: plain HTTP */
 } mg_listen_conf_t;
 
 /* An IPv4 or IPv6 CIDR block; an IPv4 block also matches v4-mapped v6. */
@@ -38,10 +41,15 @@ typedef struct {
     char *text;                   /* "127.0.0.1:9001" as written */
     struct sockaddr_storage addr; /* resolved at load time */
     socklen_t addrlen;
-    unsigned weight;     /* default 1 */
-    char *host;          /* the host when it is a name, not an IP literal:
-                            re-resolved every resolve_ms; NULL otherwise */
-    uint64_t resolve_ms; /* the upstream's dns_refresh; 0: never */
+    unsigned weight;      /* default 1 */
+    char *host;           /* the host when it is a name, not an IP literal:
+                             re-resolved every resolve_ms; NULL otherwise */
+    uint64_t resolve_ms;  /* the upstream's dns_refresh; 0: never */
+    int https;            /* written as "https://host:port" */
+    mg_tls_client_t *tls; /* the upstream's TLS context (borrowed), or
+                             NULL: plain HTTP */
+    char *tls_name;       /* SNI and the name verified: `tls.sni`, else
+                             the target's host (or IP) */
 } mg_target_conf_t;
 
 /* A set of HTTP status codes (0..639), e.g. `statuses = { 502, 503 }`. */
@@ -126,6 +134,7 @@ typedef struct {
     uint64_t keepalive_idle_ms;  /* default 60 s */
     unsigned max_pending;        /* requests waiting for a conn, default
                                     1024; beyond: 503 */
+    mg_tls_client_t *tls;        /* `tls` or https:// targets; NULL: plain */
 } mg_upstream_conf_t;
 
 typedef struct {

@@ -37,6 +37,11 @@ void mg_ffi_req_host(mg_req_t *r, mg_str_t *out)
     *out = r->host;
 }
 
+void mg_ffi_req_scheme(mg_req_t *r, mg_str_t *out)
+{
+    *out = r->tls ? MG_STR("https") : MG_STR("http");
+}
+
 static int ip_trusted(const mg_config_t *cfg, const char *ip)
 {
     struct sockaddr_storage ss;

@@ -10,7 +10,7 @@
 
 #include "http.h"
 
-#define MG_FFI_VERSION 5
+#define MG_FFI_VERSION 6
 
 typedef struct mg_lua_task_s mg_lua_task_t;
 
@@ -30,6 +30,8 @@ void mg_ffi_req_method(mg_req_t *r, mg_str_t *out);
 void mg_ffi_req_path(mg_req_t *r, mg_str_t *out);
 void mg_ffi_req_query(mg_req_t *r, mg_str_t *out);
 void mg_ffi_req_host(mg_req_t *r, mg_str_t *out);
+/* "https" on a TLS listener, else "http". */
+void mg_ffi_req_scheme(mg_req_t *r, mg_str_t *out);
 void mg_ffi_req_client_ip(mg_req_t *r, mg_str_t *out);
 void mg_ffi_req_id(mg_req_t *r, mg_str_t *out);
 /* 0, -1 for a path that does not normalize (it must stay canonical), -2

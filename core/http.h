@@ -61,6 +61,7 @@ struct mg_req_s {
     unsigned client_keepalive : 1; /* client allows keep-alive */
     unsigned body_complete : 1;    /* the whole body has been parsed */
     unsigned response_started : 1; /* status line queued to the client */
+    unsigned tls : 1;              /* arrived over TLS (https) */
     uint64_t body_received;
     uint64_t max_body;         /* the route's limit, set by the pipeline */
     char client_ip[46];        /* textual TCP peer address */

@@ -14,6 +14,13 @@
  * hold is released. Pipelined requests wait in the buffer until the current
  * response has been written.
  *
+ * TLS. A connection on a TLS listener has c->tls: its socket reads go into
+ * the TLS session (on_tls_read), and advance() decrypts into the same read
+ * buffer (tls_pump) before parsing, so the parser, limits and holds work
+ * unchanged; writes are encrypted into one buffer that travels with the
+ * write request. Plain connections only pay the NULL checks. The handshake
+ * runs under the header timeout of the idle state.
+ *
  * This file is longer than most: it is one state machine, kept in one place
  * so the order of events is readable top to bottom.
  */
@@ -27,6 +34,7 @@
 #include "http.h"
 #include "log.h"
 #include "metrics.h"
+#include "tls.h"
 #include "worker.h"
 
 #define READ_CHUNK 16384
@@ -96,12 +104,15 @@ struct mg_conn_s {
     mg_arena_t arena;
     mg_req_t req;
     char peer[46];
+    mg_tls_conn_t *tls; /* NULL: plain HTTP */
 };
 
 static llhttp_settings_t settings;
 
 static void advance(mg_conn_t *c);
 static void conn_close(mg_conn_t *c);
+static void tls_queue(mg_conn_t *c, wreq_t *q, size_t n);
+static size_t tls_encrypt(mg_conn_t *c, const uv_buf_t *bufs, unsigned n);
 static void finish_request(mg_conn_t *c);
 
 /*
@@ -216,7 +227,15 @@ void mg_conn_write(mg_conn_t *c, const uv_buf_t *bufs, unsigned n,
             cb(arg, UV_ECANCELED);
         return;
     }
-    wreq_t *q = mg_malloc(sizeof(*q));
+    /* Over TLS the ciphertext travels in the same allocation. */
+    size_t ct = 0;
+    if (c->tls && (ct = tls_encrypt(c, bufs, n)) == SIZE_MAX) {
+        if (cb)
+            cb(arg, UV_EPROTO);
+        conn_close(c);
+        return;
+    }
+    wreq_t *q = mg_malloc(sizeof(*q) + ct);
     q->conn = c;
     q->cb = cb;
     q->arg = arg;
@@ -227,7 +246,11 @@ void mg_conn_write(mg_conn_t *c, const uv_buf_t *bufs, unsigned n,
         for (unsigned i = 0; i < n; i++)
             c->req.bytes_out += bufs[i].len;
     c->writes++;
-    mg_worker_write(c->w, (uv_stream_t *)&c->tcp, &q->wr, bufs, n, on_write);
+    if (c->tls)
+        tls_queue(c, q, ct);
+    else
+        mg_worker_write(c->w, (uv_stream_t *)&c->tcp, &q->wr, bufs, n,
+                        on_write);
     if (c->tcp.write_queue_size > 0 && c->state != C_BODY) {
         arm_timer(c, SEND_TIMEOUT_MS);
         c->send_timer = 1;
@@ -594,6 +617,7 @@ static int on_headers_complete(llhttp_t *p)
     mg_gen_ref(r->gen);
     r->start_ns = uv_hrtime();
     memcpy(r->client_ip, c->peer, sizeof(r->client_ip));
+    r->tls = c->tls != NULL;
     c->active = 1;
     c->resp_done = 0;
     stop_timer(c);
@@ -704,11 +728,114 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
     advance(c);
 }
 
+/* ---- TLS: ciphertext in, plaintext into the read buffer -------------- */
+
+static void on_tls_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
+{
+    mg_conn_t *c = h->data;
+    size_t len;
+    char *p = mg_worker_scratch(c->w, &len);
+    *b = uv_buf_init(p, (unsigned)len);
+}
+
+static void on_tls_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
+{
+    mg_conn_t *c = s->data;
+    if (nread <= 0 || c->state == C_LINGER) {
+        on_read(s, nread, b); /* EOF, errors and lingering: as plain */
+        return;
+    }
+    mg_tls_conn_feed(c->tls, b->base, (size_t)nread);
+    if (c->state == C_BODY)
+        arm_timer(c, limits(c)->body_timeout_ms);
+    advance(c);
+}
+
+/* Sends whatever ciphertext the session has produced (handshake records,
+ * tickets, alerts, close_notify). */
+static void tls_flush(mg_conn_t *c)
+{
+    size_t n = mg_tls_conn_pending(c->tls);
+    if (n == 0 || c->closing)
+        return;
+    wreq_t *q = mg_malloc(sizeof(*q) + n);
+    q->conn = c;
+    q->cb = NULL;
+    q->arg = NULL;
+    q->serial = c->serial;
+    c->writes++;
+    tls_queue(c, q, n);
+}
+
+/* Writes the n ciphertext bytes pending in the session from q's tail. */
+static void tls_queue(mg_conn_t *c, wreq_t *q, size_t n)
+{
+    char *p = (char *)(q + 1);
+    uv_buf_t b = uv_buf_init(p, (unsigned)mg_tls_conn_take(c->tls, p, n));
+    mg_worker_write(c->w, (uv_stream_t *)&c->tcp, &q->wr, &b, 1, on_write);
+}
+
+/* Encrypts the buffers; returns the ciphertext bytes now pending, or
+ * SIZE_MAX on a fatal session error. */
+static size_t tls_encrypt(mg_conn_t *c, const uv_buf_t *bufs, unsigned n)
+{
+    for (unsigned i = 0; i < n; i++)
+        if (mg_tls_conn_write(c->tls, bufs[i].base, bufs[i].len) < 0) {
+            mg_log_info("client %s: TLS write: %s", c->peer,
+                        mg_tls_conn_error(c->tls));
+            return SIZE_MAX;
+        }
+    return mg_tls_conn_pending(c->tls);
+}
+
+/*
+ * Decrypts what the session holds into the read buffer while it has room
+ * (the buffer grows during a head exactly as for a socket read). Returns
+ * the bytes added, or -1 when the connection was closed (bad handshake,
+ * garbage, refused version: logged at info, never more, since any client
+ * can cause it).
+ */
+static int tls_pump(mg_conn_t *c)
+{
+    size_t before = c->len;
+    for (;;) {
+        uv_buf_t b;
+        on_alloc((uv_handle_t *)&c->tcp, 0, &b);
+        if (b.len == 0)
+            break;
+        int n = mg_tls_conn_read(c->tls, b.base, b.len);
+        if (n > 0) {
+            c->len += (size_t)n;
+            continue;
+        }
+        if (n == UV_EOF) {
+            /* close_notify: a half-close, handled as a socket EOF. */
+            if (c->state == C_IDLE && c->pos == c->len) {
+                conn_close(c);
+                return -1;
+            }
+            c->eof = 1;
+            c->close_after = 1;
+            read_stop(c);
+        } else if (n < 0) {
+            tls_flush(c); /* the alert, if any */
+            mg_log_info("client %s: TLS: %s", c->peer,
+                        mg_tls_conn_error(c->tls));
+            conn_close(c);
+            return -1;
+        }
+        break;
+    }
+    tls_flush(c);
+    return (int)(c->len - before);
+}
+
 static void read_start(mg_conn_t *c)
 {
     if (!c->reading && !c->closing && !c->eof) {
         c->reading = 1;
-        uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read);
+        uv_read_start((uv_stream_t *)&c->tcp, c->tls ? on_tls_alloc : on_alloc,
+                      c->tls ? on_tls_read : on_read);
     }
 }
 
@@ -787,6 +914,8 @@ static int head_overflow(mg_conn_t *c)
 static void advance(mg_conn_t *c)
 {
     while (!c->closing && !c->parsing) {
+        if (c->tls && c->state != C_LINGER && tls_pump(c) < 0)
+            return;
         switch (c->state) {
         case C_IDLE:
         case C_HEAD:
@@ -812,6 +941,12 @@ static void advance(mg_conn_t *c)
              * was copied out at headers-complete) the buffer is free. */
             if (c->holds == 0)
                 c->len = c->pos = 0;
+            /* The session may hold more than the buffer took before. */
+            if (c->tls && c->pos == c->len && tls_pump(c) != 0) {
+                if (c->closing)
+                    return;
+                continue;
+            }
             keep_reading(c);
             return;
         case C_DONE:
@@ -890,6 +1025,10 @@ static void on_shutdown(uv_shutdown_t *req, int status)
 static void linger_close(mg_conn_t *c)
 {
     read_stop(c);
+    if (c->tls) {
+        mg_tls_conn_shutdown(c->tls); /* close_notify before the FIN */
+        tls_flush(c);
+    }
     c->shutdown_req.data = c;
     if (uv_shutdown(&c->shutdown_req, (uv_stream_t *)&c->tcp, on_shutdown))
         conn_close(c);
@@ -944,6 +1083,7 @@ static void on_timer_closed(uv_handle_t *h)
     mg_worker_t *w = c->w;
     free(c->buf);
     mg_arena_free(&c->arena);
+    mg_tls_conn_free(c->tls);
     free(c);
     mg_worker_conn_closed(w);
 }
@@ -1037,7 +1177,7 @@ static void peer_name(mg_conn_t *c)
     }
 }
 
-void mg_http1_accept(mg_worker_t *w, uv_stream_t *server)
+void mg_http1_accept(mg_worker_t *w, uv_stream_t *server, mg_tls_t *tls)
 {
     init_settings();
     mg_conn_list_t *list = mg_worker_conns(w);
@@ -1069,6 +1209,8 @@ void mg_http1_accept(mg_worker_t *w, uv_stream_t *server)
     c->cap = READ_CHUNK;
     c->buf = mg_malloc(c->cap);
     c->state = C_IDLE;
+    if (tls)
+        c->tls = mg_tls_conn_new(tls);
     arm_timer(c, limits(c)->header_timeout_ms);
     read_start(c);
 }

@@ -84,6 +84,10 @@ typedef struct {
     int last_reload;
     char *last_reload_error;
     time_t last_reload_at; /* wall clock */
+    uint8_t ticket_secret[MG_TLS_SECRET_LEN]; /* TLS session tickets: drawn
+                                                 once, inherited by every
+                                                 worker (tls.h) */
+    int ticket_ok;
 } master_t;
 
 static uint64_t now_ms(void)
@@ -165,7 +169,9 @@ static pid_t spawn(master_t *m, unsigned slot, int mslot)
         mg_worker_opts_t opts = {.listen_fds = m->fds,
                                  .nlisten = m->nfds,
                                  .slot = slot,
-                                 .config_path = m->config_path};
+                                 .config_path = m->config_path,
+                                 .ticket_secret =
+                                     m->ticket_ok ? m->ticket_secret : NULL};
         /* The worker takes the config (this process's copy of it). */
         exit(mg_worker_run(&opts, m->cfg));
     }
@@ -804,6 +810,10 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
         mg_config_free(cfg);
         return 1;
     }
+    m.ticket_ok = mg_tls_new_secret(m.ticket_secret) == 0;
+    if (!m.ticket_ok)
+        mg_log_warn("no random bytes for a ticket secret: TLS session "
+                    "tickets are off");
     mg_log_info("moongate %s starting %u workers", MG_VERSION, cfg->workers);
     start_workers(&m);
 

@@ -377,7 +377,10 @@ static void build_head(mg_proxy_t *p, mg_str_t path, mg_str_t query)
         }
     }
     append(&w, r->client_ip, strlen(r->client_ip));
-    APPEND_LIT(&w, "\r\nX-Forwarded-Proto: http\r\n");
+    if (r->tls)
+        APPEND_LIT(&w, "\r\nX-Forwarded-Proto: https\r\n");
+    else
+        APPEND_LIT(&w, "\r\nX-Forwarded-Proto: http\r\n");
     if (r->host.len) {
         APPEND_LIT(&w, "X-Forwarded-Host: ");
         append_str(&w, r->host);
@@ -796,6 +799,12 @@ static void on_up_write(mg_wreq_t *wr, int status)
         up_timer(p, p->route->timeouts.read_ms);
 }
 
+/* Over TLS (upstream.c encrypts): the same callback, from libuv. */
+static void on_up_tls_write(uv_write_t *req, int status)
+{
+    on_up_write((mg_wreq_t *)req, status);
+}
+
 static void up_write(mg_proxy_t *p, up_write_t *wr, const uv_buf_t *bufs,
                      unsigned n)
 {
@@ -803,8 +812,14 @@ static void up_write(mg_proxy_t *p, up_write_t *wr, const uv_buf_t *bufs,
     if (wr->body)
         mg_conn_hold(p->r->conn);
     p->up_writes++;
-    mg_worker_write(mg_conn_worker(p->r->conn), (uv_stream_t *)&p->uc->tcp,
-                    &wr->wr, bufs, n, on_up_write);
+    if (!p->uc->tls)
+        mg_worker_write(mg_conn_worker(p->r->conn), (uv_stream_t *)&p->uc->tcp,
+                        &wr->wr, bufs, n, on_up_write);
+    else if (mg_upconn_write(p->uc, &wr->wr.req, bufs, n, on_up_tls_write) < 0)
+        /* Only a closing connection fails at once: mg_worker_write then
+         * reports UV_ECANCELED from the loop, as it promises. */
+        mg_worker_write(mg_conn_worker(p->r->conn), (uv_stream_t *)&p->uc->tcp,
+                        &wr->wr, bufs, 0, on_up_write);
     if (p->uc->tcp.write_queue_size > 0)
         up_timer(p, p->route->timeouts.send_ms);
 }

@@ -33,6 +33,8 @@ struct mg_target_s {
                          open, a lookup in flight, each connection */
     unsigned resolving : 1;
     unsigned freeing : 1;
+    mg_tls_client_t *tls; /* https: a reference; NULL: plain */
+    char *tls_name;       /* SNI / verified name */
 };
 
 /* Initial retry tokens: a quiet upstream may still retry a few times. */
@@ -297,6 +299,8 @@ static void target_release(mg_target_t *t)
         return;
     free(t->host);
     free(t->name);
+    mg_tls_client_unref(t->tls);
+    free(t->tls_name);
     free(t);
 }
 
@@ -368,6 +372,11 @@ mg_target_t *mg_target_new(uv_loop_t *loop, const mg_target_conf_t *tc)
     t->addr = tc->addr;
     t->addrlen = tc->addrlen;
     t->pending = 1; /* the target itself */
+    if (tc->tls) {
+        t->tls = tc->tls;
+        mg_tls_client_ref(t->tls);
+        t->tls_name = mg_strndup(tc->tls_name, strlen(tc->tls_name));
+    }
     if (tc->host && tc->resolve_ms) {
         const char *colon = strrchr(tc->text, ':');
         t->host = mg_strndup(tc->host, strlen(tc->host));
@@ -386,7 +395,9 @@ mg_target_t *mg_target_new(uv_loop_t *loop, const mg_target_conf_t *tc)
 int mg_target_matches(const mg_target_t *t, const mg_target_conf_t *tc)
 {
     /* A host-name target is the name (its address may change); an IP
-     * target is the address. */
+     * target is the address. TLS targets also need the same context. */
+    if (t->tls != tc->tls)
+        return 0;
     if (t->host || (tc->host && tc->resolve_ms))
         return t->host && tc->host && tc->resolve_ms
                && strcmp(t->name, tc->text) == 0;
@@ -426,6 +437,8 @@ static void on_timer_closed(uv_handle_t *h)
 {
     mg_upconn_t *uc = h->data;
     mg_target_t *t = uc->target;
+    mg_tls_conn_free(uc->tls);
+    free(uc->tls_in);
     free(uc->rbuf);
     free(uc);
     target_release(t); /* the connection's reference */
@@ -459,6 +472,8 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
     *b = uv_buf_init(uc->rbuf + uc->rlen, (unsigned)(uc->rcap - uc->rlen));
 }
 
+static void tls_read(mg_upconn_t *uc, ssize_t nread, const uv_buf_t *b);
+
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
 {
     mg_upconn_t *uc = s->data;
@@ -473,16 +488,157 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
         mg_upconn_close(uc);
         return;
     }
+    if (uc->tls) {
+        tls_read(uc, nread, b);
+        return;
+    }
     if (nread > 0)
         uc->rlen += (size_t)nread;
     uc->on_read(uc, nread);
+}
+
+/* ---- TLS to the upstream ------------------------------------------------
+ * Ciphertext is read into tls_in and fed to the session; plaintext is
+ * decrypted into rbuf exactly where a plain read would have put it, so the
+ * owners (proxy.c, client.c) do not know the difference. The handshake
+ * runs between the TCP connect and the connect callback, under the same
+ * connect timeout. */
+
+#define TLS_IN_LEN 16384
+
+typedef struct {
+    uv_write_t req;
+    uv_write_t *outer; /* the caller's, NULL for handshake records */
+    uv_write_cb cb;
+} tls_write_t;
+
+static void on_tls_written(uv_write_t *req, int status)
+{
+    tls_write_t *tw = (tls_write_t *)req;
+    if (tw->cb)
+        tw->cb(tw->outer, status);
+    free(tw);
+}
+
+/* Sends what the session has produced; owner's request optional. */
+static int tls_send(mg_upconn_t *uc, uv_write_t *outer, uv_write_cb cb)
+{
+    size_t n = mg_tls_conn_pending(uc->tls);
+    if (n == 0 && !cb)
+        return 0;
+    tls_write_t *tw = mg_malloc(sizeof(*tw) + n);
+    tw->outer = outer;
+    tw->cb = cb;
+    char *p = (char *)(tw + 1);
+    uv_buf_t b = uv_buf_init(p, (unsigned)mg_tls_conn_take(uc->tls, p, n));
+    if (outer)
+        outer->handle = (uv_stream_t *)&uc->tcp;
+    int rc = uv_write(&tw->req, (uv_stream_t *)&uc->tcp, &b, 1, on_tls_written);
+    if (rc < 0)
+        free(tw);
+    return rc;
+}
+
+int mg_upconn_write(mg_upconn_t *uc, uv_write_t *req, const uv_buf_t *bufs,
+                    unsigned n, uv_write_cb cb)
+{
+    if (!uc->tls)
+        return uv_write(req, (uv_stream_t *)&uc->tcp, bufs, n, cb);
+    for (unsigned i = 0; i < n; i++)
+        if (mg_tls_conn_write(uc->tls, bufs[i].base, bufs[i].len) < 0)
+            return UV_EPROTO;
+    return tls_send(uc, req, cb);
+}
+
+static void tls_connect_done(mg_upconn_t *uc, int status)
+{
+    mg_upconn_connect_cb cb = uc->on_connect;
+    uc->on_connect = NULL;
+    uv_timer_stop(&uc->timer);
+    if (status < 0)
+        mg_upconn_close(uc);
+    if (cb)
+        cb(uc, status);
+}
+
+static void tls_handshake(mg_upconn_t *uc)
+{
+    int rc = mg_tls_conn_handshake(uc->tls);
+    tls_send(uc, NULL, NULL);
+    if (rc == 0)
+        return;
+    if (rc < 0)
+        mg_log_warn("upstream %s: TLS handshake failed: %s",
+                    mg_target_name(uc->target), mg_tls_conn_error(uc->tls));
+    tls_connect_done(uc, rc < 0 ? MG_EPROTO : 0);
+}
+
+/* Decrypts into rbuf while the owner reads and there is room; each piece
+ * goes to the owner as a read would. */
+static void tls_deliver(mg_upconn_t *uc)
+{
+    while (uc->reading && uc->owner && !uc->closing) {
+        uv_buf_t b;
+        on_alloc((uv_handle_t *)&uc->tcp, 0, &b);
+        if (b.len == 0) {
+            mg_upconn_read_pause(uc); /* owner will resume */
+            return;
+        }
+        int n = mg_tls_conn_read(uc->tls, b.base, b.len);
+        tls_send(uc, NULL, NULL);
+        if (n == 0)
+            return;
+        if (n > 0) {
+            uc->rlen += (size_t)n;
+            uc->on_read(uc, n);
+            continue;
+        }
+        if (n != UV_EOF)
+            mg_log_warn("upstream %s: TLS: %s", mg_target_name(uc->target),
+                        mg_tls_conn_error(uc->tls));
+        uc->on_read(uc, n == UV_EOF ? UV_EOF : UV_EPROTO);
+        return;
+    }
+}
+
+static void tls_read(mg_upconn_t *uc, ssize_t nread, const uv_buf_t *b)
+{
+    if (nread < 0) {
+        if (uc->on_connect) {
+            mg_log_warn("upstream %s: TLS handshake: %s",
+                        mg_target_name(uc->target), uv_strerror((int)nread));
+            tls_connect_done(uc, (int)nread);
+        } else {
+            uc->on_read(uc, nread);
+        }
+        return;
+    }
+    mg_tls_conn_feed(uc->tls, b->base, (size_t)nread);
+    if (uc->on_connect)
+        tls_handshake(uc);
+    else
+        tls_deliver(uc);
+}
+
+static void on_tls_alloc(uv_handle_t *h, size_t hint, uv_buf_t *b)
+{
+    mg_upconn_t *uc = h->data;
+    if (!uc->tls_in)
+        uc->tls_in = mg_malloc(TLS_IN_LEN);
+    *b = uv_buf_init(uc->tls_in, TLS_IN_LEN);
 }
 
 void mg_upconn_read_resume(mg_upconn_t *uc)
 {
     if (!uc->reading && !uc->closing) {
         uc->reading = 1;
-        uv_read_start((uv_stream_t *)&uc->tcp, on_alloc, on_read);
+        uv_read_start((uv_stream_t *)&uc->tcp,
+                      uc->tls ? on_tls_alloc : on_alloc, on_read);
+        /* Plaintext the session held back while the buffer was full:
+         * delivered now, since no socket read may ever come for it. */
+        if (uc->tls && uc->owner && !uc->on_connect
+            && mg_tls_conn_has_input(uc->tls))
+            tls_deliver(uc);
     }
 }
 
@@ -511,6 +667,14 @@ static void on_connected(uv_connect_t *req, int status)
     uc->on_connect = NULL;
     if (!cb)
         return; /* timed out and already reported */
+    if (status >= 0 && uc->tls) {
+        /* The connect callback waits for the handshake (same timer). */
+        uc->on_connect = cb;
+        uv_tcp_nodelay(&uc->tcp, 1);
+        mg_upconn_read_resume(uc);
+        tls_handshake(uc);
+        return;
+    }
     uv_timer_stop(&uc->timer);
     if (status < 0) {
         mg_upconn_close(uc);
@@ -563,6 +727,8 @@ int mg_upconn_get(mg_target_t *t, void *owner, uint64_t connect_ms,
     uc->owner = owner;
     uc->rcap = uc->rmax = UC_READ_CHUNK;
     uc->rbuf = mg_malloc(uc->rcap);
+    if (t->tls)
+        uc->tls = mg_tls_conn_new_client(t->tls, t->tls_name);
     uv_tcp_init(t->loop, &uc->tcp);
     uv_timer_init(t->loop, &uc->timer);
     uc->tcp.data = uc->timer.data = uc->connect_req.data = uc;
@@ -595,6 +761,11 @@ void mg_upconn_release(mg_upconn_t *uc, unsigned max_idle, uint64_t idle_ms)
     uc->rmax = uc->rcap;
     if (uc->closing)
         return;
+    /* Over TLS, bytes the session holds now are bytes nobody asked for. */
+    if (uc->tls && mg_tls_conn_has_input(uc->tls)) {
+        mg_upconn_close(uc);
+        return;
+    }
     if (t->freeing || t->nidle >= max_idle || idle_ms == 0) {
         mg_upconn_close(uc);
         return;

@@ -160,7 +160,17 @@ struct mg_upconn_s {
     size_t rlen;                       /* bytes in it; the owner resets it */
     size_t rmax;                       /* the owner lets rbuf grow up to this */
     unsigned reading : 1;
+    mg_tls_conn_t *tls; /* https target: the session, NULL: plain */
+    char *tls_in;       /* its ciphertext read buffer */
 };
+
+/*
+ * Writes to the connection: uv_write's contract (an error return and no
+ * callback, or 0 and exactly one callback); over TLS the bytes are
+ * encrypted first (the buffers are not borrowed past the call then).
+ */
+int mg_upconn_write(mg_upconn_t *uc, uv_write_t *req, const uv_buf_t *bufs,
+                    unsigned n, uv_write_cb cb);
 
 /*
  * A target for gw.http.request: the balancer's choice among the usable
@@ -173,7 +183,10 @@ mg_target_t *mg_upstream_pick(mg_upstream_t *u);
 const char *mg_target_name(const mg_target_t *t);
 
 /*
- * Creates a target for `tc` (worker-owned; freed by mg_target_free).
+ * Creates a target for `tc` (worker-owned; freed by mg_target_free). An
+ * https target (tc->tls) keeps a reference on its TLS context; a target
+ * matches a config's only with the same context, so a reload that reads
+ * new CA or client certificate files starts a new pool.
  */
 mg_target_t *mg_target_new(uv_loop_t *loop, const mg_target_conf_t *tc);
 int mg_target_matches(const mg_target_t *t, const mg_target_conf_t *tc);

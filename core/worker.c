@@ -41,6 +41,7 @@ struct mg_worker_s {
     int shut;
     uint64_t rng[2];
     mg_health_t *health; /* active health checks: worker 1 only */
+    char scratch[65536]; /* mg_worker_scratch */
 };
 
 mg_gen_t *mg_worker_gen(mg_worker_t *w)
@@ -72,6 +73,12 @@ static void set_access_log(mg_worker_t *w, const mg_config_t *cfg)
     w->alog = mg_accesslog_open(&w->loop, want, err, sizeof(err));
     if (!w->alog)
         mg_log_error("%s", err);
+}
+
+char *mg_worker_scratch(mg_worker_t *w, size_t *len)
+{
+    *len = sizeof(w->scratch);
+    return w->scratch;
 }
 
 mg_lua_t *mg_worker_lua(mg_worker_t *w)
@@ -224,8 +231,21 @@ static void on_connection(uv_stream_t *server, int status)
     }
     if (w->draining)
         return;
-    mg_http1_accept(w, server);
+    /* The current generation's TLS settings for this listener: a reload
+     * brings new certificates to new connections. */
+    size_t i = (size_t)((uv_tcp_t *)server - w->listeners);
+    const mg_config_t *cfg = w->gen->cfg;
+    mg_http1_accept(w, server, i < cfg->nlisten ? cfg->listen[i].tls : NULL);
     mg_metrics_set_connections(w->conns.count);
+}
+
+/* Gives a config's TLS listeners the master's ticket secret, so sessions
+ * resume on any worker. */
+static void arm_tls(mg_worker_t *w, mg_config_t *cfg)
+{
+    for (size_t i = 0; w->opts.ticket_secret && i < cfg->nlisten; i++)
+        if (cfg->listen[i].tls)
+            mg_tls_set_ticket_secret(cfg->listen[i].tls, w->opts.ticket_secret);
 }
 
 static void reload(mg_worker_t *w)
@@ -239,6 +259,7 @@ static void reload(mg_worker_t *w)
         mg_log_lines(MG_LOG_ERROR, prefix, err);
         return;
     }
+    arm_tls(w, cfg);
     mg_gen_t *g = mg_gen_new(w, w->lua, cfg, w->next_gen_id, err, sizeof(err));
     if (!g) {
         char prefix[80];
@@ -375,6 +396,7 @@ int mg_worker_run(const mg_worker_opts_t *opts, mg_config_t *cfg)
     uv_loop_init(&w.loop);
 
     char err[4096];
+    arm_tls(&w, cfg);
     w.lua = mg_lua_new(&w.loop, err, sizeof(err));
     if (!w.lua) {
         mg_log_error("%s", err);

@@ -18,8 +18,10 @@ typedef struct mg_target_s mg_target_t;
 typedef struct {
     int *listen_fds; /* borrowed from the master, one per listener */
     size_t nlisten;
-    unsigned slot;           /* 1-based worker number, for logs */
-    const char *config_path; /* re-read on reload */
+    unsigned slot;                /* 1-based worker number, for logs */
+    const char *config_path;      /* re-read on reload */
+    const uint8_t *ticket_secret; /* MG_TLS_SECRET_LEN bytes drawn by the
+                                     master: TLS session tickets */
 } mg_worker_opts_t;
 
 /*
@@ -37,6 +39,14 @@ uv_loop_t *mg_worker_loop(mg_worker_t *w);
 /* The worker's access log, or NULL when it is off. */
 typedef struct mg_accesslog_s mg_accesslog_t;
 mg_accesslog_t *mg_worker_accesslog(mg_worker_t *w);
+
+/*
+ * A read buffer for bytes that are copied elsewhere as soon as they are
+ * read (TLS ciphertext goes straight into the session): libuv calls a
+ * stream's alloc and read callbacks back to back, so one buffer serves
+ * every connection of the worker. Valid until the callback returns.
+ */
+char *mg_worker_scratch(mg_worker_t *w, size_t *len);
 
 /* The worker's Lua VM. */
 mg_lua_t *mg_worker_lua(mg_worker_t *w);
@@ -87,8 +97,9 @@ mg_target_t *mg_worker_target(mg_worker_t *w, const mg_target_conf_t *tc);
 
 /* --- http1.c, called by the worker ------------------------------------- */
 
-/* Accepts one connection from `server` and starts serving it. */
-void mg_http1_accept(mg_worker_t *w, uv_stream_t *server);
+/* Accepts one connection from `server` and starts serving it; over TLS
+ * with `tls`'s certificates when it is not NULL (borrowed). */
+void mg_http1_accept(mg_worker_t *w, uv_stream_t *server, mg_tls_t *tls);
 
 /* Asks every connection to finish: idle ones close now, busy ones after
  * their current response (with Connection: close). */

@@ -132,6 +132,7 @@ describe("gw request and response calls", function()
     local calls = {
         { "request", "get_method" }, { "request", "get_path" }, { "request", "get_query" },
         { "request", "get_host" }, { "request", "get_client_ip" }, { "request", "get_id" },
+        { "request", "get_scheme" },
         { "request", "get_param", "id" }, { "request", "get_header", "host" },
         { "request", "get_headers" }, { "request", "set_header", "a", "b" },
         { "request", "add_header", "a", "b" }, { "request", "clear_header", "a" },

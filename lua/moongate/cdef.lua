@@ -3,7 +3,7 @@
 -- runtime refuses to start (the two cannot drift silently).
 local ffi = require("ffi")
 
-local _M = { version = 5 }
+local _M = { version = 6 }
 
 ffi.cdef [[
 typedef struct { const char *p; size_t len; } mg_str_t;
@@ -16,6 +16,7 @@ void mg_ffi_req_method(mg_req_t *r, mg_str_t *out);
 void mg_ffi_req_path(mg_req_t *r, mg_str_t *out);
 void mg_ffi_req_query(mg_req_t *r, mg_str_t *out);
 void mg_ffi_req_host(mg_req_t *r, mg_str_t *out);
+void mg_ffi_req_scheme(mg_req_t *r, mg_str_t *out);
 void mg_ffi_req_client_ip(mg_req_t *r, mg_str_t *out);
 void mg_ffi_req_id(mg_req_t *r, mg_str_t *out);
 int mg_ffi_req_set_path(mg_req_t *r, const char *p, size_t len);

@@ -64,6 +64,8 @@ _M.request.get_path = getter(C.mg_ffi_req_path)
 _M.request.get_query = getter(C.mg_ffi_req_query)
 --- gw.request.get_host(ctx) -> the Host header ("api.example.com:8080").
 _M.request.get_host = getter(C.mg_ffi_req_host)
+--- gw.request.get_scheme(ctx) -> "https" on a TLS listener, else "http". Any phase.
+_M.request.get_scheme = getter(C.mg_ffi_req_scheme)
 --- gw.request.get_client_ip(ctx) -> the TCP peer address ("127.0.0.1").
 _M.request.get_client_ip = getter(C.mg_ffi_req_client_ip)
 --- gw.request.get_id(ctx) -> the request id sent upstream as X-Request-Id.
