@@ -83,7 +83,7 @@ typedef struct {
      * 1 accepted, -1 refused with last_reload_error (owned). */
     int last_reload;
     char *last_reload_error;
-    time_t last_reload_at; /* wall clock */
+    time_t last_reload_at;                    /* wall clock */
     uint8_t ticket_secret[MG_TLS_SECRET_LEN]; /* TLS session tickets: drawn
                                                  once, inherited by every
                                                  worker (tls.h) */
