@@ -10,7 +10,7 @@ local gw = require("moongate.gw")
 local type, pairs, ipairs, pcall, error, tostring = type, pairs, ipairs, pcall, error, tostring
 local setmetatable, loadfile, loadstring, setfenv = setmetatable, loadfile, loadstring, setfenv
 local co_yield, co_running = coroutine.yield, coroutine.running
-local sort, concat = table.sort, table.concat
+local sort, concat, find = table.sort, table.concat, string.find
 local io_open, getenv = io.open, os.getenv
 local now_us = gw.now_us
 
@@ -319,10 +319,21 @@ end
 
 -- Appends one checked header line to a flat list. (Not a closure inside
 -- response(): creating one per exit keeps LuaJIT from compiling it.)
+-- Header names already checked: an early exit's names are nearly always
+-- the same few, and a pattern match is never JIT-compiled. Bounded.
+local good_names, ngood_names = {}, 0
+
 local function add_header(flat, name, value)
-    value = tostring(value)
-    if type(name) ~= "string" or not name:find("^[%w!#$%%&'*+.^_`|~-]+$")
-        or value:find("[\r\n%z]") then
+    if type(value) ~= "string" then value = tostring(value) end
+    if not good_names[name] then
+        if type(name) ~= "string" or not name:find("^[%w!#$%%&'*+.^_`|~-]+$") then
+            error("invalid response header " .. tostring(name), 0)
+        end
+        if ngood_names >= 1000 then good_names, ngood_names = {}, 0 end
+        good_names[name], ngood_names = true, ngood_names + 1
+    end
+    -- Plain finds compile; a character-class pattern would not.
+    if find(value, "\r", 1, true) or find(value, "\n", 1, true) or find(value, "\0", 1, true) then
         error("invalid response header " .. tostring(name), 0)
     end
     flat[#flat + 1] = name
