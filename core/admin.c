@@ -36,6 +36,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "listen.h"
 #include "log.h"
 
 #define MAX_CONNS (MG_ADMIN_MAX_POLLFDS - 1)
@@ -67,31 +68,13 @@ struct mg_admin_s {
     conn_t conns[MAX_CONNS];
 };
 
-static uint64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
 int mg_admin_open(const mg_admin_conf_t *conf, const mg_admin_handlers_t *h,
                   mg_admin_t **out)
 {
     const mg_listen_conf_t *l = &conf->listen;
-    int fd = socket(l->addr.ss_family,
-                    SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int fd = mg_listen_socket(l, 64, 1); /* the workers must not hold it */
     if (fd < 0)
-        return -errno;
-    int one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (l->addr.ss_family == AF_INET6)
-        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
-    if (bind(fd, (const struct sockaddr *)&l->addr, l->addrlen) < 0
-        || listen(fd, 64) < 0) {
-        int e = -errno;
-        close(fd);
-        return e;
-    }
+        return fd;
     mg_admin_t *a = mg_calloc(1, sizeof(*a));
     a->fd = fd;
     a->addr = l->addr;
@@ -514,7 +497,7 @@ static void on_accept(mg_admin_t *a)
             continue;
         }
         c->fd = fd;
-        c->deadline_ms = now_ms() + CONN_TIMEOUT_MS;
+        c->deadline_ms = mg_monotonic_ms() + CONN_TIMEOUT_MS;
     }
 }
 
@@ -525,7 +508,7 @@ size_t mg_admin_pollfds(mg_admin_t *a, struct pollfd *fds, size_t max,
     if (!a || max == 0)
         return 0;
     fds[n++] = (struct pollfd){.fd = a->fd, .events = POLLIN};
-    uint64_t now = now_ms();
+    uint64_t now = mg_monotonic_ms();
     for (size_t i = 0; i < MAX_CONNS && n < max; i++) {
         conn_t *c = &a->conns[i];
         if (c->fd < 0)
@@ -555,7 +538,7 @@ void mg_admin_process(mg_admin_t *a, const struct pollfd *fds, size_t n)
         if (c->fd >= 0 && c->writing)
             on_writable(c);
     }
-    uint64_t now = now_ms();
+    uint64_t now = mg_monotonic_ms();
     for (size_t i = 0; i < MAX_CONNS; i++)
         if (a->conns[i].fd >= 0 && now >= a->conns[i].deadline_ms)
             conn_free(&a->conns[i]); /* too slow: no answer owed */

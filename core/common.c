@@ -5,6 +5,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 #include <uv.h>
 
 const char *mg_strerror(int err)
@@ -52,4 +53,11 @@ char *mg_strndup(const char *s, size_t len)
     memcpy(d, s, len);
     d[len] = '\0';
     return d;
+}
+
+uint64_t mg_monotonic_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }

@@ -37,6 +37,10 @@ typedef struct {
 /* Human-readable text for any moongate or libuv error code. */
 const char *mg_strerror(int err);
 
+/* Milliseconds on CLOCK_MONOTONIC: the same clock in every process of the
+ * gateway (shared deadlines, breaker and health state). */
+uint64_t mg_monotonic_ms(void);
+
 /* Allocation that aborts the process on failure (Redis, h2o style). */
 void *mg_malloc(size_t size);
 void *mg_calloc(size_t n, size_t size);

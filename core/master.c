@@ -34,6 +34,7 @@
 
 #include "admin.h"
 #include "generation.h"
+#include "listen.h"
 #include "log.h"
 #include "lua.h"
 #include "metrics.h"
@@ -90,31 +91,6 @@ typedef struct {
     int ticket_ok;
 } master_t;
 
-static uint64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
-static int open_listener(const mg_listen_conf_t *l)
-{
-    int fd = socket(l->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK, 0);
-    if (fd < 0)
-        return -errno;
-    int one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (l->addr.ss_family == AF_INET6)
-        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
-    if (bind(fd, (const struct sockaddr *)&l->addr, l->addrlen) < 0
-        || listen(fd, 511) < 0) {
-        int e = -errno;
-        close(fd);
-        return e;
-    }
-    return fd;
-}
-
 /* Opens every listener of `cfg`, reusing open sockets of `old` whose
  * address is unchanged. Returns 0 or a negative errno (nothing leaked). */
 static int open_listeners(const mg_config_t *cfg, const mg_config_t *old,
@@ -130,7 +106,7 @@ static int open_listeners(const mg_config_t *cfg, const mg_config_t *old,
                 fds[i] = old_fds[k];
         if (fds[i] >= 0)
             continue;
-        fds[i] = open_listener(l);
+        fds[i] = mg_listen_socket(l, 511, 0); /* inherited by workers */
         if (fds[i] < 0) {
             int e = fds[i];
             mg_log_error("cannot listen on %s: %s", l->text, strerror(-e));
@@ -184,8 +160,8 @@ static void start_slot(master_t *m, worker_slot_t *s)
     s->pid = spawn(m, s->slot, s->mslot);
     if (!s->pid)
         mg_metrics_proc_release(s->mslot);
-    s->started_ms = now_ms();
-    s->restart_at_ms = s->pid ? 0 : now_ms() + RESTART_BACKOFF_MS;
+    s->started_ms = mg_monotonic_ms();
+    s->restart_at_ms = s->pid ? 0 : mg_monotonic_ms() + RESTART_BACKOFF_MS;
 }
 
 static void start_workers(master_t *m)
@@ -248,8 +224,8 @@ static void reap(master_t *m)
                              "restarting",
                              s->slot, pid, WEXITSTATUS(status));
             /* A worker that dies at once would die again: back off. */
-            if (now_ms() - s->started_ms < RESTART_BACKOFF_MS)
-                s->restart_at_ms = now_ms() + RESTART_BACKOFF_MS;
+            if (mg_monotonic_ms() - s->started_ms < RESTART_BACKOFF_MS)
+                s->restart_at_ms = mg_monotonic_ms() + RESTART_BACKOFF_MS;
             else
                 start_slot(m, s);
         }
@@ -688,7 +664,7 @@ static void on_watch_events(master_t *m)
         for (char *p = buf; p < buf + n;) {
             const struct inotify_event *ev = (const struct inotify_event *)p;
             if (ev->len && strcmp(ev->name, base) == 0)
-                m->watch_due_ms = now_ms() + WATCH_DEBOUNCE_MS;
+                m->watch_due_ms = mg_monotonic_ms() + WATCH_DEBOUNCE_MS;
             p += sizeof(*ev) + ev->len;
         }
     }
@@ -699,14 +675,15 @@ static void begin_stop(master_t *m)
     if (m->stopping)
         return;
     m->stopping = 1;
-    m->stop_deadline_ms = now_ms() + m->cfg->limits.drain_timeout_ms + 2000;
+    m->stop_deadline_ms =
+        mg_monotonic_ms() + m->cfg->limits.drain_timeout_ms + 2000;
     mg_log_info("stopping: draining %zu workers", running(m));
     signal_all(m, SIGTERM);
 }
 
 static void tick(master_t *m)
 {
-    uint64_t now = now_ms();
+    uint64_t now = mg_monotonic_ms();
     if (m->stopping) {
         if (now >= m->stop_deadline_ms) {
             mg_log_error("workers did not drain in time, killing them");
@@ -827,7 +804,7 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
         if (m.wfd >= 0)
             pfds[np++] = (struct pollfd){.fd = m.wfd, .events = POLLIN};
         if (m.watch_due_ms) {
-            uint64_t now = now_ms();
+            uint64_t now = mg_monotonic_ms();
             int left = m.watch_due_ms > now ? (int)(m.watch_due_ms - now) : 0;
             timeout = left < timeout ? left : timeout;
         }
@@ -858,7 +835,8 @@ int mg_master_run(const char *config_path, mg_config_t *cfg)
             break;
         default: break;
         }
-        if (m.watch_due_ms && now_ms() >= m.watch_due_ms && !m.stopping) {
+        if (m.watch_due_ms && mg_monotonic_ms() >= m.watch_due_ms
+            && !m.stopping) {
             m.watch_due_ms = 0;
             mg_log_info("%s changed: reloading", m.config_path);
             reload(&m, err, sizeof(err));

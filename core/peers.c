@@ -30,13 +30,6 @@ int mg_peers_init(void)
     return 0;
 }
 
-uint64_t mg_peers_now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
 static size_t make_key(char *key, mg_str_t upstream, mg_str_t target)
 {
     size_t n = 0;

@@ -55,7 +55,4 @@ int mg_peers_init(void);
  */
 mg_peer_t *mg_peers_get(mg_str_t upstream, mg_str_t target);
 
-/* Milliseconds on CLOCK_MONOTONIC, the same in every process. */
-uint64_t mg_peers_now_ms(void);
-
 #endif

@@ -470,7 +470,7 @@ static void fail_unavailable(mg_proxy_t *p)
     mg_upstream_t *u = p->upstream;
     char after[16], body[256];
     snprintf(after, sizeof(after), "%u",
-             mg_upstream_retry_after(u, mg_peers_now_ms()));
+             mg_upstream_retry_after(u, mg_monotonic_ms()));
     int n = snprintf(body, sizeof(body),
                      "{\"error\":\"no healthy upstream target\","
                      "\"upstream\":\"%.100s\"}\n",
@@ -496,7 +496,7 @@ static void start_try(mg_proxy_t *p)
     mg_req_t *r = p->r;
     const mg_route_conf_t *rt = p->route;
     mg_upstream_t *u = p->upstream;
-    uint64_t now = mg_peers_now_ms(), key = hash_key(r, u->conf);
+    uint64_t now = mg_monotonic_ms(), key = hash_key(r, u->conf);
     int i;
     /* A half-open breaker may have handed its last probe to another
      * worker between the pick and the ask: pick again without it. */
@@ -526,7 +526,7 @@ static void start_try(mg_proxy_t *p)
         if (rc == 0)
             on_connect(uc, 0);
     } else {
-        mg_upstream_try_end(u, &p->try_, MG_TRY_CONNECT, 0, mg_peers_now_ms());
+        mg_upstream_try_end(u, &p->try_, MG_TRY_CONNECT, 0, mg_monotonic_ms());
         fail(p, 502, mg_strerror(rc));
     }
 }
@@ -560,11 +560,11 @@ static int may_retry(mg_proxy_t *p, int outcome, int status)
     if (has_body && !p->buffered && (p->head_sent || r->body_received))
         return 0;
     if (rc->total_timeout_ms
-        && mg_peers_now_ms() - p->first_try_ms >= rc->total_timeout_ms)
+        && mg_monotonic_ms() - p->first_try_ms >= rc->total_timeout_ms)
         return 0;
     /* Nowhere else to go: the client gets this try's answer. */
     mg_upstream_t *u = p->upstream;
-    uint64_t now = mg_peers_now_ms();
+    uint64_t now = mg_monotonic_ms();
     size_t left = 0;
     for (size_t i = 0; i < u->ntargets; i++)
         left += !p->tried[i] && mg_upstream_usable(u, i, now);
@@ -616,7 +616,7 @@ static void go_upstream(mg_proxy_t *p)
     p->try_.index = -1;
     p->tried = mg_arena_alloc(r->arena, u->ntargets);
     memset(p->tried, 0, u->ntargets);
-    p->first_try_ms = mg_peers_now_ms();
+    p->first_try_ms = mg_monotonic_ms();
     /* Each request adds to the retry budget; a retry spends one. */
     u->retry_tokens += u->conf->retries.budget;
     if (u->retry_tokens > 100.0)
@@ -852,7 +852,7 @@ static void on_connect(mg_upconn_t *uc, int status)
         p->uc = NULL; /* upstream.c is closing it */
         uc->owner = NULL;
         mg_upstream_try_end(p->upstream, &p->try_, MG_TRY_CONNECT, 0,
-                            mg_peers_now_ms());
+                            mg_monotonic_ms());
         if (may_retry(p, MG_TRY_CONNECT, 0)) {
             next_try(p);
             return;
@@ -1006,7 +1006,7 @@ static void on_up_timeout(uv_timer_t *t)
     if (!mg_deadline_fired(&p->deadline, t, on_up_timeout))
         return;
     mg_upstream_try_end(p->upstream, &p->try_, MG_TRY_TIMEOUT, 0,
-                        mg_peers_now_ms());
+                        mg_monotonic_ms());
     if (!p->r->response_started && may_retry(p, MG_TRY_TIMEOUT, 504))
         next_try(p);
     else
@@ -1023,7 +1023,7 @@ static void up_timer(mg_proxy_t *p, uint64_t ms)
     if (rc->try_timeout_ms && ms > rc->try_timeout_ms)
         ms = rc->try_timeout_ms;
     if (rc->total_timeout_ms && !p->status) {
-        uint64_t spent = mg_peers_now_ms() - p->first_try_ms;
+        uint64_t spent = mg_monotonic_ms() - p->first_try_ms;
         uint64_t left =
             spent < rc->total_timeout_ms ? rc->total_timeout_ms - spent : 1;
         ms = ms < left ? ms : left;
@@ -1205,7 +1205,7 @@ static int up_on_headers_complete(llhttp_t *parser)
     }
     p->interim = 0;
     mg_upstream_try_end(p->upstream, &p->try_, MG_TRY_OK, status,
-                        mg_peers_now_ms());
+                        mg_monotonic_ms());
     if (may_retry(p, MG_TRY_OK, status)) {
         p->retry_status = 1; /* parse_response starts the next try */
         return -1;
@@ -1481,7 +1481,7 @@ static void parse_response(mg_proxy_t *p)
     } else {
         if (!p->plugin_failed)
             mg_upstream_try_end(p->upstream, &p->try_, MG_TRY_ERROR, 0,
-                                mg_peers_now_ms());
+                                mg_monotonic_ms());
         fail(p, p->plugin_failed ? 500 : 502,
              !p->plugin_failed       ? "invalid response"
              : p->body_plugin_failed ? "body_filter failed"
@@ -1542,7 +1542,7 @@ static void on_up_data(mg_upconn_t *uc, ssize_t nread)
         if (retry(p))
             return; /* a stale pooled connection: same target, anew */
         mg_upstream_try_end(p->upstream, &p->try_, MG_TRY_ERROR, 0,
-                            mg_peers_now_ms());
+                            mg_monotonic_ms());
         if (!p->r->response_started && may_retry(p, MG_TRY_ERROR, 502)) {
             next_try(p);
             return;

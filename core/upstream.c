@@ -59,7 +59,7 @@ void mg_upstream_init(mg_upstream_t *u, uint64_t seed)
         if (!c->health.enabled && atomic_load(&pe->down)
             && !atomic_load(&pe->down_until_ms))
             atomic_store(&pe->down_until_ms,
-                         mg_peers_now_ms()
+                         mg_monotonic_ms()
                              + (c->passive.enabled ? c->passive.down_ms : 1));
     }
     u->balancer = mg_balancer_new((mg_balancer_kind_t)c->balance_kind, n, names,
@@ -121,7 +121,7 @@ int mg_upstream_choose(mg_upstream_t *u, uint64_t key, const uint8_t *tried,
 
 mg_target_t *mg_upstream_pick(mg_upstream_t *u)
 {
-    int i = mg_upstream_choose(u, 0, NULL, mg_peers_now_ms());
+    int i = mg_upstream_choose(u, 0, NULL, mg_monotonic_ms());
     if (i >= 0)
         return u->targets[i];
     mg_target_t *t = u->targets[u->next % u->ntargets];
@@ -270,7 +270,7 @@ static void target_status(const mg_upstream_conf_t *c, size_t i, mg_peer_t *pe,
 
 size_t mg_upstream_status(mg_upstream_t *u, mg_target_status_t *out, size_t cap)
 {
-    uint64_t now = mg_peers_now_ms();
+    uint64_t now = mg_monotonic_ms();
     for (size_t i = 0; i < u->ntargets && i < cap; i++)
         target_status(u->conf, i, u->peers[i], now, &out[i]);
     return u->ntargets;
@@ -279,7 +279,7 @@ size_t mg_upstream_status(mg_upstream_t *u, mg_target_status_t *out, size_t cap)
 size_t mg_upstream_conf_status(const mg_upstream_conf_t *c,
                                mg_target_status_t *out, size_t cap)
 {
-    uint64_t now = mg_peers_now_ms();
+    uint64_t now = mg_monotonic_ms();
     for (size_t i = 0; i < c->ntargets && i < cap; i++) {
         mg_peer_t *pe = mg_peers_get(mg_str_from_cstr(c->name),
                                      mg_str_from_cstr(c->targets[i].text));
