@@ -34,6 +34,17 @@
  * doubling to 5 s; reset whenever Redis answers), then the next call
  * reconnects. Reconnection is lazy: an idle worker does not poll Redis.
  *
+ * Batched scripts (gw.redis.eval_batched). Calls of one script made in
+ * one turn of the loop join an open batch instead of going out alone;
+ * after the loop has run every callback of the turn (a uv_check handle)
+ * the batch goes out as one EVALSHA whose KEYS and ARGV hold every call's
+ * (layout in docs/redis.md) and whose reply holds one element per call.
+ * Each call stays a record of its own in the pending list (deadline,
+ * cancel, delivery as above); the batch holds a reference on each until
+ * its reply is handed out. Under load this turns N round trips, N script
+ * starts and N replies into one of each, which is what Redis-backed rate
+ * limiting spends most of its time on.
+ *
  * Loop thread only. Host names are resolved with uv_getaddrinfo (the
  * thread pool); hiredis is only ever given an IP literal, so nothing here
  * blocks.
@@ -49,10 +60,13 @@
 #include <string.h>
 
 #include "log.h"
+#include "strbuf.h"
 
 #define BACKOFF_MIN_MS 100
 #define BACKOFF_MAX_MS 5000
-#define MAX_PENDING 10000 /* calls in flight per worker; more fail fast */
+#define MAX_PENDING 10000   /* calls in flight per worker; more fail fast */
+#define BATCH_MAX_CALLS 256 /* a fuller batch goes out at once */
+#define MAX_SCRIPTS 16      /* script texts kept for NOSCRIPT answers */
 
 enum { DOWN, RESOLVING, CONNECTING, READY }; /* client states */
 enum { PENDING, QUEUED, DONE };              /* record states */
@@ -60,6 +74,7 @@ enum { PENDING, QUEUED, DONE };              /* record states */
 typedef struct client_s client_t;
 typedef struct cmd_s cmd_t;
 typedef struct reply_s reply_t;
+typedef struct batch_s batch_t;
 
 /* A reply copied out of hiredis (which frees its own after the callback). */
 struct reply_s {
@@ -80,8 +95,9 @@ struct cmd_s {
     int kind, n, got, refs, state;
     char **unsent; /* formatted commands awaiting a connection */
     size_t *unsent_len;
-    char *fallback; /* EVAL for a NOSCRIPT answer (EVALSHA only) */
-    size_t fallback_len;
+    char *evalsha; /* EVALSHA only: the command as written, turned into
+                      an EVAL if Redis answers NOSCRIPT */
+    size_t evalsha_len;
     reply_t *replies[]; /* n, filled in order */
 };
 
@@ -93,6 +109,28 @@ typedef struct {
     uv_getaddrinfo_t req; /* first: the callback casts back */
     client_t *c;          /* NULL once abandoned */
 } resolve_t;
+
+/* Calls of one script joined into one EVALSHA (see the top). */
+struct batch_s {
+    client_t *c;
+    batch_t *next; /* in c->open while it takes calls */
+    char sha[40];
+    cmd_t **calls; /* each with a reference held by the batch */
+    int ncalls, cap;
+    unsigned nkeys, nargs;
+    mg_strbuf_t keys, counts, args; /* RESP bulk strings */
+    char *sent; /* the EVALSHA as written, for a NOSCRIPT answer */
+    size_t sent_len;
+    int refs;    /* hiredis: 1 while a command of the batch is out */
+    int retried; /* NOSCRIPT was answered with EVAL */
+};
+
+/* A script's text by its SHA1, for EVAL after a NOSCRIPT answer. */
+typedef struct {
+    char sha[40];
+    char *text;
+    size_t len;
+} script_t;
 
 struct client_s {
     uv_loop_t *loop;
@@ -114,10 +152,20 @@ struct client_s {
     size_t npending;
     uv_timer_t deadline; /* the earliest deadline */
     uv_timer_t kick;     /* delivers c->ready */
+    batch_t *open;       /* batches taking calls this turn */
+    uv_check_t check;    /* sends them after the turn's callbacks */
+    script_t scripts[MAX_SCRIPTS];
+    unsigned nscripts;
     int closing, open_handles;
 };
 
 static void lost(client_t *c, const char *why, const char *detail, int freeing);
+static int is_noscript(const redisReply *rep);
+static char *eval_of(client_t *c, const char *evalsha, size_t len,
+                     size_t *out_len);
+static void batches_discard(client_t *c);
+static void batches_send(client_t *c);
+static void keep_or_free(cmd_t *r, char *cmd, size_t len);
 
 /* ------------------------------------------------------------------ */
 /* Records                                                            */
@@ -187,7 +235,7 @@ static void cmd_free(cmd_t *r)
         free(r->unsent);
         free(r->unsent_len);
     }
-    free(r->fallback);
+    free(r->evalsha);
     free(r);
 }
 
@@ -510,6 +558,7 @@ static void lost(client_t *c, const char *why, const char *detail, int freeing)
         c->backoff_ms = BACKOFF_MAX_MS;
     while (c->pending.head)
         unpend(c, c->pending.head, why);
+    batches_discard(c);
     uv_timer_stop(&c->deadline);
     /* Runs the pending hiredis callbacks with NULL replies now (or when
      * the current callback returns): the records above are QUEUED, so
@@ -539,17 +588,20 @@ static void on_reply(redisAsyncContext *ac, void *reply, void *priv)
         maybe_free(r);
         return;
     }
-    if (r->fallback && rep->type == REDIS_REPLY_ERROR
-        && strncmp(rep->str, "NOSCRIPT", 8) == 0) {
+    if (r->evalsha && is_noscript(rep)) {
         /* Not in this server's script cache: EVAL sends and caches it.
          * The deadline stays the call's. */
-        char *cmd = r->fallback;
-        r->fallback = NULL;
-        int rc = write_cmd(c, r, cmd, r->fallback_len);
-        free(cmd);
-        if (rc < 0)
-            unpend(c, r, "closed");
-        return;
+        size_t len;
+        char *cmd = eval_of(c, r->evalsha, r->evalsha_len, &len);
+        free(r->evalsha);
+        r->evalsha = NULL;
+        if (cmd) {
+            int rc = write_cmd(c, r, cmd, len);
+            free(cmd);
+            if (rc < 0)
+                unpend(c, r, "closed");
+            return;
+        } /* the text is gone: NOSCRIPT goes to the caller, which EVALs */
     }
     if (r->task)
         r->replies[r->got] = reply_copy(rep);
@@ -618,7 +670,7 @@ static void flush(client_t *c, cmd_t *r)
     for (int i = 0; i < r->n; i++) {
         if (ok && write_cmd(c, r, r->unsent[i], r->unsent_len[i]) < 0)
             ok = 0;
-        free(r->unsent[i]);
+        keep_or_free(r, r->unsent[i], r->unsent_len[i]);
     }
     free(r->unsent);
     free(r->unsent_len);
@@ -626,6 +678,300 @@ static void flush(client_t *c, cmd_t *r)
     r->unsent_len = NULL;
     if (!ok)
         unpend(c, r, "closed");
+}
+
+/* An EVALSHA record keeps its formatted command (for a NOSCRIPT answer);
+ * any other command is freed once hiredis has copied it. */
+static void keep_or_free(cmd_t *r, char *cmd, size_t len)
+{
+    if (r->kind == MG_REDIS_EVALSHA && !r->evalsha) {
+        r->evalsha = cmd;
+        r->evalsha_len = len;
+    } else {
+        free(cmd);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Script texts                                                       */
+
+/* Keeps a copy of a script's text under its SHA1 (40 hex digits), the
+ * oldest one making room: a NOSCRIPT answer (a restarted or flushed
+ * Redis) is answered with EVAL without every call carrying the text. */
+static void script_keep(client_t *c, const char *sha, const char *text,
+                        size_t len)
+{
+    for (unsigned i = 0; i < c->nscripts && i < MAX_SCRIPTS; i++)
+        if (memcmp(c->scripts[i].sha, sha, 40) == 0)
+            return;
+    script_t *s = &c->scripts[c->nscripts++ % MAX_SCRIPTS];
+    free(s->text);
+    memcpy(s->sha, sha, 40);
+    s->text = mg_malloc(len ? len : 1);
+    memcpy(s->text, text, len);
+    s->len = len;
+}
+
+static const script_t *script_find(const client_t *c, const char *sha)
+{
+    for (unsigned i = 0; i < c->nscripts && i < MAX_SCRIPTS; i++)
+        if (memcmp(c->scripts[i].sha, sha, 40) == 0)
+            return &c->scripts[i];
+    return NULL;
+}
+
+static int is_noscript(const redisReply *rep)
+{
+    return rep->type == REDIS_REPLY_ERROR && rep->len >= 8
+           && memcmp(rep->str, "NOSCRIPT", 8) == 0;
+}
+
+/*
+ * "*N CRLF $7 CRLF EVALSHA CRLF $40 CRLF <sha> CRLF <rest>" -> "*N CRLF
+ * $4 CRLF EVAL CRLF $<len> CRLF <script> CRLF <rest>" in a malloc'd
+ * buffer, or NULL when the script's text is no longer kept.
+ */
+static char *eval_of(client_t *c, const char *evalsha, size_t len,
+                     size_t *out_len)
+{
+    const char *head_end = memchr(evalsha, '\n', len);
+    size_t head = (size_t)(head_end - evalsha) + 1;
+    size_t sha_at = head + sizeof("$7\r\nEVALSHA\r\n$40\r\n") - 1;
+    size_t rest = sha_at + 40 + 2;
+    const script_t *s = script_find(c, evalsha + sha_at);
+    if (!s)
+        return NULL;
+    char *out = mg_malloc(len + s->len + 64), *w = out;
+    memcpy(w, evalsha, head);
+    w += head;
+    memcpy(w, "$4\r\nEVAL\r\n$", 11);
+    w = put_uint(w + 11, s->len);
+    *w++ = '\r';
+    *w++ = '\n';
+    memcpy(w, s->text, s->len);
+    w += s->len;
+    *w++ = '\r';
+    *w++ = '\n';
+    memcpy(w, evalsha + rest, len - rest);
+    w += len - rest;
+    *out_len = (size_t)(w - out);
+    return out;
+}
+
+/* ------------------------------------------------------------------ */
+/* Batched scripts                                                    */
+
+static void put_bulk(mg_strbuf_t *b, const char *s, size_t n)
+{
+    char head[32], *w = head;
+    *w++ = '$';
+    w = put_uint(w, n);
+    *w++ = '\r';
+    *w++ = '\n';
+    mg_strbuf_add(b, head, (size_t)(w - head));
+    mg_strbuf_add(b, s, n);
+    mg_strbuf_add(b, "\r\n", 2);
+}
+
+static void put_bulk_uint(mg_strbuf_t *b, size_t n)
+{
+    char num[24];
+    char *end = put_uint(num, n);
+    put_bulk(b, num, (size_t)(end - num));
+}
+
+static void batch_free(batch_t *b)
+{
+    for (int i = 0; i < b->ncalls; i++) {
+        b->calls[i]->refs--;
+        maybe_free(b->calls[i]);
+    }
+    free(b->calls);
+    mg_strbuf_free(&b->keys);
+    mg_strbuf_free(&b->counts);
+    mg_strbuf_free(&b->args);
+    free(b->sent);
+    free(b);
+}
+
+static void on_check(uv_check_t *h)
+{
+    client_t *c = h->data;
+    if (c->state != RESOLVING) /* then connect_ip sends them */
+        batches_send(c);
+}
+
+/* The open batch of this script, a new one when there is none. */
+static batch_t *batch_for(client_t *c, const char *sha)
+{
+    for (batch_t *b = c->open; b; b = b->next)
+        if (memcmp(b->sha, sha, 40) == 0)
+            return b;
+    batch_t *b = mg_calloc(1, sizeof(*b));
+    b->c = c;
+    memcpy(b->sha, sha, 40);
+    b->next = c->open;
+    c->open = b;
+    if (!uv_is_active((uv_handle_t *)&c->check))
+        uv_check_start(&c->check, on_check);
+    return b;
+}
+
+static void batch_unlink(client_t *c, batch_t *b)
+{
+    batch_t **pp = &c->open;
+    while (*pp != b)
+        pp = &(*pp)->next;
+    *pp = b->next;
+    b->next = NULL;
+}
+
+/* Adds a call formatted as "EVALSHA sha numkeys key... arg..." (the Lua
+ * side checked numkeys). The batch takes a reference on the record. */
+static void batch_add(batch_t *b, cmd_t *r, int argc, const char **argv,
+                      const size_t *lens)
+{
+    unsigned nkeys = 0;
+    for (size_t i = 0; i < lens[2]; i++)
+        nkeys = nkeys * 10 + (unsigned)(argv[2][i] - '0');
+    unsigned nargs = (unsigned)argc - 3 - nkeys;
+    for (unsigned i = 0; i < nkeys; i++)
+        put_bulk(&b->keys, argv[3 + i], lens[3 + i]);
+    for (unsigned i = 0; i < nargs; i++)
+        put_bulk(&b->args, argv[3 + nkeys + i], lens[3 + nkeys + i]);
+    put_bulk_uint(&b->counts, nkeys);
+    put_bulk_uint(&b->counts, nargs);
+    b->nkeys += nkeys;
+    b->nargs += nargs;
+    if (b->ncalls == b->cap) {
+        b->cap = b->cap ? 2 * b->cap : 8;
+        b->calls = mg_realloc(b->calls, sizeof(*b->calls) * (size_t)b->cap);
+    }
+    b->calls[b->ncalls++] = r;
+    r->refs++;
+}
+
+static void batch_fail(client_t *c, batch_t *b, const char *why)
+{
+    for (int i = 0; i < b->ncalls; i++)
+        if (b->calls[i]->state == PENDING)
+            unpend(c, b->calls[i], why);
+}
+
+static void on_batch_reply(redisAsyncContext *ac, void *reply, void *priv)
+{
+    batch_t *b = priv;
+    client_t *c = b->c;
+    redisReply *rep = reply;
+    b->refs--;
+    if (!rep) {
+        if (ac == c->ac)
+            lost(c, reason_of(ac), ac->c.errstr, 1);
+        batch_free(b);
+        return;
+    }
+    c->backoff_ms = 0;
+    if (!b->retried && is_noscript(rep)) {
+        b->retried = 1;
+        size_t len;
+        char *cmd = eval_of(c, b->sent, b->sent_len, &len);
+        if (cmd) {
+            int rc =
+                redisAsyncFormattedCommand(c->ac, on_batch_reply, b, cmd, len);
+            free(cmd);
+            if (rc == REDIS_OK) {
+                b->refs++;
+                return;
+            }
+            batch_fail(c, b, "closed");
+            batch_free(b);
+            return;
+        }
+    }
+    /* One element per call; an error (the script failed) goes to all. */
+    int per_call =
+        rep->type == REDIS_REPLY_ARRAY && rep->elements == (size_t)b->ncalls;
+    if (!per_call && rep->type != REDIS_REPLY_ERROR) {
+        batch_fail(c, b,
+                   "the batched script's reply has not one element "
+                   "per call");
+    } else {
+        for (int i = 0; i < b->ncalls; i++) {
+            cmd_t *r = b->calls[i];
+            if (r->state != PENDING)
+                continue;
+            if (r->task)
+                r->replies[0] = reply_copy(per_call ? rep->element[i] : rep);
+            unpend(c, r, NULL);
+        }
+    }
+    batch_free(b);
+}
+
+/*
+ * "EVALSHA sha numkeys <every key> <calls> <keys, args of call 1> ...
+ * <every arg>": ARGV[1] is the number of calls, ARGV[2i] and ARGV[2i+1]
+ * call i's number of keys and of args, then every call's args in order.
+ */
+static void batch_send(client_t *c, batch_t *b)
+{
+    mg_strbuf_t cmd = {0};
+    char head[32], *w = head;
+    size_t argc = 3 + b->nkeys + 1 + 2 * (size_t)b->ncalls + b->nargs;
+    *w++ = '*';
+    w = put_uint(w, argc);
+    *w++ = '\r';
+    *w++ = '\n';
+    mg_strbuf_reserve(&cmd, b->keys.len + b->counts.len + b->args.len + 128);
+    mg_strbuf_add(&cmd, head, (size_t)(w - head));
+    put_bulk(&cmd, "EVALSHA", 7);
+    put_bulk(&cmd, b->sha, 40);
+    put_bulk_uint(&cmd, b->nkeys);
+    mg_strbuf_add(&cmd, b->keys.p, b->keys.len);
+    put_bulk_uint(&cmd, (size_t)b->ncalls);
+    mg_strbuf_add(&cmd, b->counts.p, b->counts.len);
+    mg_strbuf_add(&cmd, b->args.p, b->args.len);
+    mg_strbuf_free(&b->keys);
+    mg_strbuf_free(&b->counts);
+    mg_strbuf_free(&b->args);
+    b->sent = cmd.p;
+    b->sent_len = cmd.len;
+    if (redisAsyncFormattedCommand(c->ac, on_batch_reply, b, b->sent,
+                                   b->sent_len)
+        != REDIS_OK) {
+        batch_fail(c, b, "closed");
+        batch_free(b);
+        return;
+    }
+    b->refs++;
+}
+
+/* Sends every open batch (the client is CONNECTING or READY). */
+static void batches_send(client_t *c)
+{
+    batch_t *b = c->open;
+    c->open = NULL;
+    uv_check_stop(&c->check);
+    while (b) {
+        batch_t *next = b->next;
+        b->next = NULL;
+        batch_send(c, b);
+        b = next;
+    }
+}
+
+/* The connection is lost before the open batches went out: their calls
+ * were failed by lost(); only the references go. */
+static void batches_discard(client_t *c)
+{
+    batch_t *b = c->open;
+    c->open = NULL;
+    uv_check_stop(&c->check);
+    while (b) {
+        batch_t *next = b->next;
+        batch_free(b);
+        b = next;
+    }
 }
 
 static void on_setup_reply(redisAsyncContext *ac, redisReply *rep, client_t *c,
@@ -728,6 +1074,8 @@ static void connect_ip(client_t *c, const char *ip)
         if (r->unsent)
             flush(c, r);
     }
+    if (c->open)
+        batches_send(c);
 }
 
 static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
@@ -792,6 +1140,8 @@ static void on_handle_closed(uv_handle_t *h)
     client_t *c = h->data;
     if (--c->open_handles)
         return;
+    for (unsigned i = 0; i < MAX_SCRIPTS; i++)
+        free(c->scripts[i].text);
     free(c->host);
     free(c->user);
     free(c->pass);
@@ -810,6 +1160,7 @@ static void client_close(void *arg)
     on_kick(&c->kick);
     uv_close((uv_handle_t *)&c->deadline, on_handle_closed);
     uv_close((uv_handle_t *)&c->kick, on_handle_closed);
+    uv_close((uv_handle_t *)&c->check, on_handle_closed);
 }
 
 static client_t *client_of(mg_lua_task_t *t, uv_loop_t *loop)
@@ -829,7 +1180,9 @@ static client_t *client_of(mg_lua_task_t *t, uv_loop_t *loop)
         c->deadline.data = c;
         uv_timer_init(loop, &c->kick);
         c->kick.data = c;
-        c->open_handles = 2;
+        uv_check_init(loop, &c->check);
+        c->check.data = c;
+        c->open_handles = 3;
         ext->state = c;
         ext->close = client_close;
     }
@@ -927,22 +1280,22 @@ int mg_ffi_redis_send(mg_lua_task_t *t, int serial, int kind, int n,
     r->n = n;
     r->state = PENDING;
     r->deadline = uv_now(loop) + c->timeout_ms;
-    if (kind == MG_REDIS_EVALSHA) {
-        /* EVALSHA sha numkeys ... -> EVAL script numkeys ... */
-        const char **eargv = mg_malloc(sizeof(char *) * (size_t)argc[0]);
-        size_t *elens = mg_malloc(sizeof(size_t) * (size_t)argc[0]);
-        memcpy(eargv, argv, sizeof(char *) * (size_t)argc[0]);
-        memcpy(elens, lens, sizeof(size_t) * (size_t)argc[0]);
-        eargv[0] = "EVAL";
-        elens[0] = 4;
-        eargv[1] = script;
-        elens[1] = slen;
-        r->fallback_len = resp_format(&r->fallback, argc[0], eargv, elens);
-        free(eargv);
-        free(elens);
-    }
     list_push(&c->pending, r);
     c->npending++;
+    if (kind == MG_REDIS_EVALSHA || kind == MG_REDIS_EVAL_BATCH)
+        script_keep(c, argv[1], script, slen);
+    if (kind == MG_REDIS_EVAL_BATCH) {
+        batch_t *b = batch_for(c, argv[1]);
+        batch_add(b, r, argc[0], argv, lens);
+        if (b->ncalls >= BATCH_MAX_CALLS
+            && (c->state == CONNECTING || c->state == READY)) {
+            batch_unlink(c, b);
+            batch_send(c, b);
+        }
+        arm_deadline(c, r->deadline);
+        mg_lua_task_set_cancel(t, on_task_gone, r);
+        return MG_AGAIN;
+    }
     if (c->state == RESOLVING) {
         r->unsent = mg_calloc((size_t)n, sizeof(char *));
         r->unsent_len = mg_calloc((size_t)n, sizeof(size_t));
@@ -958,7 +1311,7 @@ int mg_ffi_redis_send(mg_lua_task_t *t, int serial, int kind, int n,
         }
         if (ok && write_cmd(c, r, cmd, len) < 0)
             ok = 0;
-        free(cmd);
+        keep_or_free(r, cmd, len);
     }
     if (!ok)
         unpend(c, r, "closed"); /* delivered by the kick */

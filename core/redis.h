@@ -15,9 +15,12 @@
 
 /* What mg_ffi_redis_send is asked to do, and so what it wakes with. */
 enum {
-    MG_REDIS_COMMAND = 0,  /* one command: (value, nil) or (nil, err) */
-    MG_REDIS_PIPELINE = 1, /* n commands: (replies, errors) or (nil, err) */
-    MG_REDIS_EVALSHA = 2,  /* one EVALSHA, EVAL on NOSCRIPT: as COMMAND */
+    MG_REDIS_COMMAND = 0,    /* one command: (value, nil) or (nil, err) */
+    MG_REDIS_PIPELINE = 1,   /* n commands: (replies, errors) or (nil, err) */
+    MG_REDIS_EVALSHA = 2,    /* one EVALSHA, EVAL on NOSCRIPT: as COMMAND */
+    MG_REDIS_EVAL_BATCH = 3, /* one call joining this turn's batch of the
+                                script (redis.c): its element of the
+                                batch's reply, as COMMAND */
 };
 
 #endif

@@ -6,9 +6,9 @@
 -- window; up to 2x the limit can pass around a window boundary) and "gcra"
 -- (a token bucket of `burst` tokens refilled at limit/window). Two
 -- storages: "local" (a shared dict, exact across the workers of one
--- gateway) and "redis" (one atomic script per request, exact across
--- gateways). It is not a quota system: counters live only as long as
--- their window. Documented in docs/plugins/rate-limit.md.
+-- gateway) and "redis" (one atomic script run per batch of requests,
+-- exact across gateways). It is not a quota system: counters live only
+-- as long as their window. Documented in docs/plugins/rate-limit.md.
 local gw = require("moongate.gw")
 
 local type, ipairs, tostring, error, setmetatable = type, ipairs, tostring, error, setmetatable
@@ -344,105 +344,180 @@ end
 
 -- ---------------------------------------------------------- redis storage
 
--- KEYS: one per limit. ARGV: algorithm, then limit, window (ms), burst per
--- limit. Every limit is checked before any is counted, so a request
--- refused by one limit costs the others nothing. Redis's own clock is
--- used, so gateways with skewed clocks still share one window. Returns
--- { allowed (0/1), index of the deciding limit, then remaining, reset ms,
--- retry ms per limit }.
-local SCRIPT = [[
-local algorithm = ARGV[1]
+-- Run with gw.redis.eval_batched: the checks of every request of the
+-- worker in one turn of its loop arrive together (ARGV[1] calls; ARGV[2i],
+-- ARGV[2i+1] call i's number of keys and args; then the args). A call's
+-- KEYS are one per limit; its args: algorithm, then limit, window (ms),
+-- burst per limit. Calls are decided in order, against state read once
+-- per key and written back once at the end, so a batch costs one read
+-- and one write per distinct key. Within a call every limit is checked
+-- before any is counted, so a request refused by one limit costs the
+-- others nothing. Redis's own clock is used, so gateways with skewed
+-- clocks still share one window. Returns per call { allowed (0/1), index
+-- of the deciding limit, then remaining, reset ms, retry ms per limit }.
+local SCRIPT = [=[
+local floor, ceil, min, max = math.floor, math.ceil, math.min, math.max
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local out, writes, allowed, decider = {}, {}, 1, 0
-for i, key in ipairs(KEYS) do
-  local limit = tonumber(ARGV[3 * i - 1])
-  local window = tonumber(ARGV[3 * i])
-  local burst = tonumber(ARGV[3 * i + 1])
-  local remaining, reset, retry, denied
+local now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
+local state, order = {}, {}
+
+-- A key's state, read on its first use in the batch.
+local function load(key, algorithm)
+  local s = state[key]
+  if s then return s end
+  if algorithm == 'gcra' then
+    s = { tat = tonumber(redis.call('GET', key)) }
+  elseif algorithm == 'sliding' then
+    -- A ring of eleven slice counts, fields "0".."10" (slice number mod
+    -- 11), and "last", the newest slice counted: the slot of slice k holds
+    -- its count, for k in the last window, exactly when k <= last.
+    local h = redis.call('HMGET', key, 'last', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9', '10')
+    s = { last = tonumber(h[1]), slots = {} }
+    for j = 0, 10 do s.slots[j] = tonumber(h[j + 2]) or 0 end
+  else
+    local h = redis.call('HMGET', key, 'w', 'c', 'p')
+    s = { w = tonumber(h[1]), c = tonumber(h[2]) or 0, p = tonumber(h[3]) or 0 }
+  end
+  state[key] = s
+  order[#order + 1] = key
+  return s
+end
+
+-- remaining, reset, retry, denied for one more request under the limit.
+local function check(s, algorithm, limit, window, burst)
   if algorithm == 'gcra' then
     local interval = window / limit
-    local tat = math.max(tonumber(redis.call('GET', key) or now), now)
-    local new = tat + interval
-    local allow_at = new - burst * interval
-    if now < allow_at then
-      remaining, reset, retry, denied = 0, tat - now, allow_at - now, true
-    else
-      remaining, reset, retry = math.floor((now - allow_at) / interval + 1e-9), new - now, 0
-      writes[#writes + 1] = { 'SET', key, string.format('%.3f', new), 'PX',
-        math.ceil(new - now) + 1000 }
-    end
+    local tat = max(s.tat or now, now)
+    local allow_at = tat + interval - burst * interval
+    if now < allow_at then return 0, tat - now, allow_at - now, true end
+    return floor((now - allow_at) / interval + 1e-9), tat + interval - now, 0, false
   elseif algorithm == 'sliding' then
-    -- Per-slice counts (fields "s<slice>"), as in the shared dict: the
-    -- slices overlapping the last window all count, the oldest whole.
     local slice = window / 10
-    local cur = math.floor(now / slice)
-    local h = redis.call('HGETALL', key)
-    local kept, sum, stale = {}, 0, {}
-    for j = 1, #h, 2 do
-      local n = tonumber(string.sub(h[j], 2))
-      if n and n > cur - 11 then
-        kept[#kept + 1] = { n, tonumber(h[j + 1]) }
-        sum = sum + tonumber(h[j + 1])
-      elseif n then
-        stale[#stale + 1] = h[j]
+    local cur = max(floor(now / slice), s.last or 0) -- Redis's clock may step back
+    local top = min(cur, s.last or cur - 11)
+    if not s.sum then -- once per key and batch: count() keeps it current
+      s.sum = 0
+      for k = cur - 10, top do s.sum = s.sum + s.slots[k % 11] end
+    end
+    if s.first == nil then -- the oldest slice with hits, false: none
+      s.first = false
+      for k = cur - 10, top do
+        if s.slots[k % 11] > 0 then s.first = k break end
       end
     end
-    table.sort(kept, function(a, b) return a[1] < b[1] end)
-    local need = sum + 1 - limit
-    retry = 0
-    local freed = 0
-    for _, k in ipairs(kept) do
-      local leaves = (k[1] + 11) * slice - now
-      if not reset then reset = leaves end
-      freed = freed + k[2]
-      if need > 0 and retry == 0 and freed >= need then retry = leaves end
+    local need = s.sum + 1 - limit
+    if need <= 0 then
+      return limit - s.sum - 1, min(((s.first or cur) + 11) * slice - now, window), 0, false
     end
-    if need > 0 then
-      remaining, denied = 0, true
-      if retry == 0 then retry = window end
-    else
-      remaining = limit - sum - 1
-      if not reset then reset = (cur + 11) * slice - now end
-      if #stale > 0 then writes[#writes + 1] = { 'HDEL', key, unpack(stale) } end
-      writes[#writes + 1] = { 'HINCRBY', key, 's' .. cur, 1 }
-      writes[#writes + 1] = { 'PEXPIRE', key, math.ceil(window + slice) + 1000 }
+    -- Refused: when the oldest slices have freed enough.
+    local reset, retry, freed = nil, 0, 0
+    for k = cur - 10, top do
+      local n = s.slots[k % 11]
+      if n > 0 then
+        local leaves = (k + 11) * slice - now
+        reset = reset or leaves
+        freed = freed + n
+        if retry == 0 and freed >= need then retry = leaves end
+      end
     end
-    reset = math.min(reset, window)
+    if retry == 0 then retry = window end
+    return 0, min(reset or window, window), retry, true
   else
-    local idx = math.floor(now / window)
-    local h = redis.call('HMGET', key, 'w', 'c', 'p')
-    local w, c, p = tonumber(h[1]), tonumber(h[2]) or 0, tonumber(h[3]) or 0
-    if w ~= idx then
-      if w == idx - 1 then p = c else p = 0 end
-      c = 0
+    local idx = floor(now / window)
+    local c = s.w == idx and s.c or 0
+    local reset = window - (now - idx * window)
+    if c + 1 > limit then return 0, reset, reset, true end
+    return floor(limit - c - 1), reset, 0, false
+  end
+end
+
+-- Counts one request in the key's state (written back at the end).
+local function count(s, algorithm, limit, window)
+  s.dirty = true
+  if algorithm == 'gcra' then
+    s.tat = max(s.tat or now, now) + window / limit
+  elseif algorithm == 'sliding' then
+    local slice = window / 10
+    local cur = max(floor(now / slice), s.last or 0)
+    if s.last == nil or cur > s.last then -- a new slice: stale slots start over
+      for k = max((s.last or cur - 11) + 1, cur - 10), cur do s.slots[k % 11] = 0 end
+      s.last, s.fresh, s.ttl = cur, true, ceil(window + slice) + 1000
     end
-    local elapsed = now - idx * window
-    local est = c + 1
-    reset = window - elapsed
-    if est > limit then
-      remaining, retry, denied = 0, reset, true
+    s.slots[cur % 11] = s.slots[cur % 11] + 1
+    s.sum = (s.sum or 0) + 1
+    s.first = s.first or cur
+    s.delta = (s.delta or 0) + 1
+  else
+    local idx = floor(now / window)
+    if s.w ~= idx then
+      s.p = s.w == idx - 1 and s.c or 0
+      s.c, s.w, s.fresh, s.ttl = 0, idx, true, 2 * window + 1000
+    end
+    s.c = s.c + 1
+    s.delta = (s.delta or 0) + 1
+  end
+end
+
+-- The calls of a batch mostly carry the same numbers: convert each once.
+local numbers = {}
+local function num(v)
+  local n = numbers[v]
+  if not n then n = tonumber(v) numbers[v] = n end
+  return n
+end
+
+local ncalls = tonumber(ARGV[1])
+local results, ki, ai = {}, 0, 1 + 2 * ncalls
+for call = 1, ncalls do
+  local nkeys, nargs = num(ARGV[2 * call]), num(ARGV[2 * call + 1])
+  local algorithm = ARGV[ai + 1]
+  local out, allowed, decider = { 0, 0, 0, 0, 0 }, 1, 0
+  for i = 1, nkeys do
+    local s = load(KEYS[ki + i], algorithm)
+    local remaining, reset, retry, denied = check(s, algorithm,
+      num(ARGV[ai + 3 * i - 1]), num(ARGV[ai + 3 * i]), num(ARGV[ai + 3 * i + 1]))
+    if denied then
+      if allowed == 1 then decider = i end
+      allowed = 0
+    elseif allowed == 1 and (decider == 0 or remaining < out[3 * decider]) then
+      decider = i
+    end
+    out[3 * i], out[3 * i + 1], out[3 * i + 2] = remaining, ceil(reset), ceil(retry)
+  end
+  if allowed == 1 then
+    for i = 1, nkeys do
+      count(state[KEYS[ki + i]], algorithm, num(ARGV[ai + 3 * i - 1]), num(ARGV[ai + 3 * i]))
+    end
+  end
+  out[1], out[2] = allowed, decider
+  results[call] = out
+  ki, ai = ki + nkeys, ai + nargs
+end
+
+for _, key in ipairs(order) do
+  local s = state[key]
+  if s.dirty then
+    if s.tat then
+      redis.call('SET', key, string.format('%.3f', s.tat), 'PX', ceil(s.tat - now) + 1000)
+    elseif s.slots then
+      if s.fresh then
+        local w = { 'HSET', key, 'last', s.last }
+        for j = 0, 10 do w[#w + 1] = j; w[#w + 1] = s.slots[j] end
+        redis.call(unpack(w))
+        redis.call('PEXPIRE', key, s.ttl)
+      else
+        redis.call('HINCRBY', key, s.last % 11, s.delta)
+      end
+    elseif s.fresh then
+      redis.call('HSET', key, 'w', s.w, 'c', s.c, 'p', s.p)
+      redis.call('PEXPIRE', key, s.ttl)
     else
-      remaining, retry = math.floor(limit - est), 0
-      writes[#writes + 1] = { 'HSET', key, 'w', idx, 'c', c + 1, 'p', p }
-      writes[#writes + 1] = { 'PEXPIRE', key, 2 * window + 1000 }
+      redis.call('HINCRBY', key, 'c', s.delta)
     end
   end
-  if denied then
-    if allowed == 1 then decider = i end
-    allowed = 0
-  elseif allowed == 1 and (decider == 0 or remaining < out[3 * decider - 2]) then
-    decider = i
-  end
-  out[3 * i - 2], out[3 * i - 1], out[3 * i] = remaining, math.ceil(reset), math.ceil(retry)
 end
-if allowed == 1 then
-  for _, w in ipairs(writes) do redis.call(unpack(w)) end
-end
-table.insert(out, 1, decider)
-table.insert(out, 1, allowed)
-return out
-]]
+return results
+]=]
 
 local function check_redis(conf, c, id)
     local args = c.redis_args
@@ -460,7 +535,7 @@ local function check_redis(conf, c, id)
     for i, l in ipairs(c.limits) do
         keys[i] = algo.redis_key(id, conf.algorithm, l.window)
     end
-    local r, err = gw.redis.eval(SCRIPT, keys, args)
+    local r, err = gw.redis.eval_batched(SCRIPT, keys, args)
     if not r then return nil, err end
     if type(r) ~= "table" or #r < 5 then return nil, "unexpected script reply" end
     local i = r[2]

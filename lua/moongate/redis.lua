@@ -14,14 +14,14 @@ local cjson = require("cjson.safe")
 
 local C = ffi.C
 local ffi_new, ffi_string = ffi.new, ffi.string
-local type, error, tostring, tonumber, select, pairs = type, error, tostring, tonumber, select, pairs
+local type, error, tostring, tonumber, select, pairs, unpack = type, error, tostring, tonumber, select, pairs, unpack
 local floor, max, huge = math.floor, math.max, math.huge
 local format, char = string.format, string.char
 local co_running, co_yield = coroutine.running, coroutine.yield
 local loaded = package.loaded
 
 local MG_AGAIN, MG_DECLINED = 1, 2
-local KIND_COMMAND, KIND_PIPELINE, KIND_EVALSHA = 0, 1, 2
+local KIND_COMMAND, KIND_PIPELINE, KIND_EVALSHA, KIND_EVAL_BATCH = 0, 1, 2, 3
 local MAX_PIPELINE = 10000       -- commands in one pipeline
 local MAX_SCRIPTS = 256          -- script -> SHA1 cache entries
 
@@ -327,18 +327,15 @@ function _M.pipeline(cmds)
     return send(task, KIND_PIPELINE, ncmds, nil)
 end
 
---- gw.redis.eval(script, keys, args) -> reply, or nil, err (as command).
--- Runs a Lua script on Redis with EVALSHA (the SHA1 is computed and cached
--- per worker); if Redis does not know the script yet (NOSCRIPT) it is sent
--- once with EVAL, in the same call. keys and args are optional lists.
--- Example: gw.redis.eval("return redis.call('INCRBY', KEYS[1], ARGV[1])", { "k" }, { 5 })
-function _M.eval(script, keys, args)
+-- Formats "EVALSHA sha #keys keys... args..." into the scratch arrays and
+-- sends it as `kind`.
+local function send_script(kind, script, keys, args)
     if type(script) ~= "string" or script == "" then
-        error("gw.redis.eval: the script must be a non-empty string", 2)
+        error("gw.redis: the script must be a non-empty string", 3)
     end
     keys, args = keys or {}, args or {}
     if type(keys) ~= "table" or type(args) ~= "table" then
-        error("gw.redis.eval: keys and args must be lists", 2)
+        error("gw.redis: keys and args must be lists", 3)
     end
     local sha = shas[script]
     if not sha then
@@ -354,10 +351,46 @@ function _M.eval(script, keys, args)
     for i = 1, nargs do cmd[3 + nkeys + i] = args[i] end
     ensure(#cmd, 1)
     local anchor = {}
-    put_command(cmd, 0, anchor, 3)
+    put_command(cmd, 0, anchor, 4)
     counts[0] = #cmd
-    local task = task_of(2)
-    return send(task, KIND_EVALSHA, 1, script)
+    local task = task_of(3)
+    return send(task, kind, 1, script)
+end
+
+-- Redis forgot the script and the worker no longer holds its text (more
+-- scripts in use than it keeps): EVAL it, which caches it again.
+local function eval_plain(script, keys, args)
+    local cmd = { "EVAL", script, #keys }
+    for i = 1, #keys do cmd[#cmd + 1] = keys[i] end
+    for i = 1, #args do cmd[#cmd + 1] = args[i] end
+    return _M.command(unpack(cmd))
+end
+
+--- gw.redis.eval(script, keys, args) -> reply, or nil, err (as command).
+-- Runs a Lua script on Redis with EVALSHA (the SHA1 is computed and cached
+-- per worker); if Redis does not know the script yet (NOSCRIPT) it is sent
+-- once with EVAL, in the same call. keys and args are optional lists.
+-- Example: gw.redis.eval("return redis.call('INCRBY', KEYS[1], ARGV[1])", { "k" }, { 5 })
+function _M.eval(script, keys, args)
+    local r, err = send_script(KIND_EVALSHA, script, keys, args)
+    if err and err:sub(1, 8) == "NOSCRIPT" then return eval_plain(script, keys or {}, args or {}) end
+    return r, err
+end
+
+--- gw.redis.eval_batched(script, keys, args) -> reply, or nil, err.
+-- Like eval, but the calls of one script made by the worker's requests
+-- in the same turn of its event loop go to Redis as ONE EVALSHA: one
+-- round trip and one script run for all of them. The script must be
+-- written for that: KEYS holds every call's keys in order; ARGV[1] is the
+-- number of calls n; ARGV[2i] and ARGV[2i+1] the number of keys and of
+-- args of call i; then every call's args in order. It returns a list with
+-- one element per call: what that call returns. A script error fails
+-- every call of the batch. The script runs atomically, so calls are
+-- applied in order as if sent one by one. Keys of different calls may be
+-- in different Redis Cluster slots: not for Cluster (docs/redis.md).
+-- Example: see plugins/rate-limit.lua.
+function _M.eval_batched(script, keys, args)
+    return send_script(KIND_EVAL_BATCH, script, keys, args)
 end
 
 return _M

@@ -145,6 +145,38 @@ local function args_of(ctx)
     return a
 end
 local SCRIPT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+-- A batched script (gw.redis.eval_batched): INCRBY per call, in order;
+-- ARGV[2] of a call "fail" makes the whole script fail, "short" makes it
+-- answer one element too few.
+local BATCHED = [[
+local n, out, ki, ai = tonumber(ARGV[1]), {}, 0, 1 + 2 * tonumber(ARGV[1])
+for i = 1, n do
+  local nk, na = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  if ARGV[ai + 2] == "fail" then return redis.error_reply("ERR asked to fail") end
+  out[i] = { redis.call('INCRBY', KEYS[ki + 1], ARGV[ai + 1]), KEYS[ki + 1], nk, na }
+  ki, ai = ki + nk, ai + na
+end
+if ARGV[1 + 2 * n + 2] == "short" then out[n] = nil end
+return out
+]]
+-- /batched?N/mode: N timers, started together, each make one batched call
+-- (timers due in the same millisecond run in the same turn of the loop).
+local function batched(ctx)
+    local n, mode = gw.request.get_query(ctx):match("^(%d+)/?(.*)$")
+    local results, done = {}, 0
+    for i = 1, tonumber(n) do
+        gw.timer.at(0, function()
+            local v, err = gw.redis.eval_batched(BATCHED, { "bk" }, { i, mode })
+            results[i] = { v = v or NULL, err = err or NULL }
+            done = done + 1
+        end)
+    end
+    for _ = 1, 300 do
+        if done == tonumber(n) then break end
+        gw.sleep(0.01)
+    end
+    return 200, { done = done, results = results }
+end
 gw.redis.configure(@REDIS@)
 return {
   listen = { "@LISTEN@" }, workers = @WORKERS@,
@@ -164,6 +196,7 @@ return {
     { path = "/eval", handler = function(ctx)
         return out(gw.redis.eval(SCRIPT, { "ev" }, { 5 }))
     end },
+    { path = "/batched", handler = batched },
     { path = "/misuse", handler = function(ctx)
         local what = gw.request.get_query(ctx)
         local ok, err
@@ -271,6 +304,52 @@ def test_eval_loads_a_script_once_then_uses_evalsha():
         rs.cmd("SCRIPT", "FLUSH")
         assert call(gw.port, "/eval")[0] == {"v": 20, "err": None}
         assert rs.commandstats()["eval"]["calls"] == 2
+
+
+def test_batched_evals_of_one_turn_go_to_redis_as_one_evalsha_in_order():
+    with RedisServer() as rs, Gateway(config(rs.port)) as gw:
+        body = call(gw.port, "/batched?1")[0]  # loads the script (NOSCRIPT, EVAL)
+        assert body["results"] == [{"v": [1, "bk", 1, 2], "err": None}], body
+        rs.cmd("CONFIG", "RESETSTAT")
+        body = call(gw.port, "/batched?50")[0]
+        assert body["done"] == 50, body
+        # Each call got its own element: INCRBY by i, applied in call order.
+        totals = [r["v"][0] for r in body["results"]]
+        assert totals == [1 + sum(range(1, i + 1)) for i in range(1, 51)], totals
+        assert all(r["err"] is None and r["v"][1:] == ["bk", 1, 2] for r in body["results"])
+        assert rs.cmd("GET", "bk") == str(1 + sum(range(1, 51)))
+        st = rs.commandstats()
+        assert st["evalsha"]["calls"] == 1, st  # 50 calls, one round trip
+        assert "eval" not in st, st
+        # Redis forgets the script: the batch is sent again with EVAL.
+        rs.cmd("SCRIPT", "FLUSH")
+        body = call(gw.port, "/batched?3")[0]
+        assert [r["err"] for r in body["results"]] == [None] * 3, body
+        assert rs.commandstats()["eval"]["calls"] == 1
+        # More calls than one batch holds (256): two EVALSHAs, all answered.
+        rs.cmd("CONFIG", "RESETSTAT")
+        body = call(gw.port, "/batched?300")[0]
+        assert body["done"] == 300 and all(r["err"] is None for r in body["results"]), body
+        assert rs.commandstats()["evalsha"]["calls"] == 2
+
+
+def test_a_failing_or_malformed_batched_script_fails_every_call_of_its_batch():
+    with RedisServer() as rs, Gateway(config(rs.port)) as gw:
+        body = call(gw.port, "/batched?5/fail")[0]
+        errs = [r["err"] for r in body["results"]]
+        assert body["done"] == 5 and all(e and "asked to fail" in e for e in errs), body
+        body = call(gw.port, "/batched?4/short")[0]
+        errs = [r["err"] for r in body["results"]]
+        assert all(e and "not one element per call" in e for e in errs), body
+        # Redis down: every call of the batch fails at once, then recovers.
+        rs.kill()
+        body = call(gw.port, "/batched?5")[0]
+        errs = [r["err"] for r in body["results"]]
+        assert body["done"] == 5 and all(e in ("connection refused", "closed") for e in errs), body
+        rs.start()
+        wait_until(lambda: call(gw.port, "/batched?2")[0]["results"][0]["err"] is None, 10,
+                   what="batched calls to work again")
+        assert ping_ok(gw)
 
 
 def test_misuse_raises_lua_errors():
