@@ -120,7 +120,12 @@ end
 --- The Redis key of one limit: the identity in a {hash tag}, so all keys
 -- of one request live in one Redis Cluster slot.
 function algo.redis_key(identity, algorithm, window)
-    return "rl:{" .. identity .. "}:" .. algorithm:sub(1, 1) .. ":" .. window
+    return "rl:{" .. identity .. algo.redis_key_suffix(algorithm, window)
+end
+
+--- What follows the identity in a limit's Redis key (built once per config).
+function algo.redis_key_suffix(algorithm, window)
+    return "}:" .. algorithm:sub(1, 1) .. ":" .. window
 end
 
 --- The limit to report in headers: the one with the fewest remaining.
@@ -523,18 +528,17 @@ local function check_redis(conf, c, id)
     local args = c.redis_args
     if not args then
         -- The same for every request of this config: built once, as text.
-        args = { conf.algorithm }
-        for _, l in ipairs(c.limits) do
+        args, c.redis_suffixes = { conf.algorithm }, {}
+        for i, l in ipairs(c.limits) do
             args[#args + 1] = int_str(l.limit)
             args[#args + 1] = int_str(floor(l.window * 1000 + 0.5))
             args[#args + 1] = int_str(l.burst)
+            c.redis_suffixes[i] = algo.redis_key_suffix(conf.algorithm, l.window)
         end
         c.redis_args = args
     end
-    local keys = {}
-    for i, l in ipairs(c.limits) do
-        keys[i] = algo.redis_key(id, conf.algorithm, l.window)
-    end
+    local keys, suffixes = {}, c.redis_suffixes
+    for i = 1, #suffixes do keys[i] = "rl:{" .. id .. suffixes[i] end
     local r, err = gw.redis.eval_batched(SCRIPT, keys, args)
     if not r then return nil, err end
     if type(r) ~= "table" or #r < 5 then return nil, "unexpected script reply" end

@@ -327,7 +327,12 @@ function _M.pipeline(cmds)
     return send(task, KIND_PIPELINE, ncmds, nil)
 end
 
--- Formats "EVALSHA sha #keys keys... args..." into the scratch arrays and
+-- Small counts as strings, so a script call formats no number.
+local COUNT = {}
+for i = 0, 64 do COUNT[i] = tostring(i) end
+
+-- Formats "EVALSHA sha #keys keys... args..." straight into the scratch
+-- arrays (no command table: this runs on every rate-limited request) and
 -- sends it as `kind`.
 local function send_script(kind, script, keys, args)
     if type(script) ~= "string" or script == "" then
@@ -346,13 +351,26 @@ local function send_script(kind, script, keys, args)
         nshas = nshas + 1
     end
     local nkeys, nargs = #keys, #args
-    local cmd = { "EVALSHA", sha, nkeys }
-    for i = 1, nkeys do cmd[3 + i] = keys[i] end
-    for i = 1, nargs do cmd[3 + nkeys + i] = args[i] end
-    ensure(#cmd, 1)
-    local anchor = {}
-    put_command(cmd, 0, anchor, 4)
-    counts[0] = #cmd
+    local total = 3 + nkeys + nargs
+    ensure(total, 1)
+    local nk = COUNT[nkeys] or arg_string(nkeys, 3, 3)
+    argv[0], lens[0] = "EVALSHA", 7
+    argv[1], lens[1] = sha, 40
+    argv[2], lens[2] = nk, #nk
+    -- Strings stay anchored by keys/args during the call (C copies them
+    -- before it returns); numbers turned into strings here by `anchor`.
+    local anchor
+    for i = 1, nkeys + nargs do
+        local v
+        if i <= nkeys then v = keys[i] else v = args[i - nkeys] end
+        if type(v) ~= "string" then
+            v = arg_string(v, 3 + i, 3)
+            anchor = anchor or {}
+            anchor[#anchor + 1] = v
+        end
+        argv[2 + i], lens[2 + i] = v, #v
+    end
+    counts[0] = total
     local task = task_of(3)
     return send(task, kind, 1, script)
 end
