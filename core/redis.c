@@ -909,10 +909,14 @@ static void on_batch_reply(redisAsyncContext *ac, void *reply, void *priv)
             return;
         }
     }
-    /* One element per call; an error (the script failed) goes to all. */
-    int per_call =
-        rep->type == REDIS_REPLY_ARRAY && rep->elements == (size_t)b->ncalls;
-    if (!per_call && rep->type != REDIS_REPLY_ERROR) {
+    /* One element per call, or k per call laid flat (n * k elements,
+     * cheaper for Redis to send than n lists): call i gets its k as a
+     * list. An error (the script failed) goes to every call. */
+    size_t k = 0;
+    if (rep->type == REDIS_REPLY_ARRAY && rep->elements
+        && rep->elements % (size_t)b->ncalls == 0)
+        k = rep->elements / (size_t)b->ncalls;
+    if (!k && rep->type != REDIS_REPLY_ERROR) {
         batch_fail(c, b,
                    "the batched script's reply has not one element "
                    "per call");
@@ -921,8 +925,16 @@ static void on_batch_reply(redisAsyncContext *ac, void *reply, void *priv)
             cmd_t *r = b->calls[i];
             if (r->state != PENDING)
                 continue;
-            if (r->task)
-                r->replies[0] = reply_copy(per_call ? rep->element[i] : rep);
+            if (r->task && !k) {
+                r->replies[0] = reply_copy(rep);
+            } else if (r->task && k == 1) {
+                r->replies[0] = reply_copy(rep->element[i]);
+            } else if (r->task) {
+                redisReply part = {.type = REDIS_REPLY_ARRAY,
+                                   .elements = k,
+                                   .element = rep->element + (size_t)i * k};
+                r->replies[0] = reply_copy(&part);
+            }
             unpend(c, r, NULL);
         }
     }

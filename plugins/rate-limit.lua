@@ -358,8 +358,9 @@ end
 -- and one write per distinct key. Within a call every limit is checked
 -- before any is counted, so a request refused by one limit costs the
 -- others nothing. Redis's own clock is used, so gateways with skewed
--- clocks still share one window. Returns per call { allowed (0/1), index
--- of the deciding limit, then remaining, reset ms, retry ms per limit }.
+-- clocks still share one window. Returns per call allowed (0/1), the
+-- index of the deciding limit, its remaining, reset ms and retry ms, laid
+-- flat (eval_batched hands each call its five).
 local SCRIPT = [=[
 local floor, ceil, min, max = math.floor, math.ceil, math.min, math.max
 local t = redis.call('TIME')
@@ -472,31 +473,30 @@ local function num(v)
 end
 
 local ncalls = tonumber(ARGV[1])
-local results, ki, ai = {}, 0, 1 + 2 * ncalls
+local results, ki, ai, ri = {}, 0, 1 + 2 * ncalls, 0
 for call = 1, ncalls do
   local nkeys, nargs = num(ARGV[2 * call]), num(ARGV[2 * call + 1])
   local algorithm = ARGV[ai + 1]
-  local out, allowed, decider = { 0, 0, 0, 0, 0 }, 1, 0
+  -- The deciding limit: the first that refuses, else the tightest.
+  local allowed, decider, d_remaining, d_reset, d_retry = 1, 0, 0, 0, 0
   for i = 1, nkeys do
     local s = load(KEYS[ki + i], algorithm)
     local remaining, reset, retry, denied = check(s, algorithm,
       num(ARGV[ai + 3 * i - 1]), num(ARGV[ai + 3 * i]), num(ARGV[ai + 3 * i + 1]))
-    if denied then
-      if allowed == 1 then decider = i end
-      allowed = 0
-    elseif allowed == 1 and (decider == 0 or remaining < out[3 * decider]) then
-      decider = i
+    if allowed == 1 and (denied or decider == 0 or remaining < d_remaining) then
+      decider, d_remaining, d_reset, d_retry = i, remaining, reset, retry
     end
-    out[3 * i], out[3 * i + 1], out[3 * i + 2] = remaining, ceil(reset), ceil(retry)
+    if denied then allowed = 0 end
   end
   if allowed == 1 then
     for i = 1, nkeys do
       count(state[KEYS[ki + i]], algorithm, num(ARGV[ai + 3 * i - 1]), num(ARGV[ai + 3 * i]))
     end
   end
-  out[1], out[2] = allowed, decider
-  results[call] = out
-  ki, ai = ki + nkeys, ai + nargs
+  -- Five flat elements per call (cheaper for Redis to send than a list).
+  results[ri + 1], results[ri + 2], results[ri + 3] = allowed, decider, d_remaining
+  results[ri + 4], results[ri + 5] = ceil(d_reset), ceil(d_retry)
+  ki, ai, ri = ki + nkeys, ai + nargs, ri + 5
 end
 
 for _, key in ipairs(order) do
@@ -541,11 +541,10 @@ local function check_redis(conf, c, id)
     for i = 1, #suffixes do keys[i] = "rl:{" .. id .. suffixes[i] end
     local r, err = gw.redis.eval_batched(SCRIPT, keys, args)
     if not r then return nil, err end
-    if type(r) ~= "table" or #r < 5 then return nil, "unexpected script reply" end
-    local i = r[2]
-    local l = c.limits[i]
+    if type(r) ~= "table" or #r ~= 5 then return nil, "unexpected script reply" end
+    local l = c.limits[r[2]]
     local res = { limit = conf.algorithm == "gcra" and l.burst or l.limit,
-        remaining = r[3 * i], reset = r[3 * i + 1] / 1000, retry = r[3 * i + 2] / 1000 }
+        remaining = r[3], reset = r[4] / 1000, retry = r[5] / 1000 }
     return r[1] == 1, res
 end
 

@@ -147,7 +147,7 @@ end
 local SCRIPT = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 -- A batched script (gw.redis.eval_batched): INCRBY per call, in order;
 -- ARGV[2] of a call "fail" makes the whole script fail, "short" makes it
--- answer one element too few.
+-- answer one element too few, "flat" two elements per call laid flat.
 local BATCHED = [[
 local n, out, ki, ai = tonumber(ARGV[1]), {}, 0, 1 + 2 * tonumber(ARGV[1])
 for i = 1, n do
@@ -157,6 +157,11 @@ for i = 1, n do
   ki, ai = ki + nk, ai + na
 end
 if ARGV[1 + 2 * n + 2] == "short" then out[n] = nil end
+if ARGV[1 + 2 * n + 2] == "flat" then
+  local flat = {}
+  for i = 1, n do flat[2 * i - 1], flat[2 * i] = out[i][1], out[i][2] end
+  return flat
+end
 return out
 ]]
 -- /batched?N/mode: N timers, started together, each make one batched call
@@ -331,6 +336,10 @@ def test_batched_evals_of_one_turn_go_to_redis_as_one_evalsha_in_order():
         body = call(gw.port, "/batched?300")[0]
         assert body["done"] == 300 and all(r["err"] is None for r in body["results"]), body
         assert rs.commandstats()["evalsha"]["calls"] == 2
+        # k elements per call laid flat: each call gets its k as a list.
+        rs.cmd("SET", "bk", 0)
+        body = call(gw.port, "/batched?4/flat")[0]
+        assert [r["v"] for r in body["results"]] == [[1, "bk"], [3, "bk"], [6, "bk"], [10, "bk"]], body
 
 
 def test_a_failing_or_malformed_batched_script_fails_every_call_of_its_batch():
