@@ -10,6 +10,7 @@ with a half-close, a reload under an open tunnel, the log phase, access log
 and metrics of a tunnel."""
 
 import json
+import signal
 import os
 import random
 import socket
@@ -20,7 +21,7 @@ import tempfile
 import time
 
 from harness import (PYTHON, Client, Gateway, Raw, _readline_timeout, free_port, request,
-                     route, spawn, upstream_conf, wait_until)
+                     route, rss_kb, spawn, upstream_conf, wait_until)
 from mgws import BINARY, TEXT, WebSocket, WSError, encode_frame
 from test_auth import JWT_CONF, bearer, claims, jwt
 from test_tls import make_pki
@@ -390,3 +391,85 @@ def test_header_filter_and_log_phase_run_on_a_tunnel():
                    what="a second log line")
         time.sleep(0.3)
         assert gw.error_log_text().count("ws-log") == 2
+
+
+def raw_upgrade(gw, path="/ws/raw"):
+    s = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    s.sendall(b"GET %s HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: foo\r\n\r\n"
+              % path.encode())
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        assert chunk, buf
+        buf += chunk
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 101") and rest == b"", buf
+    return s
+
+
+def test_backpressure_bounds_memory_with_a_client_that_does_not_read():
+    with WsUpstream() as up, Gateway(config(up)) as gw:
+        s = raw_upgrade(gw)
+        pid = gw.worker_pids()[0]
+        base = rss_kb(pid)
+        chunk = bytes(range(256)) * 256
+        s.setblocking(False)
+        sent, stop = 0, time.monotonic() + 3
+        # Push for 3 s without reading a byte: the echo cannot go anywhere,
+        # so the gateway must stop taking the client's bytes.
+        while time.monotonic() < stop:
+            try:
+                sent += s.send(chunk)
+            except BlockingIOError:
+                time.sleep(0.01)
+        grown = rss_kb(pid) - base
+        assert sent < 64 << 20, "the gateway took %d bytes from a stalled tunnel" % sent
+        assert grown < 16 << 10, "worker RSS grew by %d KiB" % grown
+        # Everything comes back once the client reads.
+        s.setblocking(True)
+        s.settimeout(20)
+        s.shutdown(socket.SHUT_WR)
+        got = 0
+        while True:
+            data = s.recv(1 << 20)
+            if not data:
+                break
+            got += len(data)
+        assert got == sent, (got, sent)
+        s.close()
+
+
+test_backpressure_bounds_memory_with_a_client_that_does_not_read.timeout = 60
+
+
+def test_draining_worker_keeps_its_tunnels_until_drain_timeout():
+    with WsUpstream() as up:
+        conf = config(up, limits={"drain_timeout": 30})
+        with Gateway(conf, workers=1) as gw:
+            old = gw.worker_pids()
+            w = ws(gw)
+            conf["workers"] = 2
+            gw.write_config(conf)
+            gw.signal(signal.SIGHUP)
+            wait_until(lambda: len(set(gw.worker_pids()) - set(old)) == 2, 10,
+                       what="two new workers")
+            time.sleep(0.5)
+            assert set(old) <= set(gw.worker_pids()), "the draining worker exited"
+            for i in range(5):  # the old worker still serves its tunnel
+                w.send_text("drain %d" % i)
+                assert w.recv_text(10) == "drain %d" % i
+            w.close()
+            wait_until(lambda: not set(old) & set(gw.worker_pids()), 10,
+                       what="the drained worker to exit once its tunnel closed")
+        # A drain_timeout cuts what is still open.
+        conf = config(up, limits={"drain_timeout": 1})
+        with Gateway(conf, workers=1) as gw:
+            w = ws(gw)
+            gw.signal(signal.SIGTERM)
+            w.sock.settimeout(8)
+            try:
+                assert w.sock.recv(100) == b""
+            except ConnectionResetError:
+                pass
+            gw.proc.wait(timeout=8)
+            gw.wait_log(r"drain timeout: closing 1 connections")
