@@ -1213,11 +1213,14 @@ static int up_on_headers_complete(llhttp_t *parser)
     int status = parser->status_code;
     mg_str_t upgrade = MG_NULL_STR;
     if (status == 101) {
-        /* Only an answer to an upgrade request, naming a protocol. */
+        /* Only an answer to an upgrade request, naming a protocol, and
+         * after the request went out whole: a 101 read before that
+         * (up_read_start from on_ready) must not start a tunnel under a
+         * request head still to be written. */
         for (unsigned i = 0; i < p->nfields; i++)
             if (mg_str_caseeq(field(p, i, 0), MG_STR("upgrade")))
                 upgrade = field(p, i, 1);
-        if (!r->upgrade.len || !upgrade.len || p->up_writes)
+        if (!r->upgrade.len || !upgrade.len || !p->head_sent || p->up_writes)
             return -1; /* 502 */
         p->upgraded = 1;
     } else if (status >= 100 && status < 200) {

@@ -139,6 +139,8 @@ def test_websocket_echo_1000_messages():
         w.sock.sendall(encode_frame(0x9, b"are you there", masked=True))
         fin, opcode, payload = w.recv_frame()
         assert (opcode, payload) == (0xA, b"are you there")
+        text = request(admin, "GET", "/metrics").body.decode()
+        assert "moongate_active_tunnels 1" in text, text
         w.close()
         w.sock.close()
         wait_until(lambda: up.stats()["closed"] == 1, 10, what="the upstream side to close")
