@@ -947,8 +947,8 @@ static void load_timeouts(ld_t *ld, int t, mg_timeouts_t *to)
     get_duration(ld, -1, "connect", &to->connect_ms);
     get_duration(ld, -1, "send", &to->send_ms);
     get_duration(ld, -1, "read", &to->read_ms);
-    get_duration(ld, -1, "tunnel_idle", &to->tunnel_idle_ms);
-    if (to->tunnel_idle_ms == 0)
+    if (get_duration(ld, -1, "tunnel_idle", &to->tunnel_idle_ms) == 1
+        && to->tunnel_idle_ms == 0)
         fail(ld, "tunnel_idle", "must be more than 0");
     set_prefix(ld, "");
     lua_pop(ld->L, 1);

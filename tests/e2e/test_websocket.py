@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from harness import (PYTHON, Client, Gateway, Raw, _readline_timeout, free_port, request,
-                     route, rss_kb, spawn, upstream_conf, wait_until)
+                     moongate_bin, route, rss_kb, spawn, upstream_conf, wait_until)
 from mgws import BINARY, TEXT, WebSocket, WSError, encode_frame
 from test_auth import JWT_CONF, bearer, claims, jwt
 from test_tls import make_pki
@@ -475,3 +475,18 @@ def test_draining_worker_keeps_its_tunnels_until_drain_timeout():
                 pass
             gw.proc.wait(timeout=8)
             gw.wait_log(r"drain timeout: closing 1 connections")
+
+
+def test_check_refuses_a_zero_tunnel_idle():
+    d = tempfile.mkdtemp(prefix="mg-ws-check-")
+    path = os.path.join(d, "moongate.lua")
+    with open(path, "w") as f:
+        f.write('return { listen = { "127.0.0.1:1" }, upstreams = { ws = { targets = '
+                '{ "127.0.0.1:2" }, timeouts = { tunnel_idle = 0 } } }, routes = { '
+                '{ path = "/ws/*", upstream = "ws", timeouts = { tunnel_idle = "x" } } } }\n')
+    r = subprocess.run([moongate_bin(), "check", "-c", path], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=20)
+    out = r.stdout.decode("latin-1")
+    assert r.returncode != 0, out
+    assert "timeouts.tunnel_idle" in out and "must be more than 0" in out, out
+    assert "routes[1]" in out and "expected a number of seconds" in out, out
