@@ -490,3 +490,37 @@ def test_check_refuses_a_zero_tunnel_idle():
     assert r.returncode != 0, out
     assert "timeouts.tunnel_idle" in out and "must be more than 0" in out, out
     assert "routes[1]" in out and "expected a number of seconds" in out, out
+
+
+def test_tls_close_notify_half_closes_both_ways():
+    d = tempfile.mkdtemp(prefix="mg-ws-tls-")
+    certs, ca = make_pki(d)
+    cert, key = certs["localhost"]
+    tls_port = free_port()
+    with WsUpstream() as up:
+        text = """return {
+  listen = { "@LISTEN@", { "127.0.0.1:%d", tls = { cert = "%s", key = "%s" } } },
+  workers = 1, pid_file = "@PID_FILE@", error_log = "@ERROR_LOG@", log_level = "info",
+  upstreams = { ws = { targets = { "%s" } } },
+  routes = { { path = "/ws/*", upstream = "ws" } },
+}
+""" % (tls_port, cert, key, up.addr)
+        with Gateway(text) as gw:
+            ctx = ssl.create_default_context(cafile=ca)
+            raw = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
+            s = ctx.wrap_socket(raw, server_hostname="localhost")
+            s.sendall(b"GET /ws/raw HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n"
+                      b"Upgrade: foo\r\n\r\nhello over tls")
+            buf = b""
+            while not buf.endswith(b"hello over tls"):
+                chunk = s.recv(65536)
+                assert chunk, buf
+                buf += chunk
+            assert buf.startswith(b"HTTP/1.1 101"), buf
+            # close_notify from the client: the upstream gets an EOF, shuts
+            # down its side, and the gateway answers with its close_notify
+            # and a FIN (unwrap returns only once it has the close_notify).
+            plain = s.unwrap()
+            assert plain.recv(100) == b""
+            plain.close()
+            wait_until(lambda: up.stats()["closed"] == 1, 10, what="the upstream side to close")
