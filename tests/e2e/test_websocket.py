@@ -280,6 +280,14 @@ def test_h2c_upgrade_is_not_passed_on():
             assert "upgrade" not in seen.get("connection", "").lower(), seen
             assert r.header("connection") == "close"
             c.wait_closed()
+        # HTTP/1.0 has no protocol switch: a plain request too.
+        with Client(gw.port) as c:
+            c.send(b"GET /ws/old HTTP/1.0\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            r = c.read_response()
+            assert r.status == 200, r
+            seen = {k.lower(): v for k, v in r.json()["headers"]}
+            assert "upgrade" not in seen, seen
+            c.wait_closed()
         assert up.stats()["handshakes"] == 0
 
 
