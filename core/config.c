@@ -106,10 +106,7 @@ static const char *const retries_fields[] = {
     "total_timeout", NULL,
 };
 static const char *const timeouts_fields[] = {
-    "connect",
-    "send",
-    "read",
-    NULL,
+    "connect", "send", "read", "tunnel_idle", NULL,
 };
 static const char *const keepalive_fields[] = {
     "max_idle",
@@ -950,6 +947,9 @@ static void load_timeouts(ld_t *ld, int t, mg_timeouts_t *to)
     get_duration(ld, -1, "connect", &to->connect_ms);
     get_duration(ld, -1, "send", &to->send_ms);
     get_duration(ld, -1, "read", &to->read_ms);
+    if (get_duration(ld, -1, "tunnel_idle", &to->tunnel_idle_ms) == 1
+        && to->tunnel_idle_ms == 0)
+        fail(ld, "tunnel_idle", "must be more than 0");
     set_prefix(ld, "");
     lua_pop(ld->L, 1);
 }
@@ -1354,7 +1354,7 @@ static void load_upstream_tls(ld_t *ld, mg_upstream_conf_t *u)
 static void load_upstream(ld_t *ld, mg_upstream_conf_t *u)
 {
     u->balance = mg_strndup("round_robin", 11);
-    u->timeouts = (mg_timeouts_t){5000, 60000, 60000};
+    u->timeouts = (mg_timeouts_t){5000, 60000, 60000, 60000};
     u->keepalive_max_idle = 64;
     u->keepalive_idle_ms = 60000;
     u->max_pending = 1024;
@@ -1640,7 +1640,7 @@ static void load_route(ld_t *ld, size_t i, mg_route_conf_t *r)
     if (get_string(ld, -1, "rewrite", &r->rewrite) == 1 && r->rewrite[0] != '/')
         fail(ld, "rewrite", "must start with '/'");
     r->timeouts = r->upstream >= 0 ? cfg->upstreams[r->upstream].timeouts
-                                   : (mg_timeouts_t){5000, 60000, 60000};
+                                   : (mg_timeouts_t){5000, 60000, 60000, 60000};
     load_timeouts(ld, -1, &r->timeouts);
     r->max_body = cfg->limits.max_body;
     get_size(ld, -1, "max_body", &r->max_body);

@@ -35,6 +35,8 @@ typedef struct {
 /* All durations are milliseconds, all sizes bytes. */
 typedef struct {
     uint64_t connect_ms, send_ms, read_ms;
+    uint64_t tunnel_idle_ms; /* an upgraded connection (WebSocket) with no
+                                byte either way for this long is closed */
 } mg_timeouts_t;
 
 typedef struct {
@@ -129,7 +131,8 @@ typedef struct {
     mg_retry_conf_t retries;
     uint64_t dns_refresh_ms;     /* host-name targets re-resolved, default
                                     30 s; 0: only at load */
-    mg_timeouts_t timeouts;      /* defaults 5 s connect, 60 s send/read */
+    mg_timeouts_t timeouts;      /* defaults 5 s connect, 60 s send/read/
+                                    tunnel_idle */
     unsigned keepalive_max_idle; /* idle conns kept per target, default 64 */
     uint64_t keepalive_idle_ms;  /* default 60 s */
     unsigned max_pending;        /* requests waiting for a conn, default

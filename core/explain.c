@@ -107,10 +107,12 @@ static void print_upstream(const mg_config_t *cfg, const mg_route_conf_t *rt)
     for (size_t i = 0; i < u->ntargets; i++)
         printf("  target   %s weight %u\n", u->targets[i].text,
                u->targets[i].weight);
-    printf("  timeouts connect %llu ms, send %llu ms, read %llu ms\n",
+    printf("  timeouts connect %llu ms, send %llu ms, read %llu ms, "
+           "tunnel_idle %llu ms\n",
            (unsigned long long)rt->timeouts.connect_ms,
            (unsigned long long)rt->timeouts.send_ms,
-           (unsigned long long)rt->timeouts.read_ms);
+           (unsigned long long)rt->timeouts.read_ms,
+           (unsigned long long)rt->timeouts.tunnel_idle_ms);
     if (rt->strip_prefix)
         printf("  strip_prefix %s\n", rt->strip_prefix);
     if (rt->rewrite)

@@ -42,6 +42,9 @@ struct mg_req_s {
     mg_str_t host;       /* Host header (may be empty on HTTP/1.0) */
     mg_str_t path;       /* normalized path (arena), set by the pipeline */
     mg_str_t request_id; /* X-Request-Id sent upstream and returned */
+    mg_str_t upgrade;    /* the client's Upgrade value when it asked to
+                            switch protocols (Connection: upgrade) and
+                            the gateway will try; empty otherwise */
     const mg_route_conf_t *route; /* matched route, NULL before routing */
     mg_header_t *headers;         /* client headers after identity/underscore
                                      removal; names and values borrow the arena */
@@ -137,6 +140,30 @@ void mg_conn_set_close(mg_conn_t *c);
 /* Closes the client connection at once (fatal error mid-response). */
 void mg_conn_abort(mg_conn_t *c);
 
+/*
+ * The client's bytes after a switch of protocols (101), or n < 0 when no
+ * more will come: UV_EOF for the client's half-close. Bytes are borrowed
+ * like body bytes: take a hold (mg_conn_hold) to keep them past the call;
+ * the connection reads into the rest of its buffer meanwhile and passes
+ * the new bytes on at once, and reads nothing once the buffer is full.
+ */
+typedef void (*mg_conn_data_cb)(void *arg, const char *p, ssize_t n);
+
+/*
+ * Turns the connection of an upgrade request (r->upgrade) into a raw byte
+ * stream once its 101 head has been queued: every byte the client sent
+ * after the request head, and all that follows, goes to `cb`; writes go
+ * out as before (encrypted on a TLS connection). The request stays open
+ * until mg_conn_response_done, then the connection closes. No timeout of
+ * the connection's own runs meanwhile except the send timeout: the caller
+ * watches for idleness.
+ */
+void mg_conn_tunnel(mg_req_t *r, mg_conn_data_cb cb, void *arg);
+
+/* Half-close: no more writes, the client gets an EOF (after a TLS
+ * close_notify) once the queued writes are out. Reading goes on. */
+void mg_conn_shutdown(mg_conn_t *c);
+
 /* Monotonic request counter for the worker, used in ids and logs. */
 mg_worker_t *mg_conn_worker(const mg_conn_t *c);
 
@@ -163,6 +190,10 @@ void mg_proxy_abort(mg_req_t *r);
 /* True when the TCP peer is in trusted_proxies (its X-Forwarded-For and
  * X-Request-Id are believed). */
 int mg_proxy_peer_trusted(mg_req_t *r);
+
+/* True when `token` is one of the comma-separated tokens of `list`
+ * (case-insensitive), as in Connection and Upgrade values. */
+int mg_http_token_listed(mg_str_t list, mg_str_t token);
 
 /* Standard reason phrase, "Unknown" when none. */
 const char *mg_http_reason(int status);

@@ -51,6 +51,7 @@ enum conn_state {
     C_BODY,   /* passing the body on */
     C_DONE,   /* request fully read, response in progress */
     C_LINGER, /* final response sent, discarding input before close */
+    C_TUNNEL, /* switched protocols: raw bytes to the pipeline */
 };
 
 typedef struct {
@@ -104,7 +105,11 @@ struct mg_conn_s {
     mg_arena_t arena;
     mg_req_t req;
     char peer[46];
-    mg_tls_conn_t *tls; /* NULL: plain HTTP */
+    mg_tls_conn_t *tls;        /* NULL: plain HTTP */
+    mg_conn_data_cb tunnel_cb; /* C_TUNNEL: where the client's bytes go */
+    void *tunnel_arg;
+    unsigned tunnel_eof_told : 1;
+    unsigned shut : 1; /* mg_conn_shutdown done */
 };
 
 static llhttp_settings_t settings;
@@ -164,6 +169,7 @@ static void on_timeout(mg_conn_t *c)
         conn_close(c); /* the client stopped reading the response */
         break;
     case C_LINGER: conn_close(c); break;
+    case C_TUNNEL: conn_close(c); break; /* a client that reads nothing */
     }
 }
 
@@ -526,6 +532,41 @@ static int method_allowed(unsigned m)
 }
 
 /*
+ * A request with Connection: upgrade and Upgrade (llhttp's upgrade flag).
+ * Whatever happens, the connection closes after the answer: the bytes
+ * after the head belong to the new protocol if the upstream switches, and
+ * may not be parsed as the next request if it does not (a refused upgrade
+ * would otherwise smuggle them). A body is refused: its end is where the
+ * new protocol would begin, which is too fragile to trust. h2c is never
+ * passed on (h2c smuggling lets a client talk to the upstream past the
+ * gateway's routing and plugins): such a request goes on as a plain
+ * HTTP/1.1 request, its Upgrade dropped like any hop-by-hop header, as
+ * RFC 9110 lets a server ignore Upgrade. So is an HTTP/1.0 one.
+ */
+static int check_upgrade(mg_conn_t *c, mg_req_t *r, const char **why)
+{
+    mg_str_t value = MG_NULL_STR;
+    unsigned n = 0;
+    c->close_after = 1;
+    for (size_t i = 0; i < r->nheaders; i++)
+        if (mg_str_caseeq(r->headers[i].name, MG_STR("upgrade"))) {
+            value = r->headers[i].value;
+            n++;
+        }
+    if (n != 1 || value.len == 0) {
+        *why = "invalid upgrade request";
+        return 400;
+    }
+    if (r->chunked || r->content_length > 0) {
+        *why = "upgrade request with a body";
+        return 400;
+    }
+    if (r->http_minor == 1 && !mg_http_token_listed(value, MG_STR("h2c")))
+        r->upgrade = value;
+    return 0;
+}
+
+/*
  * Checks the framing and the headers the gateway must understand, and
  * copies the rest into the request. Returns 0 or an HTTP status to refuse
  * the request with (reason in *why).
@@ -602,6 +643,8 @@ static int build_request(mg_conn_t *c, mg_req_t *r, const char **why)
     if (hosts == 0 && r->http_minor == 1)
         return 400;
     r->client_keepalive = llhttp_should_keep_alive(&c->parser) ? 1 : 0;
+    if (llhttp_get_upgrade(&c->parser))
+        return check_upgrade(c, r, why);
     return 0;
 }
 
@@ -957,6 +1000,33 @@ static void advance(mg_conn_t *c)
             keep_reading(c);
             return;
         case C_LINGER: return;
+        case C_TUNNEL:
+            if (c->pos < c->len) {
+                size_t from = c->pos, n = c->len - c->pos;
+                c->pos = c->len;
+                c->req.body_received += n; /* bytes_in of the access log */
+                c->tunnel_cb(c->tunnel_arg, c->buf + from, (ssize_t)n);
+                continue;
+            }
+            if (c->holds == 0)
+                c->len = c->pos = 0;
+            if (c->tls && c->pos == c->len && tls_pump(c) != 0) {
+                if (c->closing)
+                    return;
+                continue;
+            }
+            if (c->eof) {
+                if (!c->tunnel_eof_told) {
+                    c->tunnel_eof_told = 1;
+                    c->tunnel_cb(c->tunnel_arg, NULL, UV_EOF);
+                }
+                return;
+            }
+            if (c->len < c->cap)
+                read_start(c);
+            else
+                read_stop(c);
+            return;
         }
     }
 }
@@ -968,7 +1038,8 @@ void mg_conn_hold(mg_conn_t *c)
 
 void mg_conn_release(mg_conn_t *c)
 {
-    if (--c->holds == 0 && !c->closing && c->state == C_BODY)
+    if (--c->holds == 0 && !c->closing
+        && (c->state == C_BODY || c->state == C_TUNNEL))
         advance(c);
 }
 
@@ -1063,6 +1134,11 @@ static void finish_request(mg_conn_t *c)
     r->gen = NULL;
     mg_arena_reset(&c->arena);
     c->hspans = NULL;
+    if (close && c->state == C_TUNNEL) {
+        /* Both directions are over (or broken): nothing to linger for. */
+        conn_close(c);
+        return;
+    }
     if (close) {
         linger_close(c);
         return;
@@ -1099,13 +1175,13 @@ static void conn_close(mg_conn_t *c)
     if (c->closing)
         return;
     c->closing = 1;
+    /* A tunnel that breaks has still switched protocols: 101. */
+    int answered = c->req.resp_status && (c->resp_done || c->state == C_TUNNEL);
     if (c->active && (c->req.method_name.len || c->req.resp_status))
-        mg_metrics_record(&c->req, c->req.resp_status && c->resp_done
-                                       ? c->req.resp_status
-                                       : 499);
+        mg_metrics_record(&c->req, answered ? c->req.resp_status : 499);
     if (c->active && c->req.method_name.len && mg_worker_accesslog(c->w)) {
         /* The client went away first: logged as nginx does, 499. */
-        if (!c->req.resp_status || !c->resp_done)
+        if (!answered)
             c->req.resp_status = 499;
         mg_accesslog_write(mg_worker_accesslog(c->w), &c->req);
     }
@@ -1137,6 +1213,42 @@ void mg_conn_set_close(mg_conn_t *c)
 void mg_conn_abort(mg_conn_t *c)
 {
     conn_close(c);
+}
+
+void mg_conn_tunnel(mg_req_t *r, mg_conn_data_cb cb, void *arg)
+{
+    mg_conn_t *c = r->conn;
+    if (c->closing)
+        return;
+    c->state = C_TUNNEL;
+    c->tunnel_cb = cb;
+    c->tunnel_arg = arg;
+    c->close_after = 1;
+    r->body_received = 0; /* from now on: bytes through the tunnel */
+    stop_timer(c);
+    c->send_timer = 0;
+    /* Bytes the client sent after the request head (already read) are
+     * the new protocol's: they go first. */
+    advance(c);
+}
+
+static void on_tunnel_shutdown(uv_shutdown_t *req, int status)
+{
+    /* Nothing to do: a failed shutdown shows as a failed read or write,
+     * and a connection closed meanwhile cancels it. */
+}
+
+void mg_conn_shutdown(mg_conn_t *c)
+{
+    if (c->closing || c->shut)
+        return;
+    c->shut = 1;
+    if (c->tls) {
+        mg_tls_conn_shutdown(c->tls); /* close_notify before the FIN */
+        tls_flush(c);
+    }
+    c->shutdown_req.data = c;
+    uv_shutdown(&c->shutdown_req, (uv_stream_t *)&c->tcp, on_tunnel_shutdown);
 }
 
 /* ------------------------------------------------------------------ */

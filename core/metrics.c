@@ -62,7 +62,8 @@ typedef struct {
 typedef struct {
     int64_t connections;
     int64_t generations;
-    char pad[48]; /* one cache line per worker */
+    int64_t tunnels; /* upgraded connections open (WebSocket...) */
+    char pad[40];    /* one cache line per worker */
 } proc_gauges_t;
 
 typedef struct {
@@ -98,6 +99,7 @@ typedef struct {
     family_t families[MAX_FAMILIES];
     series_t series[MAX_SERIES];
     proc_gauges_t procs[MG_METRICS_MAX_PROCS];
+    uint64_t upgrades; /* protocol switches (101) passed through */
     route_stats_t shards[SHARDS][MG_METRICS_MAX_ROUTES];
 } area_t;
 
@@ -156,6 +158,7 @@ void mg_metrics_proc_release(int slot)
     /* The process is dead: nobody else writes these any more. */
     __atomic_store_n(&area->procs[slot].connections, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&area->procs[slot].generations, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&area->procs[slot].tunnels, 0, __ATOMIC_RELAXED);
 }
 
 void mg_metrics_attach(int slot)
@@ -260,6 +263,17 @@ void mg_metrics_set_connections(unsigned n)
     if (area && my_slot >= 0)
         __atomic_store_n(&area->procs[my_slot].connections, (int64_t)n,
                          __ATOMIC_RELAXED);
+}
+
+void mg_metrics_tunnel(int delta)
+{
+    if (!area)
+        return;
+    if (delta > 0)
+        add(&area->upgrades, 1);
+    if (my_slot >= 0)
+        __atomic_fetch_add(&area->procs[my_slot].tunnels, delta,
+                           __ATOMIC_RELAXED);
 }
 
 void mg_metrics_add_generations(int delta)
@@ -579,11 +593,20 @@ void mg_metrics_render(mg_strbuf_t *out, const mg_metrics_master_t *m)
     free(all);
     free(show);
 
-    int64_t conns = 0, gens = 0;
+    int64_t conns = 0, gens = 0, tunnels = 0;
     for (unsigned i = 0; i < MG_METRICS_MAX_PROCS; i++) {
         conns += __atomic_load_n(&area->procs[i].connections, __ATOMIC_RELAXED);
         gens += __atomic_load_n(&area->procs[i].generations, __ATOMIC_RELAXED);
+        tunnels += __atomic_load_n(&area->procs[i].tunnels, __ATOMIC_RELAXED);
     }
+    family(out, "moongate_upgrades_total", "counter",
+           "Connections switched to another protocol (101 from the "
+           "upstream, e.g. WebSocket) and tunneled.");
+    mg_strbuf_printf(out, "moongate_upgrades_total %llu\n",
+                     (unsigned long long)load(&area->upgrades));
+    family(out, "moongate_active_tunnels", "gauge",
+           "Upgraded connections (WebSocket...) open, all workers.");
+    mg_strbuf_printf(out, "moongate_active_tunnels %lld\n", (long long)tunnels);
     family(out, "moongate_active_connections", "gauge",
            "Client connections open, all workers.");
     mg_strbuf_printf(out, "moongate_active_connections %lld\n",

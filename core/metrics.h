@@ -82,4 +82,8 @@ void mg_metrics_record(const mg_req_t *r, int status);
 void mg_metrics_set_connections(unsigned n);
 void mg_metrics_add_generations(int delta);
 
+/* A tunnel (upgraded connection) opened (+1: also counts an upgrade) or
+ * closed (-1). Recorded even when request recording is off: cheap. */
+void mg_metrics_tunnel(int delta);
+
 #endif

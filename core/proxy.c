@@ -28,6 +28,7 @@
 #include "log.h"
 #include "ffi.h"
 #include "path.h"
+#include "tunnel.h"
 #include "upstream.h"
 #include "worker.h"
 
@@ -97,6 +98,8 @@ struct mg_proxy_s {
     unsigned filter_body : 1;   /* body_filter runs on the response body */
     unsigned body_plugin_failed : 1;
     unsigned retry_status : 1; /* headers_complete asked for a retry */
+    unsigned upgraded : 1;     /* the upstream switched protocols (101) */
+    mg_tunnel_t *tunnel;       /* after the 101: the byte pump */
     mg_deadline_t deadline;    /* the upstream wait, on uc->timer */
     uint64_t up_start_ns;      /* when the upstream exchange began */
     mg_upstream_try_t try_;    /* the open try (health, breaker) */
@@ -157,8 +160,7 @@ static int is_hop_by_hop(mg_str_t name)
     }
 }
 
-/* True when `name` is one of the comma-separated tokens in `list`. */
-static int token_listed(mg_str_t list, mg_str_t name)
+int mg_http_token_listed(mg_str_t list, mg_str_t name)
 {
     const char *p = list.p, *end = list.p + list.len;
     while (p < end) {
@@ -178,7 +180,7 @@ static int listed_in_connection(const mg_header_t *hs, size_t n, mg_str_t name)
 {
     for (size_t i = 0; i < n; i++)
         if (mg_str_caseeq(hs[i].name, MG_STR("connection"))
-            && token_listed(hs[i].value, name))
+            && mg_http_token_listed(hs[i].value, name))
             return 1;
     return 0;
 }
@@ -256,6 +258,14 @@ void mg_proxy_abort(mg_req_t *r)
     r->proxy = NULL;
     if (!p)
         return;
+    if (p->tunnel) {
+        /* The client side of a tunnel went first: the log phase still
+         * runs once, then the upstream side closes. */
+        run_log_phase(p);
+        mg_tunnel_abort(p->tunnel);
+        free_proxy(p);
+        return;
+    }
     p->r = NULL;
     p->dead = 1;
     if (p->upstream)
@@ -323,7 +333,7 @@ static void build_head(mg_proxy_t *p, mg_str_t path, mg_str_t query)
     size_t xff_len = 0;
     size_t cap = 256 + r->request_id.len + r->method_name.len + path.len
                  + query.len + r->host.len * 2 + 2 * sizeof(r->client_ip)
-                 + strlen(mg_target_name(p->target));
+                 + r->upgrade.len + strlen(mg_target_name(p->target));
     for (size_t i = 0; i < r->nheaders; i++)
         cap += r->headers[i].name.len + r->headers[i].value.len + 4;
     char *out = mg_arena_alloc(r->arena, cap), *w = out;
@@ -389,6 +399,13 @@ static void build_head(mg_proxy_t *p, mg_str_t path, mg_str_t query)
     APPEND_LIT(&w, "X-Request-Id: ");
     append_str(&w, r->request_id);
     APPEND_LIT(&w, "\r\n");
+    if (r->upgrade.len) {
+        /* The one hop-by-hop pair passed on: the client asked to switch
+         * protocols and the upstream decides (http1.c vetted it). */
+        APPEND_LIT(&w, "Connection: upgrade\r\nUpgrade: ");
+        append_str(&w, r->upgrade);
+        APPEND_LIT(&w, "\r\n");
+    }
     if (r->chunked) {
         APPEND_LIT(&w, "Transfer-Encoding: chunked\r\n");
     } else if (r->content_length >= 0
@@ -1141,7 +1158,7 @@ static int field_listed_in_connection(mg_proxy_t *p, mg_str_t name)
         return 0; /* the common case: no Connection header to look through */
     for (unsigned i = 0; i < p->nfields; i++)
         if (mg_str_caseeq(field(p, i, 0), MG_STR("connection"))
-            && token_listed(field(p, i, 1), name))
+            && mg_http_token_listed(field(p, i, 1), name))
             return 1;
     return 0;
 }
@@ -1194,9 +1211,19 @@ static int up_on_headers_complete(llhttp_t *parser)
     mg_proxy_t *p = proxy_of(parser);
     mg_req_t *r = p->r;
     int status = parser->status_code;
-    if (status >= 100 && status < 200) {
-        if (status == 101)
-            return -1;  /* upgrades are not supported yet: 502 */
+    mg_str_t upgrade = MG_NULL_STR;
+    if (status == 101) {
+        /* Only an answer to an upgrade request, naming a protocol, and
+         * after the request went out whole: a 101 read before that
+         * (up_read_start from on_ready) must not start a tunnel under a
+         * request head still to be written. */
+        for (unsigned i = 0; i < p->nfields; i++)
+            if (mg_str_caseeq(field(p, i, 0), MG_STR("upgrade")))
+                upgrade = field(p, i, 1);
+        if (!r->upgrade.len || !upgrade.len || !p->head_sent || p->up_writes)
+            return -1; /* 502 */
+        p->upgraded = 1;
+    } else if (status >= 100 && status < 200) {
         p->interim = 1; /* 100/103: dropped, the final response follows */
         /* A 1xx ends at its head (RFC 9110 15.2): "skip body", or llhttp
          * would pass the bytes after a 1xx with a Content-Length to
@@ -1222,10 +1249,10 @@ static int up_on_headers_complete(llhttp_t *parser)
         return -1;
     }
     int head = r->method == HTTP_HEAD;
-    int no_body = head || status == 204 || status == 304;
+    int no_body = head || status == 204 || status == 304 || p->upgraded;
     p->filter_body = p->task && (p->mask & MG_LUA_BODY_FILTER) && !no_body;
     mg_str_t length = MG_NULL_STR, reason = MG_NULL_STR;
-    size_t cap = 256 + r->request_id.len + p->reason.len;
+    size_t cap = 256 + r->request_id.len + p->reason.len + upgrade.len;
     for (unsigned i = 0; i < p->nfields; i++)
         cap += p->fields[i][0].len + p->fields[i][1].len + 4;
     for (size_t i = 0; filtered && i < r->nresp_headers; i++)
@@ -1266,7 +1293,15 @@ static int up_on_headers_complete(llhttp_t *parser)
     if (filtered && !header_kept(r, MG_STR("content-length")))
         length = MG_NULL_STR; /* a plugin cleared it: the body changes */
     p->declared_len = -1;
-    if (length.len && (has_length || head)) {
+    if (p->upgraded) {
+        /* No framing: what follows is the new protocol's. */
+        APPEND_LIT(&w, "Connection: upgrade\r\nUpgrade: ");
+        append_str(&w, upgrade);
+        APPEND_LIT(&w, "\r\n\r\n");
+        r->response_started = 1;
+        p->client_head = uv_buf_init(out, (unsigned)(w - out));
+        return 1;
+    } else if (length.len && (has_length || head)) {
         p->declared_len = has_length ? (int64_t)parser->content_length : -1;
         APPEND_LIT(&w, "Content-Length: ");
         append_str(&w, length);
@@ -1373,8 +1408,13 @@ static int up_on_message_complete(llhttp_t *parser)
     mg_proxy_t *p = proxy_of(parser);
     if (p->interim)
         return 0;
+    if (p->upgraded)
+        return HPE_PAUSED; /* the rest is the new protocol's */
     p->resp_complete = 1;
-    p->up_keepalive = llhttp_should_keep_alive(parser) ? 1 : 0;
+    /* An upstream that was asked to switch protocols and did not is not
+     * trusted with the next request. */
+    p->up_keepalive =
+        llhttp_should_keep_alive(parser) && !p->r->upgrade.len ? 1 : 0;
     if (p->filter_body) {
         if (filter_piece(p, "", 0, 1) < 0)
             return HPE_USER;
@@ -1462,6 +1502,48 @@ static int retry(mg_proxy_t *p)
     return 1;
 }
 
+/* The tunnel is over: the request ends with it (log phase, access log),
+ * and so does the client connection. */
+static void on_tunnel_end(void *arg, int clean, const char *why)
+{
+    mg_proxy_t *p = arg;
+    mg_req_t *r = p->r;
+    mg_conn_t *c = r->conn;
+    mg_log_debug("tunnel %.*s %.*s: %s", (int)r->method_name.len,
+                 r->method_name.p, (int)r->target.len, r->target.p, why);
+    r->upstream_ns = uv_hrtime() - p->up_start_ns;
+    run_log_phase(p);
+    r->proxy = NULL;
+    p->tunnel = NULL;
+    free_proxy(p);
+    mg_conn_set_close(c);
+    mg_conn_response_done(r);
+    if (!clean)
+        mg_conn_abort(c);
+}
+
+/*
+ * The upstream switched protocols: the 101 head goes to the client and
+ * both connections become a tunnel (tunnel.c). The upstream connection
+ * is the tunnel's from now on (it never returns to the pool), and the
+ * request no longer counts as waiting for the upstream (max_pending).
+ */
+static void start_tunnel(mg_proxy_t *p)
+{
+    mg_req_t *r = p->r;
+    mg_upconn_t *uc = p->uc;
+    up_timer_stop(p);
+    p->upstream->inflight--;
+    p->counted = 0;
+    mg_conn_write(r->conn, &p->client_head, 1, NULL, NULL);
+    p->client_head.len = 0;
+    p->uc = NULL;
+    uc->on_close = NULL;
+    p->tunnel = mg_tunnel_new(r, uc, p->pos, p->route->timeouts.tunnel_idle_ms,
+                              on_tunnel_end, p);
+    mg_tunnel_run(p->tunnel); /* p may be gone after this */
+}
+
 /* Parses what the upstream sent; bytes stay in place while the client's
  * writes borrow them. */
 static void parse_response(mg_proxy_t *p)
@@ -1471,6 +1553,11 @@ static void parse_response(mg_proxy_t *p)
         llhttp_execute(&p->parser, uc->rbuf + p->pos, uc->rlen - p->pos);
     if (p->dead)
         return;
+    if (p->upgraded && (err == HPE_PAUSED || err == HPE_PAUSED_UPGRADE)) {
+        p->pos = (size_t)(llhttp_get_error_pos(&p->parser) - uc->rbuf);
+        start_tunnel(p);
+        return;
+    }
     if (err == HPE_OK) {
         p->pos = uc->rlen;
     } else if (err == HPE_PAUSED) {
@@ -1581,7 +1668,7 @@ static void up_read_start(mg_proxy_t *p)
     mg_upconn_t *uc = p->uc;
     if (p->pos < uc->rlen) {
         parse_response(p); /* read while the client was busy */
-        if (p->dead || p->resp_complete || p->client_writes)
+        if (p->dead || p->upgraded || p->resp_complete || p->client_writes)
             return;
     } else if (p->status) {
         uc->rlen = p->pos = 0;

@@ -550,6 +550,24 @@ int mg_upconn_write(mg_upconn_t *uc, uv_write_t *req, const uv_buf_t *bufs,
     return tls_send(uc, req, cb);
 }
 
+static void on_shutdown(uv_shutdown_t *req, int status)
+{
+    free(req); /* a failure shows as a failed read or write */
+}
+
+void mg_upconn_shutdown(mg_upconn_t *uc)
+{
+    if (uc->closing)
+        return;
+    if (uc->tls) {
+        mg_tls_conn_shutdown(uc->tls); /* close_notify before the FIN */
+        tls_send(uc, NULL, NULL);
+    }
+    uv_shutdown_t *req = mg_malloc(sizeof(*req));
+    if (uv_shutdown(req, (uv_stream_t *)&uc->tcp, on_shutdown) < 0)
+        free(req);
+}
+
 static void tls_connect_done(mg_upconn_t *uc, int status)
 {
     mg_upconn_connect_cb cb = uc->on_connect;

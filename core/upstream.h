@@ -213,6 +213,11 @@ void mg_upconn_release(mg_upconn_t *uc, unsigned max_idle, uint64_t idle_ms);
 void mg_upconn_read_pause(mg_upconn_t *uc);
 void mg_upconn_read_resume(mg_upconn_t *uc);
 
+/* Half-closes an owned connection that will never go back to the pool
+ * (a tunnel): a TLS close_notify, then a FIN once queued writes are out.
+ * Reading goes on. */
+void mg_upconn_shutdown(mg_upconn_t *uc);
+
 /* Closes a connection (owned or not). Safe to call twice. */
 void mg_upconn_close(mg_upconn_t *uc);
 

@@ -1,8 +1,5 @@
-"""A minimal Chrome DevTools Protocol client over a minimal WebSocket
-client (RFC 6455), stdlib only: the HTTP Upgrade handshake, masked client
-text frames, server text frames (fragmented or not, any length), ping/pong
-and close. Enough for CDP's JSON messages; not a general WebSocket
-library (no extensions, no binary messages).
+"""A minimal Chrome DevTools Protocol client over the tests' stdlib
+WebSocket client (mgws.py). Enough for CDP's JSON messages.
 
     browser = Chromium(tmpdir, width=1280, height=800)   # headless, own group
     page = browser.page()                                 # a CDP session
@@ -11,129 +8,26 @@ library (no extensions, no binary messages).
     browser.close()
 """
 
-import base64
-import hashlib
 import json
 import os
 import shutil
-import socket
-import struct
 import subprocess
 import time
-import urllib.parse
 import urllib.request
 
 from harness import _kill_group, free_port, spawn
-
-WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+from mgws import WebSocket
 
 
 class CDPError(Exception):
     pass
 
 
-class WebSocket:
-    def __init__(self, url, timeout=10):
-        u = urllib.parse.urlsplit(url)
-        if u.scheme != "ws":
-            raise ValueError("only ws:// URLs: %r" % url)
-        self.sock = socket.create_connection((u.hostname, u.port or 80), timeout=timeout)
-        key = base64.b64encode(os.urandom(16)).decode()
-        path = u.path + ("?" + u.query if u.query else "")
-        req = ("GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
-               "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
-               "Sec-WebSocket-Version: 13\r\n\r\n" % (path, u.hostname, u.port or 80, key))
-        self.sock.sendall(req.encode())
-        self.buf = b""
-        while b"\r\n\r\n" not in self.buf:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise CDPError("connection closed during the WebSocket handshake")
-            self.buf += chunk
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        if not lines[0].startswith("HTTP/1.1 101"):
-            raise CDPError("WebSocket handshake refused: %s" % lines[0])
-        hdrs = {}
-        for line in lines[1:]:
-            k, _, v = line.partition(":")
-            hdrs[k.strip().lower()] = v.strip()
-        want = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
-        if hdrs.get("sec-websocket-accept") != want:
-            raise CDPError("bad Sec-WebSocket-Accept %r" % hdrs.get("sec-websocket-accept"))
-
-    def _send_frame(self, opcode, payload):
-        n = len(payload)
-        head = bytes([0x80 | opcode])
-        if n < 126:
-            head += bytes([0x80 | n])
-        elif n < 65536:
-            head += bytes([0x80 | 126]) + struct.pack("!H", n)
-        else:
-            head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-        mask = os.urandom(4)
-        body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        self.sock.sendall(head + mask + body)
-
-    def send_text(self, text):
-        self._send_frame(0x1, text.encode("utf-8"))
-
-    def _read(self, n, deadline):
-        while len(self.buf) < n:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("WebSocket read timed out")
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(max(65536, n - len(self.buf)))
-            except socket.timeout:
-                raise TimeoutError("WebSocket read timed out") from None
-            if not chunk:
-                raise CDPError("WebSocket closed by the browser")
-            self.buf += chunk
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def recv_text(self, timeout):
-        """The next text message (reassembled), answering pings on the way."""
-        deadline = time.monotonic() + timeout
-        parts = []
-        while True:
-            b0, b1 = self._read(2, deadline)
-            fin, opcode, n = b0 & 0x80, b0 & 0x0F, b1 & 0x7F
-            if b1 & 0x80:
-                raise CDPError("masked frame from the server")
-            if n == 126:
-                n = struct.unpack("!H", self._read(2, deadline))[0]
-            elif n == 127:
-                n = struct.unpack("!Q", self._read(8, deadline))[0]
-            payload = self._read(n, deadline)
-            if opcode == 0x9:
-                self._send_frame(0xA, payload)
-                continue
-            if opcode == 0xA:
-                continue
-            if opcode == 0x8:
-                raise CDPError("WebSocket closed by the browser")
-            if opcode not in (0x0, 0x1):
-                raise CDPError("unexpected WebSocket opcode %d" % opcode)
-            parts.append(payload)
-            if fin:
-                return b"".join(parts).decode("utf-8")
-
-    def close(self):
-        try:
-            self._send_frame(0x8, struct.pack("!H", 1000))
-        except OSError:
-            pass
-        self.sock.close()
-
-
 class Session:
     """One CDP target (a page). Events are kept in self.events in order."""
 
     def __init__(self, ws_url):
-        self.ws = WebSocket(ws_url)
+        self.ws = WebSocket.connect(ws_url)
         self.next_id = 1
         self.events = []
 
