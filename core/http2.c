@@ -229,12 +229,25 @@ static void finish_session(mg_h2_t *s)
     }
 }
 
+/* The session lives until its last write and deferred flush are done. */
+static void release(mg_h2_t *s)
+{
+    if (s->dead && !s->queued && s->sending == 0) {
+        nghttp2_session_del(s->ng);
+        free(s);
+    }
+}
+
 static void on_sent(void *arg, int status)
 {
     mg_h2_t *s = *(mg_h2_t **)arg;
     free(arg);
     s->sending--;
-    if (s->dead || status < 0)
+    if (s->dead) {
+        release(s);
+        return;
+    }
+    if (status < 0)
         return;
     if (s->sending == 0 && s->nstreams == 0 && !s->finished)
         mg_http1_h2_timer(s->c, s->had_request ? limits(s)->keepalive_timeout_ms
@@ -249,7 +262,7 @@ static int send_frames(mg_h2_t *s)
     while (mg_conn_write_queue_size(s->c) < OUT_HIGH) {
         /* The batch carries its session pointer in front, for on_sent. */
         char *batch = NULL;
-        size_t len = 0;
+        size_t len = 0, cap = 0;
         for (;;) {
             const uint8_t *data;
             ssize_t n = nghttp2_session_mem_send(s->ng, &data);
@@ -259,8 +272,10 @@ static int send_frames(mg_h2_t *s)
             }
             if (n == 0)
                 break;
-            if (!batch)
-                batch = mg_malloc(sizeof(mg_h2_t *) + OUT_BATCH + (size_t)n);
+            if (len + (size_t)n > cap) {
+                cap = len + (size_t)n > OUT_BATCH ? len + (size_t)n : OUT_BATCH;
+                batch = mg_realloc(batch, sizeof(mg_h2_t *) + cap);
+            }
             memcpy(batch + sizeof(mg_h2_t *) + len, data, (size_t)n);
             len += (size_t)n;
             if (len >= OUT_BATCH)
@@ -329,8 +344,7 @@ static void on_deferred(mg_wreq_t *wr, int status)
     mg_h2_t *s = (mg_h2_t *)((char *)wr - offsetof(mg_h2_t, defer));
     s->queued = 0;
     if (s->dead) {
-        nghttp2_session_del(s->ng);
-        free(s);
+        release(s);
         return;
     }
     flush(s);
@@ -1153,8 +1167,5 @@ void mg_h2_free(mg_h2_t *s)
         nghttp2_session_set_stream_user_data(s->ng, st->id, NULL);
         stream_free(st);
     }
-    if (!s->queued) {
-        nghttp2_session_del(s->ng);
-        free(s);
-    }
+    release(s);
 }
