@@ -50,6 +50,8 @@
 #define OUT_HIGH (256 << 10) /* socket queue at which framing pauses */
 #define MAX_HEAD 65536       /* a gateway response head, as text */
 #define DRAIN_GRACE_MS 1000  /* shutdown notice -> final GOAWAY */
+#define RESET_BURST 1000     /* client RST_STREAMs: nghttp2's defaults */
+#define RESET_RATE 33
 
 typedef struct out_s out_t;
 
@@ -116,7 +118,9 @@ struct mg_h2_s {
     unsigned draining : 1;
     unsigned final_goaway : 1;
     unsigned tls : 1;
-    const char *why; /* reason of a GOAWAY we send, for the log */
+    double reset_tokens; /* the client's RST_STREAM budget (rapid reset) */
+    uint64_t reset_ms;   /* when it was last refilled */
+    const char *why;     /* reason of a GOAWAY we send, for the log */
     char peer[46];
 };
 
@@ -948,9 +952,32 @@ static void start_request(mg_h2_stream_t *st, int end_stream)
         deliver(st);
 }
 
+/*
+ * Rapid reset (CVE-2023-44487): the same token bucket as nghttp2's own
+ * (burst 1000, 33 per second, which stays on as the backstop), checked
+ * first so that the GOAWAY says ENHANCE_YOUR_CALM: nghttp2 1.52's says
+ * INTERNAL_ERROR, which would read as the gateway's fault.
+ */
+static void count_reset(mg_h2_t *s)
+{
+    uint64_t now = uv_now(mg_worker_loop(s->w));
+    s->reset_tokens += (double)(now - s->reset_ms) * RESET_RATE / 1000.0;
+    if (s->reset_tokens > RESET_BURST)
+        s->reset_tokens = RESET_BURST;
+    s->reset_ms = now;
+    if (s->reset_tokens >= 1) {
+        s->reset_tokens -= 1;
+        return;
+    }
+    s->why = "stream reset rate";
+    nghttp2_session_terminate_session(s->ng, NGHTTP2_ENHANCE_YOUR_CALM);
+}
+
 static int on_frame_recv(nghttp2_session *ng, const nghttp2_frame *frame,
                          void *user)
 {
+    if (frame->hd.type == NGHTTP2_RST_STREAM)
+        count_reset(user);
     mg_h2_stream_t *st =
         nghttp2_session_get_stream_user_data(ng, frame->hd.stream_id);
     if (!st)
@@ -1085,6 +1112,8 @@ mg_h2_t *mg_h2_new(mg_conn_t *c, mg_worker_t *w, const char *peer, int tls)
     s->w = w;
     s->tls = tls ? 1 : 0;
     snprintf(s->peer, sizeof(s->peer), "%s", peer);
+    s->reset_tokens = RESET_BURST;
+    s->reset_ms = uv_now(mg_worker_loop(w));
     nghttp2_session_server_new2(&s->ng, callbacks, s, options);
     const mg_limits_t *l = limits(s);
     nghttp2_settings_entry iv[] = {
