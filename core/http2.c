@@ -1201,6 +1201,16 @@ void mg_h2_timeout(mg_h2_t *s)
          * closed by the pipeline) end with 408, as on HTTP/1. Streams
          * waiting for an upstream have the upstream's timeouts. */
         for (mg_h2_stream_t *st = s->streams; st; st = st->next)
+            if (!st->started) {
+                /* A header block left unfinished (HEADERS without its
+                 * CONTINUATIONs): nothing else can go on. */
+                s->why = "request head timeout";
+                nghttp2_session_terminate_session(s->ng,
+                                                  NGHTTP2_PROTOCOL_ERROR);
+                schedule(s);
+                return;
+            }
+        for (mg_h2_stream_t *st = s->streams; st; st = st->next)
             if (st->started && st->body_open && !st->end_stream && !st->discard
                 && !st->aborted && st->holds == 0 && st->blen == 0) {
                 if (st->req.response_started)
