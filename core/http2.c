@@ -245,6 +245,17 @@ __attribute__((noinline)) static void release(mg_h2_t *s)
     }
 }
 
+/* Nothing open and nothing being written: the keep-alive wait (the
+ * header wait before the first request). While draining, the grace timer
+ * before the final GOAWAY stays. */
+static void idle_timer(mg_h2_t *s)
+{
+    if (s->finished || (s->draining && !s->final_goaway))
+        return;
+    mg_http1_h2_timer(s->c, s->had_request ? limits(s)->keepalive_timeout_ms
+                                           : limits(s)->header_timeout_ms);
+}
+
 static void on_sent(void *arg, int status)
 {
     mg_h2_t *s = *(mg_h2_t **)arg;
@@ -256,9 +267,8 @@ static void on_sent(void *arg, int status)
     }
     if (status < 0)
         return;
-    if (s->sending == 0 && s->nstreams == 0 && !s->finished)
-        mg_http1_h2_timer(s->c, s->had_request ? limits(s)->keepalive_timeout_ms
-                                               : limits(s)->header_timeout_ms);
+    if (s->sending == 0 && s->nstreams == 0)
+        idle_timer(s);
     schedule(s); /* room again: frame what waits */
 }
 
@@ -1056,7 +1066,7 @@ static int on_stream_close(nghttp2_session *ng, int32_t id, uint32_t code,
         nghttp2_session_consume_connection(ng, st->blen);
     stream_free(st);
     if (s->nstreams == 0 && s->sending == 0 && !s->dead)
-        mg_http1_h2_timer(s->c, limits(s)->keepalive_timeout_ms);
+        idle_timer(s);
     return 0;
 }
 

@@ -438,11 +438,25 @@ def test_reload_keeps_h2_streams_and_a_stop_drains_them_with_goaway():
             rc, status, *_ = env.curl("/after")
             assert rc == 0 and status == 200
             # A stop drains: GOAWAY(NO_ERROR), the open streams complete.
+            # An idle h2c connection beside them gets its GOAWAY too and
+            # does not hold the worker for drain_timeout (30 s).
+            idle = socket.create_connection(("127.0.0.1", env.gw.port), timeout=5)
+            idle.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0)
+                         + frame(1, 0x5, 1, b"\x82\x86\x84\x01\x09127.0.0.1"))
+            read_frames(idle, lambda fs: any(t == 0 and f & 1 for t, f, *_ in fs), 5)
             p = slow_streams(env, up, 20, 1.5)
             env.gw.signal(signal.SIGTERM)
             out = finish(p)
             assert out.count(":status: 200") == 20, out[-3000:]
             assert re.search(r"recv GOAWAY frame.*\n.*error_code=NO_ERROR", out), out[-3000:]
+            frames = read_frames(idle, lambda fs: False, 10)  # until closed
+            # The shutdown notice (last stream 2^31-1), then the final
+            # GOAWAY naming its one stream, both NO_ERROR, then the close
+            # (not the keep-alive wait, not drain_timeout).
+            goaways = [(int.from_bytes(p[:4], "big"), int.from_bytes(p[4:8], "big"))
+                       for t, f, sid, p in frames if t == 7]
+            assert goaways == [(0x7fffffff, 0), (1, 0)], frames
+            idle.close()
             wait_until(lambda: not env.gw.running(), 15, what="the gateway to stop")
 
 
