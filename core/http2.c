@@ -30,6 +30,10 @@
  * outbound ACK queue (PING/SETTINGS floods), SETTINGS entries and the
  * HPACK table size. A header list over the limits is not stored: the
  * stream answers 431 and the connection goes on.
+ *
+ * Longer than most files: the session, its streams' request and response
+ * halves and their flow control are one state machine driven by nghttp2's
+ * callbacks, kept together so the order of events reads top to bottom.
  */
 #include "http2.h"
 
