@@ -2,7 +2,7 @@
 
 CC      ?= cc
 BUILD   ?= build
-PKGS    := luajit libuv libllhttp openssl hiredis
+PKGS    := luajit libuv libllhttp openssl hiredis libnghttp2
 V       ?= 0
 Q       := $(if $(filter 1,$(V)),,@)
 

@@ -78,11 +78,17 @@ static const char *const top_reserved[] = {
     NULL,
 };
 static const char *const limits_fields[] = {
-    "max_uri",           "max_header_bytes",
-    "max_header_fields", "max_body",
-    "header_timeout",    "body_timeout",
-    "keepalive_timeout", "max_connections",
-    "drain_timeout",     NULL,
+    "max_uri",
+    "max_header_bytes",
+    "max_header_fields",
+    "max_body",
+    "header_timeout",
+    "body_timeout",
+    "keepalive_timeout",
+    "max_connections",
+    "drain_timeout",
+    "h2_max_concurrent_streams",
+    NULL,
 };
 static const char *const upstream_fields[] = {
     "targets",     "balance", "timeouts", "keepalive", "max_pending",
@@ -127,7 +133,7 @@ static const char *const route_reserved[] = {
     NULL,
 };
 static const char *const target_fields[] = {"weight", NULL};
-static const char *const listen_fields[] = {"tls", NULL};
+static const char *const listen_fields[] = {"tls", "http2", NULL};
 static const char *const tls_fields[] = {"cert", "key", "certificates",
                                          "ciphers", NULL};
 static const char *const cert_fields[] = {"cert", "key", NULL};
@@ -681,6 +687,7 @@ static void load_tls(ld_t *ld, mg_listen_conf_t *lc, const char *saved)
     if (ld->nerrors == before) {
         char err[512];
         tc.ciphers = ciphers;
+        tc.h2 = lc->http2;
         lc->tls = mg_tls_new(&tc, err, sizeof(err));
         if (!lc->tls) {
             prefix_join(ld, saved, "");
@@ -694,6 +701,8 @@ static void load_tls(ld_t *ld, mg_listen_conf_t *lc, const char *saved)
     free(tc.certs);
     free(ciphers);
 }
+
+static int get_bool(ld_t *ld, int t, const char *key, int *out);
 
 /* { "127.0.0.1:8443", tls = { ... } } at -1, named `f` ("listen[2]"). */
 static void load_listen_entry(ld_t *ld, mg_listen_conf_t *lc, const char *f)
@@ -711,6 +720,8 @@ static void load_listen_entry(ld_t *ld, mg_listen_conf_t *lc, const char *f)
     snprintf(me, sizeof(me), "%s.", f);
     prefix_join(ld, saved, me);
     check_fields_pos(ld, -1, listen_fields, NULL, 1);
+    /* Before tls: ALPN offers h2 only when the listener speaks it. */
+    get_bool(ld, -1, "http2", &lc->http2);
     char mine[sizeof(ld->prefix)];
     memcpy(mine, ld->prefix, sizeof(mine));
     if (push_record(ld, -1, "tls", tls_fields, NULL)) {
@@ -745,6 +756,7 @@ static void load_listen(ld_t *ld, int t)
         if (!single)
             lua_rawgeti(L, -1, (int)i + 1);
         mg_listen_conf_t *lc = &cfg->listen[i];
+        lc->http2 = 1;
         if (!single && lua_type(L, -1) == LUA_TTABLE)
             load_listen_entry(ld, lc, f);
         else if (to_string(ld, -1, single ? "listen" : f, &lc->text) == 0)
@@ -923,6 +935,7 @@ static void load_limits(ld_t *ld, int t)
     l->keepalive_timeout_ms = 60000;
     l->max_connections = 10000;
     l->drain_timeout_ms = 30000;
+    l->h2_max_concurrent_streams = 100;
     if (!push_record(ld, t, "limits", limits_fields, NULL))
         return;
     set_prefix(ld, "limits.");
@@ -935,6 +948,8 @@ static void load_limits(ld_t *ld, int t)
     get_duration(ld, -1, "keepalive_timeout", &l->keepalive_timeout_ms);
     get_uint(ld, -1, "max_connections", 1, 1u << 24, &l->max_connections);
     get_duration(ld, -1, "drain_timeout", &l->drain_timeout_ms);
+    get_uint(ld, -1, "h2_max_concurrent_streams", 1, 100000,
+             &l->h2_max_concurrent_streams);
     set_prefix(ld, "");
     lua_pop(ld->L, 1);
 }

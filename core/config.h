@@ -23,6 +23,8 @@ typedef struct {
     socklen_t addrlen;
     mg_tls_t *tls; /* `{ ADDR, tls = { ... } }`: this config's certificates
                       (a reference); NULL: plain HTTP */
+    int http2;     /* `http2 = false` turns HTTP/2 off (default on): ALPN
+                      h2 over TLS, h2c prior knowledge on plain */
 } mg_listen_conf_t;
 
 /* An IPv4 or IPv6 CIDR block; an IPv4 block also matches v4-mapped v6. */
@@ -169,6 +171,7 @@ typedef struct {
     uint64_t keepalive_timeout_ms; /* 60 s idle keep-alive */
     unsigned max_connections;      /* per worker, default 10000 */
     uint64_t drain_timeout_ms; /* graceful stop / worker replacement, 30 s */
+    unsigned h2_max_concurrent_streams; /* HTTP/2 SETTINGS, default 100 */
 } mg_limits_t;
 
 /* A shared-memory zone: `shared = { limits = "16m" }`. */

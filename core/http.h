@@ -30,6 +30,15 @@ typedef struct {
     mg_str_t name, value;
 } mg_header_t;
 
+/*
+ * r->conn points either to an HTTP/1 connection (http1.c) or to an HTTP/2
+ * stream (http2.c). Both objects start with this kind byte; every mg_conn_*
+ * call below looks at it once and hands HTTP/2 streams to http2.c, so the
+ * pipeline never knows which protocol it answers on.
+ */
+enum { MG_CONN_H1 = 0, MG_CONN_H2 = 1 };
+#define mg_conn_kind(c) (*(const uint8_t *)(c))
+
 struct mg_req_s {
     mg_conn_t *conn;
     mg_arena_t *arena;  /* request-scoped memory, freed at request end */
@@ -62,6 +71,8 @@ struct mg_req_s {
     unsigned body_complete : 1;    /* the whole body has been parsed */
     unsigned response_started : 1; /* status line queued to the client */
     unsigned tls : 1;              /* arrived over TLS (https) */
+    unsigned h2 : 1; /* an HTTP/2 stream: the response head carries no
+                        chunked coding and no Connection lines */
     uint64_t body_received;
     uint64_t max_body;         /* the route's limit, set by the pipeline */
     char client_ip[46];        /* textual TCP peer address */
@@ -166,5 +177,19 @@ int mg_proxy_peer_trusted(mg_req_t *r);
 
 /* Standard reason phrase, "Unknown" when none. */
 const char *mg_http_reason(int status);
+
+/* --- shared by the protocol sides (http1.c implements) ----------------- */
+
+/* True for request headers the gateway drops before the pipeline sees
+ * them: configured identity headers and names with '_' (an alias of '-'
+ * some upstreams would honour). */
+int mg_http_header_dropped(const mg_config_t *cfg, mg_str_t name);
+
+/* True for response headers only the gateway sets (framing, hop-by-hop,
+ * X-Request-Id): mg_conn_respond ignores them in a plugin's list. */
+int mg_http_gateway_owned(mg_str_t name);
+
+/* True for the methods the gateway proxies (llhttp numbering). */
+int mg_http_method_allowed(unsigned method);
 
 #endif

@@ -21,6 +21,12 @@
  * write request. Plain connections only pay the NULL checks. The handshake
  * runs under the header timeout of the idle state.
  *
+ * HTTP/2. A connection whose ALPN chose h2, or a plain one that opens with
+ * the h2c preface, enters C_H2 and hands every plaintext byte to http2.c;
+ * the socket, TLS, timer and write path stay here. The mg_conn_* calls the
+ * pipeline makes on an HTTP/2 stream (r->conn is then a stream, see the
+ * kind byte in http.h) go to http2.c after one branch.
+ *
  * This file is longer than most: it is one state machine, kept in one place
  * so the order of events is readable top to bottom.
  */
@@ -32,6 +38,7 @@
 #include "deadline.h"
 #include "generation.h"
 #include "http.h"
+#include "http2.h"
 #include "log.h"
 #include "metrics.h"
 #include "tls.h"
@@ -51,6 +58,7 @@ enum conn_state {
     C_BODY,   /* passing the body on */
     C_DONE,   /* request fully read, response in progress */
     C_LINGER, /* final response sent, discarding input before close */
+    C_H2,     /* an HTTP/2 session (http2.c) reads the bytes */
 };
 
 typedef struct {
@@ -70,6 +78,7 @@ typedef struct {
 } wreq_t;
 
 struct mg_conn_s {
+    uint8_t kind; /* MG_CONN_H1: first, see http.h */
     uv_tcp_t tcp; /* tcp.data == this */
     uv_timer_t timer;
     uv_shutdown_t shutdown_req;
@@ -104,7 +113,10 @@ struct mg_conn_s {
     mg_arena_t arena;
     mg_req_t req;
     char peer[46];
-    mg_tls_conn_t *tls; /* NULL: plain HTTP */
+    mg_tls_conn_t *tls;     /* NULL: plain HTTP */
+    mg_h2_t *h2;            /* in C_H2 */
+    unsigned h2_ok : 1;     /* HTTP/2 not yet ruled out for this connection */
+    unsigned h2_finish : 1; /* the session is over: close once written */
 };
 
 static llhttp_settings_t settings;
@@ -114,6 +126,7 @@ static void conn_close(mg_conn_t *c);
 static void tls_queue(mg_conn_t *c, wreq_t *q, size_t n);
 static size_t tls_encrypt(mg_conn_t *c, const uv_buf_t *bufs, unsigned n);
 static void finish_request(mg_conn_t *c);
+static void linger_close(mg_conn_t *c);
 
 /*
  * A request object for an error found before a request head was complete
@@ -164,6 +177,12 @@ static void on_timeout(mg_conn_t *c)
         conn_close(c); /* the client stopped reading the response */
         break;
     case C_LINGER: conn_close(c); break;
+    case C_H2:
+        if (c->send_timer)
+            conn_close(c); /* the client stopped reading */
+        else
+            mg_h2_timeout(c->h2);
+        break;
     }
 }
 
@@ -193,7 +212,7 @@ static void on_write(mg_wreq_t *wr, int status)
     wreq_t *q = (wreq_t *)wr;
     mg_conn_t *c = q->conn;
     c->writes--;
-    int current = c->active && q->serial == c->serial;
+    int current = (c->active && q->serial == c->serial) || c->h2;
     if (q->cb && current)
         q->cb(q->arg, status);
     free(q);
@@ -212,6 +231,8 @@ static void on_write(mg_wreq_t *wr, int status)
         }
         if (c->active && c->resp_done)
             finish_request(c);
+        else if (c->h2_finish && c->state == C_H2)
+            linger_close(c);
     } else if (c->send_timer) {
         arm_timer(c, SEND_TIMEOUT_MS); /* progress: a fresh minute */
         c->send_timer = 1;
@@ -221,6 +242,10 @@ static void on_write(mg_wreq_t *wr, int status)
 void mg_conn_write(mg_conn_t *c, const uv_buf_t *bufs, unsigned n,
                    mg_write_cb cb, void *arg)
 {
+    if (mg_conn_kind(c) != MG_CONN_H1) {
+        mg_h2_write(c, bufs, n, cb, arg);
+        return;
+    }
     if (c->closing) {
         /* Keep the promise of exactly one callback. */
         if (cb)
@@ -259,6 +284,8 @@ void mg_conn_write(mg_conn_t *c, const uv_buf_t *bufs, unsigned n,
 
 size_t mg_conn_write_queue_size(const mg_conn_t *c)
 {
+    if (mg_conn_kind(c) != MG_CONN_H1)
+        return mg_h2_write_queue_size(c);
     return c->tcp.write_queue_size;
 }
 
@@ -296,7 +323,7 @@ const char *mg_http_reason(int status)
     }
 }
 
-static int gateway_owned(mg_str_t name)
+int mg_http_gateway_owned(mg_str_t name)
 {
     static const mg_str_t owned[] = {
         {"content-length", 14}, {"transfer-encoding", 17},
@@ -315,6 +342,10 @@ void mg_conn_respond(mg_req_t *r, int status, const mg_header_t *headers,
                      size_t n, mg_str_t body, int close)
 {
     mg_conn_t *c = r->conn;
+    if (mg_conn_kind(c) != MG_CONN_H1) {
+        mg_h2_respond(r, status, headers, n, body);
+        return;
+    }
     if (c->closing || !c->active)
         return;
     if (r->response_started || c->resp_done) {
@@ -334,7 +365,7 @@ void mg_conn_respond(mg_req_t *r, int status, const mg_header_t *headers,
     for (size_t i = 0; i < n; i++) {
         /* Framing and hop-by-hop headers are the gateway's: a plugin's
          * Content-Length could smuggle, its X-Request-Id would lie. */
-        if (gateway_owned(headers[i].name))
+        if (mg_http_gateway_owned(headers[i].name))
             continue;
         w += sprintf(w, "%.*s: %.*s\r\n", (int)headers[i].name.len,
                      headers[i].name.p, (int)headers[i].value.len,
@@ -507,7 +538,13 @@ static int is_identity_header(const mg_config_t *cfg, mg_str_t name)
     return 0;
 }
 
-static int method_allowed(unsigned m)
+int mg_http_header_dropped(const mg_config_t *cfg, mg_str_t name)
+{
+    /* Identity headers belong to the gateway; '_' aliases '-'. */
+    return memchr(name.p, '_', name.len) || is_identity_header(cfg, name);
+}
+
+int mg_http_method_allowed(unsigned m)
 {
     switch (m) {
     case HTTP_GET:
@@ -537,7 +574,7 @@ static int build_request(mg_conn_t *c, mg_req_t *r, const char **why)
     *why = "bad request";
     if (!c->saw_http || c->parser.http_major != 1 || c->parser.http_minor > 1)
         return 400;
-    if (!method_allowed(c->parser.method)) {
+    if (!mg_http_method_allowed(c->parser.method)) {
         *why = "method not implemented";
         return 501;
     }
@@ -588,8 +625,7 @@ static int build_request(mg_conn_t *c, mg_req_t *r, const char **why)
                 r->expect_continue = 1;
             continue;
         }
-        /* Identity headers belong to the gateway; '_' aliases '-'. */
-        if (memchr(name.p, '_', name.len) || is_identity_header(cfg, name))
+        if (mg_http_header_dropped(cfg, name))
             continue;
         mg_header_t *h = &r->headers[r->nheaders++];
         h->name = mg_arena_strdup(r->arena, name);
@@ -847,7 +883,8 @@ static void keep_reading(mg_conn_t *c)
     if (c->eof) {
         /* Nothing more will come: a request still short of bytes never
          * completes. A gated body or a finished request waits. */
-        if (c->state == C_IDLE || c->state == C_HEAD || c->state == C_BODY)
+        if (c->state == C_IDLE || c->state == C_HEAD || c->state == C_BODY
+            || c->state == C_H2)
             conn_close(c);
         return;
     }
@@ -911,6 +948,42 @@ static int head_overflow(mg_conn_t *c)
     return 1;
 }
 
+/*
+ * The first bytes of a connection that may speak HTTP/2 decide: ALPN h2
+ * over TLS, the client preface on plain. Returns 1 when the connection is
+ * now HTTP/2, 0 while the bytes are a prefix of the preface, -1 for
+ * HTTP/1.
+ */
+static int start_h2(mg_conn_t *c)
+{
+    int h2 = c->tls ? (mg_tls_conn_alpn_h2(c->tls) ? 1 : -1)
+                    : mg_h2_preface(c->buf + c->pos, c->len - c->pos);
+    if (h2 == 0)
+        return 0;
+    c->h2_ok = 0;
+    if (h2 < 0)
+        return -1;
+    c->state = C_H2;
+    c->h2 = mg_h2_new(c, c->w, c->peer, c->tls != NULL);
+    return 1;
+}
+
+void mg_http1_h2_timer(mg_conn_t *c, uint64_t ms)
+{
+    if (ms)
+        arm_timer(c, ms);
+    else
+        stop_timer(c);
+    c->send_timer = 0;
+}
+
+void mg_http1_h2_finish(mg_conn_t *c)
+{
+    c->h2_finish = 1;
+    if (c->writes == 0 && !c->closing && c->state == C_H2)
+        linger_close(c);
+}
+
 static void advance(mg_conn_t *c)
 {
     while (!c->closing && !c->parsing) {
@@ -918,6 +991,16 @@ static void advance(mg_conn_t *c)
             return;
         switch (c->state) {
         case C_IDLE:
+            if (c->h2_ok && c->pos < c->len) {
+                int h2 = start_h2(c);
+                if (h2 == 0) {
+                    keep_reading(c); /* a prefix of the preface */
+                    return;
+                }
+                if (h2 > 0)
+                    continue;
+            }
+            /* fall through */
         case C_HEAD:
             if (c->pos < c->len) {
                 parse(c);
@@ -957,17 +1040,44 @@ static void advance(mg_conn_t *c)
             keep_reading(c);
             return;
         case C_LINGER: return;
+        case C_H2:
+            if (c->pos < c->len) {
+                /* http2.c copies what it keeps: the buffer is free again
+                 * once the call returns. */
+                size_t pos = c->pos, n = c->len - c->pos;
+                c->parsing = 1;
+                int rc = mg_h2_recv(c->h2, c->buf + pos, n);
+                c->parsing = 0;
+                c->pos = c->len = 0;
+                if (rc < 0) {
+                    conn_close(c);
+                    return;
+                }
+                continue;
+            }
+            if (c->h2_finish)
+                return;
+            keep_reading(c);
+            return;
         }
     }
 }
 
 void mg_conn_hold(mg_conn_t *c)
 {
+    if (mg_conn_kind(c) != MG_CONN_H1) {
+        mg_h2_hold(c);
+        return;
+    }
     c->holds++;
 }
 
 void mg_conn_release(mg_conn_t *c)
 {
+    if (mg_conn_kind(c) != MG_CONN_H1) {
+        mg_h2_release(c);
+        return;
+    }
     if (--c->holds == 0 && !c->closing && c->state == C_BODY)
         advance(c);
 }
@@ -975,6 +1085,10 @@ void mg_conn_release(mg_conn_t *c)
 void mg_conn_body_open(mg_req_t *r)
 {
     mg_conn_t *c = r->conn;
+    if (r->h2) {
+        mg_h2_body_open(r);
+        return;
+    }
     if (c->state != C_GATED || c->closing)
         return;
     if (r->content_length >= 0 && (uint64_t)r->content_length > r->max_body) {
@@ -995,12 +1109,16 @@ void mg_conn_body_open(mg_req_t *r)
 int mg_conn_should_close(const mg_req_t *r)
 {
     mg_conn_t *c = r->conn;
+    if (r->h2)
+        return 0; /* a draining connection gets GOAWAY instead */
     return c->close_after || !r->client_keepalive || !r->body_complete
            || mg_worker_draining(c->w);
 }
 
 mg_worker_t *mg_conn_worker(const mg_conn_t *c)
 {
+    if (mg_conn_kind(c) != MG_CONN_H1)
+        return mg_h2_worker(c);
     return c->w;
 }
 
@@ -1039,6 +1157,10 @@ static void linger_close(mg_conn_t *c)
 void mg_conn_response_done(mg_req_t *r)
 {
     mg_conn_t *c = r->conn;
+    if (r->h2) {
+        mg_h2_response_done(r);
+        return;
+    }
     c->resp_done = 1;
     if (!c->parsing && c->writes == 0 && !c->closing)
         finish_request(c);
@@ -1118,6 +1240,10 @@ static void conn_close(mg_conn_t *c)
         c->req.gen = NULL;
         c->active = 0;
     }
+    if (c->h2) {
+        mg_h2_free(c->h2); /* aborts its streams */
+        c->h2 = NULL;
+    }
     mg_conn_list_t *list = mg_worker_conns(c->w);
     if (c->prev)
         c->prev->next = c->next;
@@ -1131,11 +1257,16 @@ static void conn_close(mg_conn_t *c)
 
 void mg_conn_set_close(mg_conn_t *c)
 {
-    c->close_after = 1;
+    if (mg_conn_kind(c) == MG_CONN_H1)
+        c->close_after = 1; /* HTTP/2 streams end on their own */
 }
 
 void mg_conn_abort(mg_conn_t *c)
 {
+    if (mg_conn_kind(c) != MG_CONN_H1) {
+        mg_h2_abort(c); /* the stream, not the connection */
+        return;
+    }
     conn_close(c);
 }
 
@@ -1177,7 +1308,8 @@ static void peer_name(mg_conn_t *c)
     }
 }
 
-void mg_http1_accept(mg_worker_t *w, uv_stream_t *server, mg_tls_t *tls)
+void mg_http1_accept(mg_worker_t *w, uv_stream_t *server, mg_tls_t *tls,
+                     int http2)
 {
     init_settings();
     mg_conn_list_t *list = mg_worker_conns(w);
@@ -1211,6 +1343,7 @@ void mg_http1_accept(mg_worker_t *w, uv_stream_t *server, mg_tls_t *tls)
     c->state = C_IDLE;
     if (tls)
         c->tls = mg_tls_conn_new(tls);
+    c->h2_ok = http2 ? 1 : 0;
     arm_timer(c, limits(c)->header_timeout_ms);
     read_start(c);
 }
@@ -1223,6 +1356,11 @@ void mg_http1_drain_all(mg_worker_t *w)
      * They get a short grace; what arrives in it is answered with
      * Connection: close. */
     for (; c; c = c->next) {
+        if (c->h2) {
+            if (!c->closing && !c->h2_finish)
+                mg_h2_drain(c->h2);
+            continue;
+        }
         c->close_after = 1;
         if (!c->closing && c->state == C_IDLE && c->pos == c->len)
             arm_timer(c, DRAIN_GRACE_MS);

@@ -93,8 +93,34 @@ typedef struct {
     uint64_t value;
 } series_t;
 
+/* HTTP/2 error codes 0x0..0xd (RFC 9113 7), then "unknown". */
+#define H2_CODES 15
+static const char *const h2_code_names[H2_CODES] = {
+    "no_error",
+    "protocol_error",
+    "internal_error",
+    "flow_control_error",
+    "settings_timeout",
+    "stream_closed",
+    "frame_size_error",
+    "refused_stream",
+    "cancel",
+    "compression_error",
+    "connect_error",
+    "enhance_your_calm",
+    "inadequate_security",
+    "http_1_1_required",
+    "unknown",
+};
+
+typedef struct {
+    uint64_t goaways[H2_CODES];
+    uint64_t streams, connections;
+} h2_stats_t;
+
 typedef struct {
     route_slot_t routes[MG_METRICS_MAX_ROUTES];
+    h2_stats_t h2;
     family_t families[MAX_FAMILIES];
     series_t series[MAX_SERIES];
     proc_gauges_t procs[MG_METRICS_MAX_PROCS];
@@ -253,6 +279,52 @@ void mg_metrics_record(const mg_req_t *r, int status)
     }
     add(&s->bytes_in, r->body_received);
     add(&s->bytes_out, r->bytes_out);
+}
+
+const char *mg_metrics_h2_code_name(uint32_t code)
+{
+    return h2_code_names[code < H2_CODES - 1 ? code : H2_CODES - 1];
+}
+
+/* Counted even when request recording is off: rare events, and the
+ * hostile-client tests read them. */
+void mg_metrics_h2_goaway(uint32_t code)
+{
+    if (area)
+        add(&area->h2.goaways[code < H2_CODES - 1 ? code : H2_CODES - 1], 1);
+}
+
+void mg_metrics_h2_stream(void)
+{
+    if (area)
+        add(&area->h2.streams, 1);
+}
+
+void mg_metrics_h2_connection(void)
+{
+    if (area)
+        add(&area->h2.connections, 1);
+}
+
+static void family(mg_strbuf_t *out, const char *name, const char *type,
+                   const char *help);
+
+static void render_h2(mg_strbuf_t *out)
+{
+    family(out, "moongate_http2_goaways_total", "counter",
+           "HTTP/2 GOAWAY frames sent to clients, by error code.");
+    for (unsigned i = 0; i < H2_CODES; i++)
+        mg_strbuf_printf(
+            out, "moongate_http2_goaways_total{code=\"%s\"} %llu\n",
+            h2_code_names[i], (unsigned long long)load(&area->h2.goaways[i]));
+    family(out, "moongate_http2_streams_total", "counter",
+           "HTTP/2 streams (requests) begun by clients.");
+    mg_strbuf_printf(out, "moongate_http2_streams_total %llu\n",
+                     (unsigned long long)load(&area->h2.streams));
+    family(out, "moongate_http2_connections_total", "counter",
+           "Client connections that spoke HTTP/2 (h2 or h2c).");
+    mg_strbuf_printf(out, "moongate_http2_connections_total %llu\n",
+                     (unsigned long long)load(&area->h2.connections));
 }
 
 void mg_metrics_set_connections(unsigned n)
@@ -609,6 +681,7 @@ void mg_metrics_render(mg_strbuf_t *out, const mg_metrics_master_t *m)
            "The running config: its sha256 in the hash label.");
     mg_strbuf_printf(out, "moongate_config_info{hash=\"%s\"} 1\n",
                      m->config_hash);
+    render_h2(out);
     if (m->cfg)
         render_targets(out, m->cfg);
     render_plugin_counters(out);

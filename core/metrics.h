@@ -78,6 +78,16 @@ unsigned mg_metrics_route_series(const char *name);
  */
 void mg_metrics_record(const mg_req_t *r, int status);
 
+/* HTTP/2 (http2.c): a GOAWAY frame sent with nghttp2 error `code`, a
+ * stream begun, a connection that became HTTP/2. Atomics only. */
+void mg_metrics_h2_goaway(uint32_t code);
+void mg_metrics_h2_stream(void);
+void mg_metrics_h2_connection(void);
+
+/* The lower-case RFC 9113 name of an HTTP/2 error code ("no_error",
+ * "enhance_your_calm", ...; "unknown" past the known ones). */
+const char *mg_metrics_h2_code_name(uint32_t code);
+
 /* Gauges of this worker. */
 void mg_metrics_set_connections(unsigned n);
 void mg_metrics_add_generations(int delta);

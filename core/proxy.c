@@ -1271,7 +1271,8 @@ static int up_on_headers_complete(llhttp_t *parser)
         APPEND_LIT(&w, "Content-Length: ");
         append_str(&w, length);
         APPEND_LIT(&w, "\r\n");
-    } else if (!no_body) {
+    } else if (!no_body && !r->h2) {
+        /* (HTTP/2 frames the body itself: DATA until END_STREAM.) */
         if (r->http_minor == 1) {
             p->chunk_client = 1;
             APPEND_LIT(&w, "Transfer-Encoding: chunked\r\n");
@@ -1279,6 +1280,7 @@ static int up_on_headers_complete(llhttp_t *parser)
             mg_conn_set_close(r->conn); /* HTTP/1.0: the end is the close */
         }
     }
+    /* (Never for HTTP/2: should_close is 0 and http_minor 1.) */
     if (mg_conn_should_close(r))
         APPEND_LIT(&w, "Connection: close\r\n");
     else if (r->http_minor == 0)

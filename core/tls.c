@@ -51,6 +51,7 @@ struct mg_tls_s {
     size_t ncerts;
     int has_secret;
     uint8_t secret[MG_TLS_SECRET_LEN];
+    int h2; /* ALPN may choose h2 */
 };
 
 struct mg_tls_client_s {
@@ -169,14 +170,18 @@ static int on_servername(SSL *ssl, int *alert, void *arg)
     return SSL_TLSEXT_ERR_OK;
 }
 
-/* Only HTTP/1.1 is spoken: a client offering only h2 goes on without
- * ALPN (as nginx does) rather than failing. */
+/* h2 first when the listener speaks it, then http/1.1 (our preference
+ * order). A client offering neither goes on without ALPN (as nginx does)
+ * rather than failing. */
 static int on_alpn(SSL *ssl, const unsigned char **out, unsigned char *outlen,
                    const unsigned char *in, unsigned inlen, void *arg)
 {
-    static const unsigned char ours[] = "\x08http/1.1";
+    static const unsigned char both[] = "\x02h2\x08http/1.1";
+    const mg_tls_t *t = arg;
+    const unsigned char *ours = t->h2 ? both : both + 3;
+    unsigned ourlen = t->h2 ? sizeof(both) - 1 : sizeof(both) - 4;
     unsigned char *sel;
-    if (SSL_select_next_proto(&sel, outlen, ours, sizeof(ours) - 1, in, inlen)
+    if (SSL_select_next_proto(&sel, outlen, ours, ourlen, in, inlen)
         != OPENSSL_NPN_NEGOTIATED)
         return SSL_TLSEXT_ERR_NOACK;
     *out = sel;
@@ -266,7 +271,7 @@ static SSL_CTX *new_ctx(mg_tls_t *t, const mg_tls_conf_t *conf, char *err,
     SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, on_ticket);
     SSL_CTX_set_tlsext_servername_callback(ctx, on_servername);
     SSL_CTX_set_tlsext_servername_arg(ctx, t);
-    SSL_CTX_set_alpn_select_cb(ctx, on_alpn, NULL);
+    SSL_CTX_set_alpn_select_cb(ctx, on_alpn, t);
     SSL_CTX_set_app_data(ctx, t);
     return ctx;
 }
@@ -340,6 +345,7 @@ mg_tls_t *mg_tls_new(const mg_tls_conf_t *conf, char *err, size_t errlen)
 {
     mg_tls_t *t = mg_calloc(1, sizeof(*t));
     t->refs = 1;
+    t->h2 = conf->h2;
     t->certs = mg_calloc(conf->ncerts, sizeof(cert_t));
     for (size_t i = 0; i < conf->ncerts; i++) {
         t->ncerts = i + 1;
@@ -593,6 +599,14 @@ size_t mg_tls_conn_take(mg_tls_conn_t *tc, char *dst, size_t n)
 {
     int k = n ? BIO_read(tc->wbio, dst, n > INT32_MAX ? INT32_MAX : (int)n) : 0;
     return k > 0 ? (size_t)k : 0;
+}
+
+int mg_tls_conn_alpn_h2(const mg_tls_conn_t *tc)
+{
+    const unsigned char *p;
+    unsigned len;
+    SSL_get0_alpn_selected(tc->ssl, &p, &len);
+    return len == 2 && memcmp(p, "h2", 2) == 0;
 }
 
 const char *mg_tls_conn_error(const mg_tls_conn_t *tc)

@@ -9,7 +9,8 @@
  * http1.c creates one mg_tls_conn_t per accepted connection.
  *
  * Defaults: TLS 1.2 and 1.3 only, forward-secret AEAD ciphers (Mozilla's
- * "intermediate" list), ALPN http/1.1, no renegotiation, no compression.
+ * "intermediate" list), ALPN h2 (unless the listener turns HTTP/2 off) then
+ * http/1.1, no renegotiation, no compression.
  * Session resumption uses stateless tickets whose keys derive from a
  * 32-byte secret the master draws once before forking: every worker (and a
  * replacement worker) decrypts every other's tickets; the derived keys
@@ -35,6 +36,7 @@ typedef struct {
     mg_tls_cert_conf_t *certs; /* certs[0] is the default (no SNI match) */
     size_t ncerts;
     const char *ciphers; /* TLS 1.2 cipher list; NULL: the default */
+    int h2;              /* ALPN offers h2 before http/1.1 */
 } mg_tls_conf_t;
 
 /*
@@ -121,6 +123,9 @@ void mg_tls_conn_shutdown(mg_tls_conn_t *tc);
 /* Ciphertext waiting to be sent, and taking it out (up to n bytes). */
 size_t mg_tls_conn_pending(const mg_tls_conn_t *tc);
 size_t mg_tls_conn_take(mg_tls_conn_t *tc, char *dst, size_t n);
+
+/* True when ALPN chose h2 (after the handshake). */
+int mg_tls_conn_alpn_h2(const mg_tls_conn_t *tc);
 
 /* The reason of the last fatal error (valid until the next call). */
 const char *mg_tls_conn_error(const mg_tls_conn_t *tc);

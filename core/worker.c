@@ -146,7 +146,7 @@ static void deliver_writes(mg_worker_t *w)
         if (!w->done_head)
             w->done_tail = NULL;
         int status = wr->status;
-        if (!status && uv_is_closing((uv_handle_t *)wr->stream))
+        if (!status && wr->stream && uv_is_closing((uv_handle_t *)wr->stream))
             status = UV_ECANCELED;
         wr->cb(wr, status);
     }
@@ -160,6 +160,19 @@ static void on_write_check(uv_check_t *h)
 static void on_write_prepare(uv_prepare_t *h)
 {
     deliver_writes(h->data);
+}
+
+void mg_worker_defer(mg_worker_t *w, mg_wreq_t *wr, mg_wreq_cb cb)
+{
+    wr->stream = NULL;
+    wr->cb = cb;
+    wr->next_done = NULL;
+    wr->status = 0;
+    if (w->done_tail)
+        w->done_tail->next_done = wr;
+    else
+        w->done_head = wr;
+    w->done_tail = wr;
 }
 
 void mg_worker_write(mg_worker_t *w, uv_stream_t *s, mg_wreq_t *wr,
@@ -235,7 +248,8 @@ static void on_connection(uv_stream_t *server, int status)
      * brings new certificates to new connections. */
     size_t i = (size_t)((uv_tcp_t *)server - w->listeners);
     const mg_config_t *cfg = w->gen->cfg;
-    mg_http1_accept(w, server, i < cfg->nlisten ? cfg->listen[i].tls : NULL);
+    mg_http1_accept(w, server, i < cfg->nlisten ? cfg->listen[i].tls : NULL,
+                    i < cfg->nlisten ? cfg->listen[i].http2 : 1);
     mg_metrics_set_connections(w->conns.count);
 }
 

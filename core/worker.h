@@ -78,6 +78,11 @@ struct mg_wreq_s {
 void mg_worker_write(mg_worker_t *w, uv_stream_t *s, mg_wreq_t *wr,
                      const uv_buf_t *bufs, unsigned n, mg_wreq_cb cb);
 
+/* Runs `cb` from the loop soon (the same check/prepare pass that delivers
+ * in-place write completions), outside the caller's stack; status 0. `wr`
+ * must stay valid until then. Used by http2.c to batch frames per turn. */
+void mg_worker_defer(mg_worker_t *w, mg_wreq_t *wr, mg_wreq_cb cb);
+
 /* The worker's client connections, maintained by http1.c. */
 typedef struct {
     mg_conn_t *head;
@@ -98,8 +103,11 @@ mg_target_t *mg_worker_target(mg_worker_t *w, const mg_target_conf_t *tc);
 /* --- http1.c, called by the worker ------------------------------------- */
 
 /* Accepts one connection from `server` and starts serving it; over TLS
- * with `tls`'s certificates when it is not NULL (borrowed). */
-void mg_http1_accept(mg_worker_t *w, uv_stream_t *server, mg_tls_t *tls);
+ * with `tls`'s certificates when it is not NULL (borrowed). `http2`: the
+ * listener's `http2` option (ALPN h2 on TLS, h2c prior knowledge on
+ * plain). */
+void mg_http1_accept(mg_worker_t *w, uv_stream_t *server, mg_tls_t *tls,
+                     int http2);
 
 /* Asks every connection to finish: idle ones close now, busy ones after
  * their current response (with Connection: close). */
