@@ -10,11 +10,18 @@
 -- Try: curl -i localhost:8080/users/1
 -- Environment: MOONGATE_DEMO_LISTEN ("0.0.0.0:8080"), MOONGATE_DEMO_PID
 -- (pid file; default conf/moongate.pid) -- the e2e test starts the demo on
--- a free loopback port with them.
+-- a free loopback port with them. MOONGATE_DEMO_TLS_LISTEN with
+-- MOONGATE_DEMO_TLS_CERT and _KEY add an HTTPS listener (h2 and http/1.1 by
+-- ALPN; the plain one speaks h2c too).
 local gw = require("moongate.gw")
 
 local LISTEN = env("MOONGATE_DEMO_LISTEN", "0.0.0.0:8080")
 local SELF = "127.0.0.1:" .. LISTEN:match(":(%d+)$")
+local LISTENERS = { LISTEN }
+if env("MOONGATE_DEMO_TLS_LISTEN") then
+    LISTENERS[2] = { env("MOONGATE_DEMO_TLS_LISTEN"), tls = {
+        cert = env("MOONGATE_DEMO_TLS_CERT"), key = env("MOONGATE_DEMO_TLS_KEY") } }
+end
 
 -- The demo services' data: what a team's backend would hold.
 local USERS = {
@@ -42,7 +49,7 @@ local function lookup(t, kind)
 end
 
 return {
-    listen  = { LISTEN },
+    listen  = LISTENERS,
     workers = "auto",      -- one worker per CPU core
     pid_file = env("MOONGATE_DEMO_PID"),
     shared  = { demo = "1m" },

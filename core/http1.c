@@ -75,6 +75,7 @@ typedef struct {
     mg_write_cb cb;
     void *arg;
     uint64_t serial; /* request the write belongs to */
+    int h2;          /* an HTTP/2 session's write: its callback always runs */
 } wreq_t;
 
 struct mg_conn_s {
@@ -212,7 +213,7 @@ static void on_write(mg_wreq_t *wr, int status)
     wreq_t *q = (wreq_t *)wr;
     mg_conn_t *c = q->conn;
     c->writes--;
-    int current = (c->active && q->serial == c->serial) || c->h2;
+    int current = (c->active && q->serial == c->serial) || q->h2;
     if (q->cb && current)
         q->cb(q->arg, status);
     free(q);
@@ -265,6 +266,7 @@ void mg_conn_write(mg_conn_t *c, const uv_buf_t *bufs, unsigned n,
     q->cb = cb;
     q->arg = arg;
     q->serial = c->serial;
+    q->h2 = c->h2 != NULL;
     for (unsigned i = 0; i < n; i++)
         c->write_bytes += bufs[i].len;
     if (c->active)
@@ -799,6 +801,7 @@ static void tls_flush(mg_conn_t *c)
     q->cb = NULL;
     q->arg = NULL;
     q->serial = c->serial;
+    q->h2 = 0;
     c->writes++;
     tls_queue(c, q, n);
 }

@@ -50,6 +50,8 @@
 #define OUT_HIGH (256 << 10) /* socket queue at which framing pauses */
 #define MAX_HEAD 65536       /* a gateway response head, as text */
 #define DRAIN_GRACE_MS 1000  /* shutdown notice -> final GOAWAY */
+#define RESET_BURST 1000     /* client RST_STREAMs: nghttp2's defaults */
+#define RESET_RATE 33
 
 typedef struct out_s out_t;
 
@@ -116,7 +118,9 @@ struct mg_h2_s {
     unsigned draining : 1;
     unsigned final_goaway : 1;
     unsigned tls : 1;
-    const char *why; /* reason of a GOAWAY we send, for the log */
+    double reset_tokens; /* the client's RST_STREAM budget (rapid reset) */
+    uint64_t reset_ms;   /* when it was last refilled */
+    const char *why;     /* reason of a GOAWAY we send, for the log */
     char peer[46];
 };
 
@@ -229,12 +233,25 @@ static void finish_session(mg_h2_t *s)
     }
 }
 
+/* The session lives until its last write and deferred flush are done. */
+static void release(mg_h2_t *s)
+{
+    if (s->dead && !s->queued && s->sending == 0) {
+        nghttp2_session_del(s->ng);
+        free(s);
+    }
+}
+
 static void on_sent(void *arg, int status)
 {
     mg_h2_t *s = *(mg_h2_t **)arg;
     free(arg);
     s->sending--;
-    if (s->dead || status < 0)
+    if (s->dead) {
+        release(s);
+        return;
+    }
+    if (status < 0)
         return;
     if (s->sending == 0 && s->nstreams == 0 && !s->finished)
         mg_http1_h2_timer(s->c, s->had_request ? limits(s)->keepalive_timeout_ms
@@ -249,7 +266,7 @@ static int send_frames(mg_h2_t *s)
     while (mg_conn_write_queue_size(s->c) < OUT_HIGH) {
         /* The batch carries its session pointer in front, for on_sent. */
         char *batch = NULL;
-        size_t len = 0;
+        size_t len = 0, cap = 0;
         for (;;) {
             const uint8_t *data;
             ssize_t n = nghttp2_session_mem_send(s->ng, &data);
@@ -259,8 +276,10 @@ static int send_frames(mg_h2_t *s)
             }
             if (n == 0)
                 break;
-            if (!batch)
-                batch = mg_malloc(sizeof(mg_h2_t *) + OUT_BATCH + (size_t)n);
+            if (len + (size_t)n > cap) {
+                cap = len + (size_t)n > OUT_BATCH ? len + (size_t)n : OUT_BATCH;
+                batch = mg_realloc(batch, sizeof(mg_h2_t *) + cap);
+            }
             memcpy(batch + sizeof(mg_h2_t *) + len, data, (size_t)n);
             len += (size_t)n;
             if (len >= OUT_BATCH)
@@ -329,8 +348,7 @@ static void on_deferred(mg_wreq_t *wr, int status)
     mg_h2_t *s = (mg_h2_t *)((char *)wr - offsetof(mg_h2_t, defer));
     s->queued = 0;
     if (s->dead) {
-        nghttp2_session_del(s->ng);
-        free(s);
+        release(s);
         return;
     }
     flush(s);
@@ -934,9 +952,32 @@ static void start_request(mg_h2_stream_t *st, int end_stream)
         deliver(st);
 }
 
+/*
+ * Rapid reset (CVE-2023-44487): the same token bucket as nghttp2's own
+ * (burst 1000, 33 per second, which stays on as the backstop), checked
+ * first so that the GOAWAY says ENHANCE_YOUR_CALM: nghttp2 1.52's says
+ * INTERNAL_ERROR, which would read as the gateway's fault.
+ */
+static void count_reset(mg_h2_t *s)
+{
+    uint64_t now = uv_now(mg_worker_loop(s->w));
+    s->reset_tokens += (double)(now - s->reset_ms) * RESET_RATE / 1000.0;
+    if (s->reset_tokens > RESET_BURST)
+        s->reset_tokens = RESET_BURST;
+    s->reset_ms = now;
+    if (s->reset_tokens >= 1) {
+        s->reset_tokens -= 1;
+        return;
+    }
+    s->why = "stream reset rate";
+    nghttp2_session_terminate_session(s->ng, NGHTTP2_ENHANCE_YOUR_CALM);
+}
+
 static int on_frame_recv(nghttp2_session *ng, const nghttp2_frame *frame,
                          void *user)
 {
+    if (frame->hd.type == NGHTTP2_RST_STREAM)
+        count_reset(user);
     mg_h2_stream_t *st =
         nghttp2_session_get_stream_user_data(ng, frame->hd.stream_id);
     if (!st)
@@ -1071,6 +1112,8 @@ mg_h2_t *mg_h2_new(mg_conn_t *c, mg_worker_t *w, const char *peer, int tls)
     s->w = w;
     s->tls = tls ? 1 : 0;
     snprintf(s->peer, sizeof(s->peer), "%s", peer);
+    s->reset_tokens = RESET_BURST;
+    s->reset_ms = uv_now(mg_worker_loop(w));
     nghttp2_session_server_new2(&s->ng, callbacks, s, options);
     const mg_limits_t *l = limits(s);
     nghttp2_settings_entry iv[] = {
@@ -1153,8 +1196,5 @@ void mg_h2_free(mg_h2_t *s)
         nghttp2_session_set_stream_user_data(s->ng, st->id, NULL);
         stream_free(st);
     }
-    if (!s->queued) {
-        nghttp2_session_del(s->ng);
-        free(s);
-    }
+    release(s);
 }

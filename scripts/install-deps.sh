@@ -12,7 +12,8 @@ set -eu
 DEBIAN_PKGS="build-essential pkg-config git curl ca-certificates procps
 libluajit2-5.1-dev libuv1-dev libssl-dev lua-cjson libhiredis-dev
 libnghttp2-dev zlib1g-dev libbrotli-dev brotli redis-server lua-busted
-wrk nghttp2-client nginx-light python3 clang libclang-rt-14-dev prometheus chromium"
+wrk nginx-light python3 clang libclang-rt-14-dev prometheus chromium
+nghttp2-client"
 LLHTTP_PKGS="libllhttp9.2 libllhttp-dev"
 TRIXIE_MIRROR="${MG_TRIXIE_MIRROR:-http://deb.debian.org/debian}"
 

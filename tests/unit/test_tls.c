@@ -99,7 +99,7 @@ static mg_tls_t *two_certs(void)
         {path_of("a", "pem"), path_of("a", "key")},
         {path_of("w", "pem"), path_of("w", "key")},
     };
-    mg_tls_conf_t conf = {certs, 2, NULL};
+    mg_tls_conf_t conf = {certs, 2, NULL, 0};
     char err[256];
     mg_tls_t *t = mg_tls_new(&conf, err, sizeof(err));
     if (!t)
@@ -213,7 +213,7 @@ static void files_that_do_not_fit_are_refused_with_the_file_named(void)
 {
     char err[512];
     mg_tls_cert_conf_t mismatch = {path_of("a", "pem"), path_of("w", "key")};
-    mg_tls_conf_t conf = {&mismatch, 1, NULL};
+    mg_tls_conf_t conf = {&mismatch, 1, NULL, 0};
     CHECK(mg_tls_new(&conf, err, sizeof(err)) == NULL);
     CHECK(strstr(err, "w.key\" does not match certificate") != NULL);
     mg_tls_cert_conf_t missing = {path_of("none", "pem"), path_of("a", "key")};
