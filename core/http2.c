@@ -765,7 +765,6 @@ static int on_begin_headers(nghttp2_session *ng, const nghttp2_frame *frame,
     s->streams = st;
     s->nstreams++;
     s->had_request = 1;
-    mg_http1_h2_timer(s->c, 0);
     nghttp2_session_set_stream_user_data(ng, st->id, st);
     mg_metrics_h2_stream();
     return 0;
@@ -1153,6 +1152,10 @@ int mg_h2_recv(mg_h2_t *s, const char *p, size_t n)
         }
         nghttp2_session_terminate_session(s->ng, code);
     }
+    /* While streams are open the timer is the body wait, renewed by
+     * every read (deadline.h makes that cheap). */
+    if (s->nstreams > 0 && !s->dead && (!s->draining || s->final_goaway))
+        mg_http1_h2_timer(s->c, limits(s)->body_timeout_ms);
     flush(s);
     return s->dead ? -1 : 0;
 }
@@ -1167,8 +1170,22 @@ void mg_h2_timeout(mg_h2_t *s)
         schedule(s);
         return;
     }
-    if (s->nstreams > 0)
-        return; /* the streams have their own waits */
+    if (s->nstreams > 0) {
+        /* Nothing arrived for body_timeout: the streams whose body the
+         * client owes (not held up by us: nothing buffered, no window
+         * closed by the pipeline) end with 408, as on HTTP/1. Streams
+         * waiting for an upstream have the upstream's timeouts. */
+        for (mg_h2_stream_t *st = s->streams; st; st = st->next)
+            if (st->started && st->body_open && !st->end_stream && !st->discard
+                && !st->aborted && st->holds == 0 && st->blen == 0) {
+                if (st->req.response_started)
+                    mg_h2_abort((mg_conn_t *)st);
+                else
+                    mg_conn_respond_error(&st->req, 408, "request timeout", 0);
+            }
+        schedule(s);
+        return;
+    }
     /* Idle (or never a request): a polite end. */
     nghttp2_session_terminate_session(s->ng, NGHTTP2_NO_ERROR);
     schedule(s);

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -38,6 +39,7 @@ return {
   workers = 1,
   pid_file = "@PID_FILE@", error_log = "@ERROR_LOG@", log_level = "info",
   shared = { limits = "1m" },
+  limits = { body_timeout = 1 },
   admin = { listen = "127.0.0.1:%(admin)d", token = "%(token)s" },
   upstreams = { up = { targets = { "%(up)s" } } },
   routes = {
@@ -226,6 +228,63 @@ def test_plugins_host_cookies_identity_headers_and_gateway_errors():
             # Still healthy after all that: a normal request on HTTP/1.1.
             r = request(env.gw.port, "GET", "/ok")
             assert r.status == 200, r
+
+
+def frame(ftype, flags, stream, payload=b""):
+    return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + \
+        stream.to_bytes(4, "big") + payload
+
+
+def read_frames(sock, until, timeout):
+    """Frames (type, flags, stream, payload) read until until(frames) or
+    the timeout or the close."""
+    sock.settimeout(0.2)
+    data, frames = b"", []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not until(frames):
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            continue
+        if not chunk:
+            break
+        data += chunk
+        while len(data) >= 9 and len(data) >= 9 + int.from_bytes(data[:3], "big"):
+            n = int.from_bytes(data[:3], "big")
+            frames.append((data[3], data[4], int.from_bytes(data[5:9], "big") & 0x7fffffff,
+                           data[9:9 + n]))
+            data = data[9 + n:]
+    return frames
+
+
+def test_a_stalled_request_body_gets_408_and_the_connection_goes_on():
+    with Upstream() as up:
+        env = Env(up)
+        with env.gw:
+            # h2c by hand: HEADERS (POST, content-length 100, no
+            # END_STREAM), 10 bytes of DATA, then silence past
+            # body_timeout (1 s).
+            s = socket.create_connection(("127.0.0.1", env.gw.port), timeout=5)
+            path = b"/upload"
+            block = (b"\x83\x86" + b"\x04" + bytes([len(path)]) + path  # POST, http, :path
+                     + b"\x01\x09127.0.0.1"  # :authority
+                     + b"\x0f\x0d\x03100")  # content-length: 100 (static name 28)
+            s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0)
+                      + frame(1, 0x4, 1, block) + frame(0, 0, 1, b"0123456789"))
+            start = time.monotonic()
+            frames = read_frames(s, lambda fs: any(t == 0 and f & 1 and sid == 1
+                                                   for t, f, sid, _ in fs), 8)
+            took = time.monotonic() - start
+            body = b"".join(p for t, f, sid, p in frames if t == 0 and sid == 1)
+            assert body == b'{"error":"request timeout"}\n', frames
+            assert took >= 0.9, took  # not before body_timeout
+            # The connection goes on: a GET on stream 3.
+            s.sendall(frame(1, 0x5, 3, b"\x82\x86\x84\x01\x09127.0.0.1"))
+            frames = read_frames(s, lambda fs: any(t == 0 and f & 1 and sid == 3
+                                                   for t, f, sid, _ in fs), 8)
+            body = b"".join(p for t, f, sid, p in frames if t == 0 and sid == 3)
+            assert json.loads(body)["path"] == "/", frames
+            s.close()
 
 
 def test_http2_false_keeps_http1_on_tls_and_refuses_the_preface_on_plain():

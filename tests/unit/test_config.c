@@ -325,6 +325,33 @@ static void listen_accepts_a_single_string_and_a_bare_port(void)
     mg_config_free(cfg);
 }
 
+static void listen_http2_defaults_on_and_can_be_turned_off(void)
+{
+    mg_config_t *cfg;
+    CHECK_INT(load("return { listen = { \":8081\", { \":8082\" }, "
+                   "{ \":8083\", http2 = false } }, "
+                   "limits = { h2_max_concurrent_streams = 10 } }",
+                   &cfg),
+              ==, 0);
+    CHECK_INT(cfg->nlisten, ==, 3);
+    CHECK_INT(cfg->listen[0].http2, ==, 1);
+    CHECK_INT(cfg->listen[1].http2, ==, 1);
+    CHECK_INT(cfg->listen[2].http2, ==, 0);
+    CHECK_INT(cfg->limits.h2_max_concurrent_streams, ==, 10);
+    mg_config_free(cfg);
+    CHECK_INT(load("return { listen = \":8081\" }", &cfg), ==, 0);
+    CHECK_INT(cfg->limits.h2_max_concurrent_streams, ==, 100);
+    mg_config_free(cfg);
+    CHECK_INT(load("return { listen = { { \":8081\", http2 = \"no\" } }, "
+                   "limits = { h2_max_concurrent_streams = 0 } }",
+                   &cfg),
+              <, 0);
+    CHECK(has_error(
+        "top level: listen[1].http2: expected a boolean, got string"));
+    CHECK(has_error("top level: limits.h2_max_concurrent_streams: must be "
+                    "between 1 and 100000, got 0"));
+}
+
 static void no_routes_and_no_upstreams_are_allowed(void)
 {
     mg_config_t *cfg;
@@ -1084,6 +1111,7 @@ int main(void)
     RUN(route_timeouts_inherit_from_upstream_and_override);
     RUN(absent_fields_take_their_defaults);
     RUN(listen_accepts_a_single_string_and_a_bare_port);
+    RUN(listen_http2_defaults_on_and_can_be_turned_off);
     RUN(no_routes_and_no_upstreams_are_allowed);
     RUN(sizes_accept_plain_bytes_and_binary_suffixes);
     RUN(target_host_names_are_resolved);
