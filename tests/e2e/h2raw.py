@@ -12,7 +12,8 @@ What is here:
                      window_update_frame(), goaway_frame(), headers_frame(),
                      continuation_frame(), data_frame()
   Frame              one received frame, with its fields decoded
-                     (.error_code, .last_stream, .settings, .increment)
+                     (.error_code, .last_stream, .settings, .increment);
+                     parse_frames() splits raw bytes into Frames
   Encoder            a minimal HPACK encoder: indexed fields, literal fields
                      (with or without incremental indexing), never Huffman
   Decoder            an HPACK decoder: static + dynamic table, size
@@ -183,6 +184,20 @@ class Frame:
             extra = " +%d" % self.increment
         return "<%s flags=0x%x stream=%d len=%d%s>" % (self.name, self.flags, self.stream,
                                                        len(self.payload), extra)
+
+
+def parse_frames(data):
+    """The whole frames in `data` (bytes read raw from a socket), in order;
+    a trailing partial frame is ignored."""
+    frames, pos = [], 0
+    while pos + 9 <= len(data):
+        n = (data[pos] << 16) | (data[pos + 1] << 8) | data[pos + 2]
+        if pos + 9 + n > len(data):
+            break
+        sid = struct.unpack(">I", data[pos + 5:pos + 9])[0] & 0x7FFFFFFF
+        frames.append(Frame(data[pos + 3], data[pos + 4], sid, bytes(data[pos + 9:pos + 9 + n])))
+        pos += 9 + n
+    return frames
 
 
 # ------------------------------------------------------------------ HPACK
