@@ -515,7 +515,8 @@ class Conn:
     auto=False turns all three off, for clients that never answer.
     Every frame read is kept in .frames (up to `keep` of them), the GOAWAY
     (if any) in .goaway, each stream's state in .streams, and .closed says
-    whether the peer closed (EOF or reset).
+    whether the peer closed (EOF or reset seen by a read; .send_failed
+    when a write found it closed first).
     """
 
     def __init__(self, port, tls=None, host="127.0.0.1", server_hostname="localhost",
@@ -545,7 +546,8 @@ class Conn:
                                      % sock.selected_alpn_protocol())
         self.sock = sock
         self.buf = bytearray()
-        self.closed = False
+        self.closed = False         # EOF or reset seen when reading
+        self.send_failed = False    # a write found the connection closed
         self.reset_by_peer = False
         self.frames = []
         self.nframes = 0
@@ -577,19 +579,22 @@ class Conn:
     # -- sending
 
     def send(self, data):
-        """Sends bytes; returns False (and marks the connection closed) when
-        the peer has closed or reset it."""
+        """Sends bytes; returns False (and sets .send_failed) when the peer
+        has closed or reset the connection. What it sent before closing
+        can still be read."""
+        if self.send_failed:
+            return False
         try:
             self.sock.sendall(data)
             self.sent_bytes += len(data)
             return True
         except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
-            self.closed = True
+            self.send_failed = True
             return False
         except ssl.SSLError as e:
             # A TLS peer that closed mid-write.
             if "BAD_LENGTH" in str(e) or "EOF" in str(e):
-                self.closed = True
+                self.send_failed = True
                 return False
             raise
 
@@ -811,7 +816,7 @@ def rapid_reset(conn, pairs=20000, batch=100, path="/rapid-reset"):
     `pairs` times, `batch` pairs per write; returns how many pairs were sent."""
     block = Encoder.request(path)
     sent = 0
-    while sent < pairs and not conn.closed and conn.goaway is None:
+    while sent < pairs and not conn.closed and not conn.send_failed and conn.goaway is None:
         out = bytearray()
         for _ in range(min(batch, pairs - sent)):
             sid = conn.next_stream
@@ -836,7 +841,7 @@ def continuation_flood(conn, frames=10000, batch=100):
     if not conn.send(headers_frame(sid, head, end_stream=True, end_headers=False)):
         return 0
     sent = 0
-    while sent < frames and not conn.closed and conn.goaway is None:
+    while sent < frames and not conn.closed and not conn.send_failed and conn.goaway is None:
         n = min(batch, frames - sent)
         out = b"".join(continuation_frame(sid, rest[i:i + 1])
                        for i in range(sent, sent + n))
@@ -873,7 +878,7 @@ def flood(conn, one_frame, count=100000, batch=1000):
     many were sent before the peer closed."""
     chunk = one_frame * batch
     sent = 0
-    while sent < count and not conn.closed:
+    while sent < count and not conn.closed and not conn.send_failed:
         if not conn.send(chunk):
             break
         sent += batch

@@ -21,7 +21,7 @@ admin listener, and that other clients are served meanwhile and after.
   the worker's RSS grows by less than 16 MiB over five bombs.
 - oversized header lists: one 40 KB header, and 101 header fields -> 431
   with a JSON body, the connection goes on; 8 KB and 90 fields pass (200).
-- PING and SETTINGS floods (up to 1,000,000 frames, the ACKs never read)
+- PING and SETTINGS floods (up to 3,000,000 frames, the ACKs never read)
   -> GOAWAY ENHANCE_YOUR_CALM, closed, counted.
 - more than 100 concurrent streams (the upstream holds each answer 2 s):
   sent before the client acknowledged the SETTINGS, the 101st gets
@@ -359,11 +359,12 @@ def flood_attack(frame_bytes, kind):
         # pile up on the gateway's side. nghttp2 refuses to queue more than
         # 1000 of them; the gateway writes what it can between reads (16
         # KiB of frames at a time), so the queue only grows once the
-        # socket buffers are full: up to 1,000,000 frames (17 MB of PINGs)
-        # are sent, the gateway gives up after a few hundred thousand.
+        # socket buffers are full (4 MiB of send buffer here: about 250,000
+        # PINGs); up to 3,000,000 frames (51 MB) are sent, so larger
+        # buffers elsewhere still end in the same place.
         c = env.conn(auto=False, rcvbuf=4096)
         with c:
-            sent = h2raw.flood(c, frame_bytes, count=1000000, batch=2000)
+            sent = h2raw.flood(c, frame_bytes, count=3000000, batch=2000)
             expect_goaway_and_close(c, ENHANCE_YOUR_CALM, timeout=15)
         print("%s flood: %d frames written (not all read by the gateway); GOAWAY %r"
               % (kind, sent, c.goaway))
