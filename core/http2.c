@@ -108,6 +108,7 @@ struct mg_h2_s {
     mg_h2_stream_t *streams;
     unsigned nstreams;
     unsigned sending;     /* our writes on the connection, in flight */
+    unsigned busy;        /* calls on the stack that use the session */
     unsigned queued : 1;  /* a flush is deferred */
     unsigned dead : 1;    /* the connection closed; free when unqueued */
     unsigned in_recv : 1; /* inside nghttp2_session_mem_recv */
@@ -233,10 +234,12 @@ static void finish_session(mg_h2_t *s)
     }
 }
 
-/* The session lives until its last write and deferred flush are done. */
-static void release(mg_h2_t *s)
+/* The session lives until its last write, its deferred flush and every
+ * call using it are done. Not inlined: the compiler cannot see that
+ * `busy` keeps callers' later accesses safe, and would warn. */
+__attribute__((noinline)) static void release(mg_h2_t *s)
 {
-    if (s->dead && !s->queued && s->sending == 0) {
+    if (s->dead && !s->queued && s->sending == 0 && s->busy == 0) {
         nghttp2_session_del(s->ng);
         free(s);
     }
@@ -319,12 +322,8 @@ static int run_done(mg_h2_t *s)
     return ran;
 }
 
-static void flush(mg_h2_t *s)
+static void flush_now(mg_h2_t *s)
 {
-    if (s->flushing) {
-        s->again = 1;
-        return;
-    }
     s->flushing = 1;
     do {
         s->again = 0;
@@ -341,6 +340,21 @@ static void flush(mg_h2_t *s)
     if (!s->dead && !nghttp2_session_want_read(s->ng)
         && !nghttp2_session_want_write(s->ng))
         finish_session(s);
+}
+
+/* Sends and runs callbacks. The connection may close under it (a failed
+ * write): the session then outlives the call and is freed at its end, so
+ * callers must not touch `s` after flush() unless they hold `busy`. */
+static void flush(mg_h2_t *s)
+{
+    if (s->flushing) {
+        s->again = 1;
+        return;
+    }
+    s->busy++;
+    flush_now(s);
+    s->busy--;
+    release(s);
 }
 
 static void on_deferred(mg_wreq_t *wr, int status)
@@ -1129,7 +1143,18 @@ mg_h2_t *mg_h2_new(mg_conn_t *c, mg_worker_t *w, const char *peer, int tls)
     return s;
 }
 
+static int recv_now(mg_h2_t *s, const char *p, size_t n);
+
 int mg_h2_recv(mg_h2_t *s, const char *p, size_t n)
+{
+    s->busy++;
+    int rc = recv_now(s, p, n);
+    s->busy--;
+    release(s);
+    return rc;
+}
+
+static int recv_now(mg_h2_t *s, const char *p, size_t n)
 {
     s->in_recv = 1;
     ssize_t rv = nghttp2_session_mem_recv(s->ng, (const uint8_t *)p, n);
@@ -1175,6 +1200,16 @@ void mg_h2_timeout(mg_h2_t *s)
          * client owes (not held up by us: nothing buffered, no window
          * closed by the pipeline) end with 408, as on HTTP/1. Streams
          * waiting for an upstream have the upstream's timeouts. */
+        for (mg_h2_stream_t *st = s->streams; st; st = st->next)
+            if (!st->started) {
+                /* A header block left unfinished (HEADERS without its
+                 * CONTINUATIONs): nothing else can go on. */
+                s->why = "request head timeout";
+                nghttp2_session_terminate_session(s->ng,
+                                                  NGHTTP2_PROTOCOL_ERROR);
+                schedule(s);
+                return;
+            }
         for (mg_h2_stream_t *st = s->streams; st; st = st->next)
             if (st->started && st->body_open && !st->end_stream && !st->discard
                 && !st->aborted && st->holds == 0 && st->blen == 0) {

@@ -285,6 +285,15 @@ def test_a_stalled_request_body_gets_408_and_the_connection_goes_on():
             body = b"".join(p for t, f, sid, p in frames if t == 0 and sid == 3)
             assert json.loads(body)["path"] == "/", frames
             s.close()
+            # A header block left unfinished (no END_HEADERS, no
+            # CONTINUATION): GOAWAY and close after the same wait.
+            s = socket.create_connection(("127.0.0.1", env.gw.port), timeout=5)
+            s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0)
+                      + frame(1, 0, 1, b"\x82\x86\x84"))
+            frames = read_frames(s, lambda fs: any(t == 7 for t, *_ in fs), 8)
+            goaway = [p for t, f, sid, p in frames if t == 7]
+            assert goaway and int.from_bytes(goaway[0][4:8], "big") == 1, frames
+            s.close()
 
 
 def test_http2_false_keeps_http1_on_tls_and_refuses_the_preface_on_plain():
