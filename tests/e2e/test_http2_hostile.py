@@ -13,8 +13,9 @@ admin listener, and that other clients are served meanwhile and after.
   stream id is within the token bucket (1000 + 33/s), the gateway closes
   the connection; curl over h2c and an HTTP/1.1 client get 200s all
   along; at most that many requests reach the upstream (printed: 1).
-- CONTINUATION flood: HEADERS then 1-byte CONTINUATION frames, never
-  END_HEADERS -> GOAWAY ENHANCE_YOUR_CALM, closed (h2c and TLS).
+- CONTINUATION flood: a block in HEADERS + 8 CONTINUATIONs is served;
+  HEADERS then a 9th 1-byte CONTINUATION (h2c), or up to 10,000 of them
+  (TLS), never END_HEADERS -> GOAWAY ENHANCE_YOUR_CALM, closed.
 - HPACK bomb: a 4,000-byte field inserted into the dynamic table, then
   referenced 16,000 times (a 20 KB block decoding to 61 MiB) -> that
   stream gets 431, the same connection then answers a normal request 200;
@@ -280,17 +281,32 @@ test_rapid_reset_gets_goaway_over_tls.timeout = 90
 def test_continuation_flood_gets_goaway():
     with Env() as env:
         before = env.goaways()
-        for tls in (False, True):
-            c = env.conn(tls=tls)
-            with c:
-                sent = h2raw.continuation_flood(c, frames=10000, batch=100)
-                expect_goaway_and_close(c, ENHANCE_YOUR_CALM)
-                # The limit is 8 CONTINUATION frames; the first write
-                # carries 100, so the gateway may read them all at once.
-                assert sent <= 1000, sent
-            env.wait_goaway_counted(before, ENHANCE_YOUR_CALM)
-            before = env.goaways()
+        # The limit is exact: a header block in HEADERS + 8 CONTINUATIONs
+        # is a request like any other...
+        c = env.conn()
+        with c:
+            sid = c.new_stream()
+            block = Encoder.request("/eight", headers=[("x-pad", "p" * 90)])
+            piece = -(-len(block) // 9)
+            assert h2raw.send_header_block(c, sid, block, max_frame=piece)
+            assert len(block) > 8 * piece
+            st = c.response(sid)
+            assert st.status == 200 and st.ended, st
+            # ... and a 9th CONTINUATION of the next block ends the connection.
+            sent = h2raw.continuation_flood(c, frames=9)
+            assert sent == 9, sent
+            expect_goaway_and_close(c, ENHANCE_YOUR_CALM)
+        env.wait_goaway_counted(before, ENHANCE_YOUR_CALM)
+        # A flood, over TLS: the same, whenever the gateway reads the 9th.
+        before = env.goaways()
+        c = env.conn(tls=True)
+        with c:
+            sent = h2raw.continuation_flood(c, frames=10000, batch=100)
+            expect_goaway_and_close(c, ENHANCE_YOUR_CALM)
+        print("CONTINUATION flood over TLS: %d frames sent before the GOAWAY was read" % sent)
+        env.wait_goaway_counted(before, ENHANCE_YOUR_CALM)
         env.assert_serves()
+        assert env.up.stats()["paths"].get("/continuation", 0) == 0
 
 
 def test_hpack_bomb_gets_431_and_memory_stays_bounded():
