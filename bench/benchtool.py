@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Helpers for bench/run.sh: ports, process CPU time, wrk parsing, the report.
+"""Helpers for bench/run.sh: ports, process CPU time, wrk and h2load parsing, the report.
 
 run.sh does the orchestration (processes, pinning, rounds); this file does
 what is awkward in POSIX sh: binding a socket, summing /proc counters over a
@@ -21,7 +21,9 @@ Subcommands:
                           /proc/stat ticks of the proxy and load cores
   record SCENARIO PROXY ROUND WRK_OUTPUT SNAP_BEFORE SNAP_AFTER
                           print one tab-separated results line (COLUMNS);
-                          exit 2 if WRK_OUTPUT cannot be parsed
+                          exit 2 if WRK_OUTPUT cannot be parsed. WRK_OUTPUT
+                          may also be h2load's output, with its request log
+                          (--log-file) next to it in WRK_OUTPUT.log
   report RESULTS          print the table and the machine-readable lines;
                           exit 1 if any measurement had errors
 """
@@ -162,11 +164,63 @@ def parse_wrk(text):
     return rps, p50, p99, requests, seconds, socket_errors, non2xx
 
 
+# ------------------------------------------------------------------- h2load
+
+
+def percentile(sorted_values, p):
+    """Nearest-rank percentile of a sorted list."""
+    i = min(len(sorted_values) - 1, max(0, int(round(p / 100.0 * len(sorted_values))) - 1))
+    return sorted_values[i]
+
+
+def parse_h2load(text, log_path):
+    """The same fields as parse_wrk from one h2load run: req/s, requests and
+    errors from its summary, p50/p99 from its --log-file (one line per
+    request: start time, status, microseconds to the end of the response;
+    status -1 for a failed stream). Raises ValueError if anything is
+    missing.
+
+    Errors: h2load's "failed" (streams that did not succeed, errored ones
+    included) plus "timeout"; non-2xx: its 3xx, 4xx and 5xx counts."""
+    def need(pattern):
+        m = re.search(pattern, text, re.M)
+        if not m:
+            raise ValueError("h2load output lacks %r" % pattern)
+        return m
+    fin = need(r"^finished in ([0-9.]+)(us|ms|s|m|h), ([0-9.]+) req/s")
+    seconds = to_us(fin.group(1) + fin.group(2)) / 1e6
+    rps = float(fin.group(3))
+    req = need(r"^requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, "
+               r"(\d+) failed, (\d+) errored, (\d+) timeout")
+    done, failed, timeouts = int(req.group(2)), int(req.group(4)), int(req.group(6))
+    codes = need(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx")
+    non2xx = sum(int(codes.group(i)) for i in (2, 3, 4))
+    durations = []
+    with open(log_path) as f:
+        for line in f:
+            cols = line.split("\t")
+            if len(cols) >= 3 and cols[1] != "-1":
+                durations.append(int(cols[2]))
+    if not durations:
+        raise ValueError("h2load log %s has no completed request" % log_path)
+    durations.sort()
+    return (rps, float(percentile(durations, 50)), float(percentile(durations, 99)), done,
+            seconds, failed + timeouts, non2xx)
+
+
+def parse_load(path):
+    """wrk's or h2load's output in `path` (h2load's request log: path.log)."""
+    with open(path) as f:
+        text = f.read()
+    if re.search(r"^finished in .* req/s", text, re.M):
+        return parse_h2load(text, path + ".log")
+    return parse_wrk(text)
+
+
 def cmd_record(scenario, proxy, rnd, wrk_output, before, after):
     try:
-        with open(wrk_output) as f:
-            rps, p50, p99, requests, secs, sock, non2 = parse_wrk(f.read())
-    except ValueError as e:
+        rps, p50, p99, requests, secs, sock, non2 = parse_load(wrk_output)
+    except (ValueError, OSError) as e:
         print("benchtool: %s: %s" % (wrk_output, e), file=sys.stderr)
         return 2
     b, a = before.split(","), after.split(",")

@@ -3,7 +3,7 @@
 #
 # One upstream (nginx answering a fixed ~100-byte JSON body) serves two
 # reverse proxies with one worker each: nginx (the yardstick) and moongate.
-# wrk drives them in interleaved rounds (nginx, moongate, nginx, moongate...),
+# wrk (h2load for HTTP/2) drives them in interleaved rounds (nginx, moongate, nginx, moongate...),
 # so slow drifts of the machine hit both alike. The proxies are pinned to
 # core 0, the upstream and wrk to core 1. For every measurement we record
 # wrk's req/s, p50/p99 latency and error counts, and the proxy's own CPU time
@@ -23,6 +23,8 @@
 # Environment (defaults in brackets):
 #   BENCH_ROUNDS [3]  BENCH_DURATION [10] s  BENCH_WARMUP [2] s per measurement
 #   BENCH_CONNECTIONS [64]   BENCH_SCENARIOS [all] space-separated names
+#   BENCH_H2_CONNECTIONS [16]  BENCH_H2_STREAMS [10]: h2load's clients and
+#   concurrent streams per client in scenario h2
 #   BENCH_MOONGATE [build/moongate]   BENCH_STANDIN=nginx: a second nginx
 #   plays moongate's part (dry run of the harness without the binary)
 #   BENCH_NGINX_FWD [1]: nginx sets X-Forwarded-* and X-Request-Id like
@@ -44,6 +46,8 @@ ROUNDS=${BENCH_ROUNDS:-3}
 DURATION=${BENCH_DURATION:-10}
 WARMUP=${BENCH_WARMUP:-2}
 CONNS=${BENCH_CONNECTIONS:-64}
+H2_CONNS=${BENCH_H2_CONNECTIONS:-16}
+H2_STREAMS=${BENCH_H2_STREAMS:-10}
 SCENARIOS=${BENCH_SCENARIOS:-all}
 MOONGATE=${BENCH_MOONGATE:-$ROOT/build/moongate}
 STANDIN=${BENCH_STANDIN:-}
@@ -67,6 +71,10 @@ WRK_PATH=/
 # make start_nginx_proxy and start_moongate terminate TLS.
 SCHEME=http
 PROXY_TLS=""
+# h2 scenario: PROXY_H2=1 adds http2 to nginx's TLS listener (moongate
+# offers h2 by ALPN on every TLS listener) and LOAD_TOOL=h2load measures.
+PROXY_H2=""
+LOAD_TOOL=wrk
 STARTED=""   # session ids of every server and load process still running
 DIR=""
 
@@ -263,6 +271,7 @@ start_nginx_proxy() {
     np_ssl="" np_certs=""
     if [ -n "$PROXY_TLS" ]; then
         np_ssl=" ssl"
+        [ -n "$PROXY_H2" ] && np_ssl="$np_ssl http2"
         np_certs="ssl_certificate $PROXY_TLS/cert.pem;
         ssl_certificate_key $PROXY_TLS/key.pem;
         ssl_protocols TLSv1.2 TLSv1.3;"
@@ -336,8 +345,13 @@ EOF
 # ----------------------------------------------------------- measurement
 
 # run_wrk SECONDS PORT OUTPUT: one wrk run on the load core, bounded by
-# timeout(1); the optional $WRK_HEADER is sent with every request.
+# timeout(1); the optional $WRK_HEADER is sent with every request. With
+# LOAD_TOOL=h2load, run_h2load instead.
 run_wrk() {
+    if [ "$LOAD_TOOL" = h2load ]; then
+        run_h2load "$@"
+        return
+    fi
     set -- "$1" "$2" "$3" -t1 "-c$CONNS" "-d$1s" --latency
     [ -n "$WRK_HEADER" ] && set -- "$@" -H "$WRK_HEADER"
     rw_url=$SCHEME://127.0.0.1:$2$WRK_PATH rw_out=$3
@@ -349,6 +363,26 @@ run_wrk() {
     wait "$rw_wrk" || rw_rc=$?
     forget "$rw_wrk"
     [ "$rw_rc" -eq 0 ] || { cat "$rw_out" >&2; die "wrk exited with $rw_rc"; }
+}
+
+# run_h2load SECONDS PORT OUTPUT: the same with h2load (HTTP/2 over TLS,
+# ALPN h2): one thread, H2_CONNS connections with H2_STREAMS concurrent
+# streams each, for SECONDS (-D); every request is logged to OUTPUT.log,
+# from which benchtool takes p50/p99 (h2load's summary has no percentiles).
+run_h2load() {
+    rh_out=$3 rh_port=$2
+    set -- -t1 "-c$H2_CONNS" "-m$H2_STREAMS" "-D$1" "--log-file=$rh_out.log"
+    [ -n "$WRK_HEADER" ] && set -- "$@" -H "$WRK_HEADER"
+    rh_url=$SCHEME://127.0.0.1:$rh_port$WRK_PATH
+    spawn "$LOAD_CPU" "$rh_out" timeout -k 2 "$((DURATION + WARMUP + 30))" \
+        h2load "$@" "$rh_url"
+    rh_pid=$SPAWNED
+    rh_rc=0
+    wait "$rh_pid" || rh_rc=$?
+    forget "$rh_pid"
+    [ "$rh_rc" -eq 0 ] || { cat "$rh_out" >&2; die "h2load exited with $rh_rc"; }
+    grep -q '^Application protocol: h2$' "$rh_out" \
+        || { cat "$rh_out" >&2; die "h2load did not negotiate h2 with port $rh_port"; }
 }
 
 # measure SCENARIO LABEL SID PORT ROUND: warm up, then one measured wrk
@@ -588,32 +622,75 @@ EOF
     stop "$ag_up_sid"
 }
 
-# tls_scenario: HTTPS/1.1 keep-alive, nginx and moongate both terminating
-# TLS (TLS 1.2/1.3 defaults of each, a self-signed P-256 certificate made
-# here) in front of the same plain upstream; interleaved rounds as usual.
-tls_scenario() {
-    selected https || return 0
-    log "scenario https"
+# make_cert: a self-signed P-256 certificate for localhost in DIR/tls (made
+# once per run); sets PROXY_TLS to that directory.
+make_cert() {
     PROXY_TLS=$DIR/tls
+    [ -f "$PROXY_TLS/cert.pem" ] && return 0
     mkdir -p "$PROXY_TLS"
     openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
         -nodes -keyout "$PROXY_TLS/key.pem" -out "$PROXY_TLS/cert.pem" \
         -days 2 -subj /CN=localhost >"$PROXY_TLS/openssl.log" 2>&1 \
         || die "openssl could not make a certificate"
+}
+
+# tls_pair NAME: nginx and the candidate (moongate, or a second nginx with
+# BENCH_STANDIN=nginx), both terminating TLS with make_cert's certificate
+# in front of the same plain upstream, then ROUNDS interleaved rounds;
+# both stopped at the end. What is spoken over TLS is the caller's
+# business (PROXY_H2, LOAD_TOOL).
+tls_pair() {
+    log "scenario $1"
+    make_cert
     SCHEME=https
-    start_nginx_proxy nginx-https
-    ts_n_sid=$PROXY_SID ts_n_port=$PROXY_PORT
-    start_moongate moongate-https "" ""
-    ts_m_sid=$PROXY_SID ts_m_port=$PROXY_PORT
-    ts_r=1
-    while [ "$ts_r" -le "$ROUNDS" ]; do
-        measure https nginx "$ts_n_sid" "$ts_n_port" "$ts_r"
-        measure https moongate "$ts_m_sid" "$ts_m_port" "$ts_r"
-        ts_r=$((ts_r + 1))
+    start_nginx_proxy "nginx-$1"
+    tp_n_sid=$PROXY_SID tp_n_port=$PROXY_PORT
+    if [ "$STANDIN" = nginx ]; then
+        start_nginx_proxy "standin-$1"
+        tp_label=nginx-b
+    else
+        start_moongate "moongate-$1" "" ""
+        tp_label=moongate
+    fi
+    tp_m_sid=$PROXY_SID tp_m_port=$PROXY_PORT
+    if [ -n "$PROXY_H2" ]; then
+        for tp_port in "$tp_n_port" "$tp_m_port"; do
+            tp_v=$(curl -sk --http2 -o /dev/null -w '%{http_version}' --max-time 2 \
+                "https://127.0.0.1:$tp_port/") || true
+            [ "$tp_v" = 2 ] || die "port $tp_port answers HTTP/$tp_v, not HTTP/2, over TLS"
+        done
+    fi
+    tp_r=1
+    while [ "$tp_r" -le "$ROUNDS" ]; do
+        measure "$1" nginx "$tp_n_sid" "$tp_n_port" "$tp_r"
+        measure "$1" "$tp_label" "$tp_m_sid" "$tp_m_port" "$tp_r"
+        tp_r=$((tp_r + 1))
     done
-    stop "$ts_m_sid"
-    stop "$ts_n_sid"
+    stop "$tp_m_sid"
+    stop "$tp_n_sid"
     SCHEME=http PROXY_TLS=""
+}
+
+# tls_scenario: HTTPS/1.1 keep-alive, nginx and moongate both terminating
+# TLS (TLS 1.2/1.3 defaults of each, a self-signed P-256 certificate made
+# here) in front of the same plain upstream; interleaved rounds as usual.
+# wrk offers no ALPN, so both speak HTTP/1.1.
+tls_scenario() {
+    selected https || return 0
+    tls_pair https
+}
+
+# h2_scenario: issue 10's HTTP/2 figure: the same two TLS proxies, nginx
+# with `listen ... ssl http2`, moongate with its default (ALPN h2 on every
+# TLS listener), measured with h2load (BENCH_H2_CONNECTIONS connections x
+# BENCH_H2_STREAMS concurrent streams, one thread) instead of wrk. Both
+# are checked to answer curl over HTTP/2 first, and h2load must report
+# ALPN h2 on every run, so HTTP/1.1 can never be measured by mistake.
+h2_scenario() {
+    selected h2 || return 0
+    PROXY_H2=1 LOAD_TOOL=h2load
+    tls_pair h2
+    PROXY_H2="" LOAD_TOOL=wrk
 }
 
 # scenario_self NAME LABEL_A TOP_LUA_A LABEL_B TOP_LUA_B: moongate against
@@ -739,6 +816,8 @@ print(h + "." + p + "." + s)')
         "plugins = { [\"request-id\"] = { exporter = { url = \"http://127.0.0.1:$UP_PORT/v1/traces\" } } }"
     # Issue 10: HTTPS/1.1 keep-alive, both proxies terminating TLS.
     tls_scenario
+    # Issue 10: HTTP/2 over TLS (h2load), both proxies terminating TLS.
+    h2_scenario
 }
 
 # ------------------------------------------------------------------ main
@@ -748,6 +827,10 @@ main() {
         command -v "$ma_bin" >/dev/null 2>&1 \
             || die "$ma_bin not found (run: sh scripts/install-deps.sh)"
     done
+    if selected h2; then
+        command -v h2load >/dev/null 2>&1 \
+            || die "h2load not found (run: sh scripts/install-deps.sh)"
+    fi
     [ "$(nproc)" -ge 2 ] || log "WARNING: fewer than 2 cores; pinning overlaps"
     if [ "$STANDIN" != nginx ] && [ ! -x "$MOONGATE" ]; then
         die "$MOONGATE not built (make all), or set BENCH_STANDIN=nginx"
