@@ -85,6 +85,7 @@ static const char *const limits_fields[] = {
     "header_timeout",
     "body_timeout",
     "keepalive_timeout",
+    "send_timeout",
     "max_connections",
     "drain_timeout",
     "h2_max_concurrent_streams",
@@ -930,6 +931,7 @@ static void load_limits(ld_t *ld, int t)
     l->header_timeout_ms = 10000;
     l->body_timeout_ms = 10000;
     l->keepalive_timeout_ms = 60000;
+    l->send_timeout_ms = 60000;
     l->max_connections = 10000;
     l->drain_timeout_ms = 30000;
     l->h2_max_concurrent_streams = 100;
@@ -943,6 +945,7 @@ static void load_limits(ld_t *ld, int t)
     get_duration(ld, -1, "header_timeout", &l->header_timeout_ms);
     get_duration(ld, -1, "body_timeout", &l->body_timeout_ms);
     get_duration(ld, -1, "keepalive_timeout", &l->keepalive_timeout_ms);
+    get_duration(ld, -1, "send_timeout", &l->send_timeout_ms);
     get_uint(ld, -1, "max_connections", 1, 1u << 24, &l->max_connections);
     get_duration(ld, -1, "drain_timeout", &l->drain_timeout_ms);
     get_uint(ld, -1, "h2_max_concurrent_streams", 1, 100000,

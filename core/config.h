@@ -172,6 +172,8 @@ typedef struct {
     uint64_t header_timeout_ms;    /* 10 s -> 408 and close */
     uint64_t body_timeout_ms;      /* 10 s between body reads -> 408 */
     uint64_t keepalive_timeout_ms; /* 60 s idle keep-alive */
+    uint64_t send_timeout_ms;      /* 60 s: a client that takes no response
+                                      byte for that long is cut off */
     unsigned max_connections;      /* per worker, default 10000 */
     uint64_t drain_timeout_ms; /* graceful stop / worker replacement, 30 s */
     unsigned h2_max_concurrent_streams; /* HTTP/2 SETTINGS, default 100 */

@@ -45,8 +45,7 @@
 #include "worker.h"
 
 #define READ_CHUNK 16384
-#define SEND_TIMEOUT_MS 60000 /* a client that reads nothing for a minute */
-#define LINGER_MS 2000        /* read-and-discard before closing */
+#define LINGER_MS 2000 /* read-and-discard before closing */
 #define DRAIN_GRACE_MS                                                         \
     1000 /* an idle connection's last chance to send                           \
             a request once its worker drains */
@@ -235,13 +234,15 @@ static void on_write(mg_wreq_t *wr, int status)
         if (c->send_timer) {
             c->send_timer = 0;
             stop_timer(c);
+            if (c->state == C_H2)
+                mg_h2_rearm(c->h2);
         }
         if (c->active && c->resp_done)
             finish_request(c);
         else if (c->h2_finish && c->state == C_H2)
             linger_close(c);
     } else if (c->send_timer) {
-        arm_timer(c, SEND_TIMEOUT_MS); /* progress: a fresh minute */
+        arm_timer(c, limits(c)->send_timeout_ms); /* progress: a fresh wait */
         c->send_timer = 1;
     }
 }
@@ -285,7 +286,7 @@ void mg_conn_write(mg_conn_t *c, const uv_buf_t *bufs, unsigned n,
         mg_worker_write(c->w, (uv_stream_t *)&c->tcp, &q->wr, bufs, n,
                         on_write);
     if (c->tcp.write_queue_size > 0 && c->state != C_BODY) {
-        arm_timer(c, SEND_TIMEOUT_MS);
+        arm_timer(c, limits(c)->send_timeout_ms);
         c->send_timer = 1;
     }
 }
@@ -1016,6 +1017,9 @@ static int start_h2(mg_conn_t *c)
 
 void mg_http1_h2_timer(mg_conn_t *c, uint64_t ms)
 {
+    if (c->send_timer)
+        return; /* the socket is backed up: its send timeout rules, and
+                   mg_h2_rearm follows once it drains */
     if (ms)
         arm_timer(c, ms);
     else

@@ -102,6 +102,8 @@ struct mg_h2_stream_s {
     out_t *out, **out_tail;   /* writes not yet framed */
     out_t *done, **done_tail; /* framed, callbacks to run */
     size_t out_bytes;         /* body bytes not yet framed */
+    uint64_t moved_ms;        /* loop time the client last took response bytes
+                                 (or the head went out): send_timeout */
 };
 
 struct mg_h2_s {
@@ -123,6 +125,7 @@ struct mg_h2_s {
     unsigned draining : 1;
     unsigned final_goaway : 1;
     unsigned tls : 1;
+    uint64_t read_ms;    /* loop time bytes last arrived: body_timeout */
     double reset_tokens; /* the client's RST_STREAM budget (rapid reset) */
     uint64_t reset_ms;   /* when it was last refilled */
     const char *why;     /* reason of a GOAWAY we send, for the log */
@@ -138,6 +141,11 @@ static void stream_free(mg_h2_stream_t *st);
 static const mg_limits_t *limits(mg_h2_t *s)
 {
     return &mg_worker_gen(s->w)->cfg->limits;
+}
+
+static uint64_t now_ms(const mg_h2_t *s)
+{
+    return uv_now(mg_worker_loop(s->w));
 }
 
 static mg_h2_stream_t *stream_of(const mg_conn_t *c)
@@ -439,6 +447,8 @@ static ssize_t on_read_data(nghttp2_session *ng, int32_t id, uint8_t *buf,
         st->done_tail = &o->next;
     }
     st->out_bytes -= got;
+    if (got)
+        st->moved_ms = now_ms(st->s);
     if (!st->out && st->resp_done) {
         *flags |= NGHTTP2_DATA_FLAG_EOF;
         return (ssize_t)got;
@@ -488,6 +498,7 @@ static void submit_head(mg_h2_stream_t *st)
         return;
     }
     st->submitted = 1;
+    st->moved_ms = now_ms(st->s);
 }
 
 void mg_h2_write(mg_conn_t *c, const uv_buf_t *bufs, unsigned n, mg_write_cb cb,
@@ -645,9 +656,17 @@ void mg_h2_respond(mg_req_t *r, int status, const mg_header_t *headers,
 
 /* Drops the stream from the pipeline's view at once (the pipeline may not
  * touch it after this), and resets it. */
+static void stream_cancel(mg_h2_stream_t *st, uint32_t code);
+
 void mg_h2_abort(mg_conn_t *c)
 {
-    mg_h2_stream_t *st = stream_of(c);
+    stream_cancel(stream_of(c), NGHTTP2_INTERNAL_ERROR);
+}
+
+/* The stream ends here: the pipeline lets go, queued bytes are dropped
+ * and the client gets RST_STREAM(code). */
+static void stream_cancel(mg_h2_stream_t *st, uint32_t code)
+{
     if (st->aborted)
         return;
     st->aborted = 1;
@@ -662,7 +681,7 @@ void mg_h2_abort(mg_conn_t *c)
     st->out_tail = &st->out;
     st->done_tail = &st->done;
     if (!st->s->dead)
-        reset_stream(st, NGHTTP2_INTERNAL_ERROR);
+        reset_stream(st, code);
 }
 
 mg_worker_t *mg_h2_worker(const mg_conn_t *c)
@@ -1141,6 +1160,7 @@ mg_h2_t *mg_h2_new(mg_conn_t *c, mg_worker_t *w, const char *peer, int tls)
     snprintf(s->peer, sizeof(s->peer), "%s", peer);
     s->reset_tokens = RESET_BURST;
     s->reset_ms = uv_now(mg_worker_loop(w));
+    s->read_ms = s->reset_ms;
     nghttp2_session_server_new2(&s->ng, callbacks, s, options);
     const mg_limits_t *l = limits(s);
     nghttp2_settings_entry iv[] = {
@@ -1193,10 +1213,86 @@ static int recv_now(mg_h2_t *s, const char *p, size_t n)
     }
     /* While streams are open the timer is the body wait, renewed by
      * every read (deadline.h makes that cheap). */
+    s->read_ms = now_ms(s);
     if (s->nstreams > 0 && !s->dead && (!s->draining || s->final_goaway))
         mg_http1_h2_timer(s->c, limits(s)->body_timeout_ms);
     flush(s);
     return s->dead ? -1 : 0;
+}
+
+/*
+ * The connection's timer fired while streams are open: the client owes
+ * bytes or takes none.
+ * - Nothing arrived for body_timeout: the streams whose body the client
+ *   owes (not held up by us: nothing buffered, no window closed by the
+ *   pipeline) end with 408, as on HTTP/1. Streams waiting for an
+ *   upstream have the upstream's timeouts.
+ * - A stream whose response bytes the client has not taken for
+ *   send_timeout (its flow-control window stays shut) is cancelled, with
+ *   its upstream exchange: HTTP/1 closes a client that reads nothing for
+ *   that long, and a closed window must not hold an upstream connection
+ *   forever.
+ * Then the timer is set for the earliest next deadline.
+ */
+static void streams_timeout(mg_h2_t *s)
+{
+    const mg_limits_t *l = limits(s);
+    uint64_t now = now_ms(s);
+    int body_due = now - s->read_ms >= l->body_timeout_ms;
+    for (mg_h2_stream_t *st = s->streams; st; st = st->next)
+        if (!st->started && body_due) {
+            /* A header block left unfinished (HEADERS without its
+             * CONTINUATIONs): nothing else can go on. */
+            s->why = "request head timeout";
+            nghttp2_session_terminate_session(s->ng, NGHTTP2_PROTOCOL_ERROR);
+            schedule(s);
+            return;
+        }
+    if (body_due)
+        s->read_ms = now; /* the next body wait starts now */
+    for (mg_h2_stream_t *st = s->streams, *after; st; st = after) {
+        after = st->next; /* a 408 or a cancel may free st */
+        if (body_due && st->started && st->body_open && !st->end_stream
+            && !st->discard && !st->aborted && st->holds == 0
+            && st->blen == 0) {
+            if (st->req.response_started)
+                mg_h2_abort((mg_conn_t *)st);
+            else
+                mg_conn_respond_error(&st->req, 408, "request timeout", 0);
+        } else if (st->submitted && !st->aborted && st->out_bytes
+                   && now - st->moved_ms >= l->send_timeout_ms) {
+            mg_log_info("client %s: HTTP/2 stream %d took no response byte "
+                        "for %llu ms (flow-control window shut); cancelled",
+                        s->peer, st->id,
+                        (unsigned long long)(now - st->moved_ms));
+            stream_cancel(st, NGHTTP2_CANCEL);
+        }
+    }
+    mg_h2_rearm(s);
+    schedule(s);
+}
+
+/* The connection timer for the earliest deadline: the open streams' body
+ * and send waits, else the idle (or drain grace) wait. */
+void mg_h2_rearm(mg_h2_t *s)
+{
+    if (s->dead || s->finished)
+        return;
+    if (s->draining && !s->final_goaway) {
+        mg_http1_h2_timer(s->c, DRAIN_GRACE_MS);
+        return;
+    }
+    if (s->nstreams == 0) {
+        idle_timer(s);
+        return;
+    }
+    const mg_limits_t *l = limits(s);
+    uint64_t now = now_ms(s), next = s->read_ms + l->body_timeout_ms;
+    for (mg_h2_stream_t *st = s->streams; st; st = st->next)
+        if (st->submitted && !st->aborted && st->out_bytes
+            && st->moved_ms + l->send_timeout_ms < next)
+            next = st->moved_ms + l->send_timeout_ms;
+    mg_http1_h2_timer(s->c, next > now ? next - now : 1);
 }
 
 void mg_h2_timeout(mg_h2_t *s)
@@ -1210,29 +1306,7 @@ void mg_h2_timeout(mg_h2_t *s)
         return;
     }
     if (s->nstreams > 0) {
-        /* Nothing arrived for body_timeout: the streams whose body the
-         * client owes (not held up by us: nothing buffered, no window
-         * closed by the pipeline) end with 408, as on HTTP/1. Streams
-         * waiting for an upstream have the upstream's timeouts. */
-        for (mg_h2_stream_t *st = s->streams; st; st = st->next)
-            if (!st->started) {
-                /* A header block left unfinished (HEADERS without its
-                 * CONTINUATIONs): nothing else can go on. */
-                s->why = "request head timeout";
-                nghttp2_session_terminate_session(s->ng,
-                                                  NGHTTP2_PROTOCOL_ERROR);
-                schedule(s);
-                return;
-            }
-        for (mg_h2_stream_t *st = s->streams; st; st = st->next)
-            if (st->started && st->body_open && !st->end_stream && !st->discard
-                && !st->aborted && st->holds == 0 && st->blen == 0) {
-                if (st->req.response_started)
-                    mg_h2_abort((mg_conn_t *)st);
-                else
-                    mg_conn_respond_error(&st->req, 408, "request timeout", 0);
-            }
-        schedule(s);
+        streams_timeout(s);
         return;
     }
     /* Idle (or never a request): a polite end. */

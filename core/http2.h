@@ -41,6 +41,10 @@ int mg_h2_recv(mg_h2_t *s, const char *p, size_t n);
 /* The connection timer fired (header/idle wait, drain grace). */
 void mg_h2_timeout(mg_h2_t *s);
 
+/* Sets the connection timer for the session's earliest deadline (http1.c
+ * calls it when its send timer, which took the timer over, is done). */
+void mg_h2_rearm(mg_h2_t *s);
+
 /* The worker drains: GOAWAY now, open streams finish. */
 void mg_h2_drain(mg_h2_t *s);
 

@@ -212,6 +212,38 @@ def test_keepalive_timeout_does_not_cut_a_slow_response():
             assert upstream_saw(r)["path"] == "/slow?delay=2"
 
 
+def test_a_client_that_reads_nothing_is_closed_after_send_timeout():
+    # 64 MiB asked for, not a byte read: once the socket buffers are full
+    # nothing moves, and limits.send_timeout (here 2 s) closes the
+    # connection (and its upstream exchange); a slow reader that does read
+    # keeps going past it.
+    import socket
+    with limited(send_timeout=2) as (gw, up):
+        s = socket.create_connection(("127.0.0.1", gw.port))
+        try:
+            s.sendall(build_request("GET", "/big?size=67108864"))
+            time.sleep(4)
+            # Now read everything: a closed connection ends well short of
+            # 64 MiB.
+            s.settimeout(10)
+            got = 0
+            while True:
+                try:
+                    chunk = s.recv(1 << 20)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                got += len(chunk)
+            assert got < 32 << 20, "the gateway kept the connection: %d bytes" % got
+        finally:
+            s.close()
+        # A reader that reads, slowly but steadily, gets everything.
+        with Client(gw.port, timeout=20) as c:
+            r = c.request("GET", "/big?size=3000000")
+            assert r.status == 200 and len(r.body) == 3000000
+
+
 def test_limits_are_not_applied_across_pipelined_requests():
     # 15 requests of 10 headers each: more than 20 fields in the buffer, but
     # each request alone is within the limit.

@@ -94,7 +94,8 @@ static const char full_example[] =
     "  limits = { max_uri = \"4k\", max_header_bytes = \"16K\",\n"
     "             max_header_fields = 50, max_body = \"2m\",\n"
     "             header_timeout = 5, body_timeout = 0.5,\n"
-    "             keepalive_timeout = 30, max_connections = 500,\n"
+    "             keepalive_timeout = 30, send_timeout = 5, max_connections = "
+    "500,\n"
     "             drain_timeout = 1.25 },\n"
     "  upstreams = {\n"
     "    users = { targets = { \"127.0.0.1:9001\",\n"
@@ -191,6 +192,7 @@ static void full_example_limits_are_in_bytes_and_ms(void)
     CHECK_INT(cfg->limits.header_timeout_ms, ==, 5000);
     CHECK_INT(cfg->limits.body_timeout_ms, ==, 500);
     CHECK_INT(cfg->limits.keepalive_timeout_ms, ==, 30000);
+    CHECK_INT(cfg->limits.send_timeout_ms, ==, 5000);
     CHECK_INT(cfg->limits.max_connections, ==, 500);
     CHECK_INT(cfg->limits.drain_timeout_ms, ==, 1250);
     mg_config_free(cfg);
@@ -294,6 +296,7 @@ static void absent_fields_take_their_defaults(void)
     CHECK_INT(cfg->limits.header_timeout_ms, ==, 10000);
     CHECK_INT(cfg->limits.body_timeout_ms, ==, 10000);
     CHECK_INT(cfg->limits.keepalive_timeout_ms, ==, 60000);
+    CHECK_INT(cfg->limits.send_timeout_ms, ==, 60000);
     CHECK_INT(cfg->limits.max_connections, ==, 10000);
     CHECK_INT(cfg->limits.drain_timeout_ms, ==, 30000);
     mg_upstream_conf_t *u = &cfg->upstreams[0];
