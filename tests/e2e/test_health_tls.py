@@ -16,20 +16,22 @@ import time
 
 from harness import (HERE, PYTHON, Client, Gateway, _kill_group, _readline_timeout, spawn,
                      wait_until)
-from test_tls import make_pki
+from test_tls import make_cert, make_pki
 
 
 class TlsTarget:
     """tests/e2e/tls_upstream.py as a subprocess (optionally on a fixed
     port; silent=True: accepts TCP, never answers)."""
 
-    def __init__(self, cert=None, key=None, port=0, silent=False):
+    def __init__(self, cert=None, key=None, port=0, silent=False, client_ca=None):
         self.cert, self.key, self.port, self.silent = cert, key, port, silent
+        self.client_ca = client_ca
         self.proc = None
 
     def __enter__(self):
         argv = [PYTHON, str(HERE / "tls_upstream.py"), "--port", str(self.port)]
         argv += ["--silent"] if self.silent else ["--cert", self.cert, "--key", self.key]
+        argv += ["--client-ca", self.client_ca] if self.client_ca else []
         self.proc = spawn(argv, "tls_upstream", stdout=subprocess.PIPE,
                           stdin=subprocess.DEVNULL)
         line = _readline_timeout(self.proc.stdout, 10)
@@ -53,11 +55,14 @@ class TlsTarget:
             self.proc.wait()
             self.proc = None
 
-    def count(self, ca, path):
-        """How many requests for `path` arrived (asked over verified TLS)."""
+    def count(self, ca, path, client=None):
+        """How many requests for `path` arrived (asked over verified TLS,
+        with the client certificate (cert, key) `client` if given)."""
+        ctx = ssl.create_default_context(cafile=ca)
+        if client:
+            ctx.load_cert_chain(*client)
         c = Client(self.port)
-        c.sock = ssl.create_default_context(cafile=ca).wrap_socket(
-            c.sock, server_hostname="127.0.0.1")
+        c.sock = ctx.wrap_socket(c.sock, server_hostname="127.0.0.1")
         with c:
             r = c.request("GET", "/__count")
         assert r.status == 200, r
@@ -170,6 +175,32 @@ def test_tls_targets_failing_verification_are_marked_down_with_the_tls_reason():
             assert len(re.findall(r"upstream wrongca: .* marked down", text)) == 1, text
             assert len(re.findall(r"upstream wrongname: .* marked down", text)) == 1, text
             assert "healthy again" not in text
+
+
+def test_checks_present_the_upstreams_client_certificate():
+    d = tempfile.mkdtemp(prefix="mg-hc-tls-")
+    certs, ca = make_pki(d)
+    client = make_cert(d, "client", "gateway-client", ["DNS:gateway-client"])
+    health = '{ path = "/hc", interval = 0.1, timeout = 1, unhealthy = 2 }'
+    with TlsTarget(*certs["localhost"], client_ca=ca) as t:
+        conf = config({
+            "mtls": upstream([t.addr], '{ ca = "%s", cert = "%s", key = "%s" }'
+                             % ((ca,) + client), health),
+            "nocert": upstream([t.addr], '{ ca = "%s" }' % ca, health),
+        }, routes=['{ path = "/n/*", upstream = "nocert" }',
+                   '{ path = "/*", upstream = "mtls" }'])
+        with Gateway(conf) as gw:
+            # Without the certificate the target refuses the session (TLS
+            # 1.3: after the client's Finished, so it shows on the read).
+            gw.wait_log(r"upstream nocert: target 127\.0\.0\.1:%d marked down by health "
+                        r"checks \(2 failed: TLS [a-z ]+: .*certificate required\)" % t.port,
+                        timeout=5)
+            wait_until(lambda: t.count(ca, "/hc", client) >= 3, 5, what="mTLS checks")
+            text = gw.log_text()
+            print(re.search(r"upstream nocert: .*", text).group(0))
+            assert "upstream mtls: target" not in text
+            r = Client(gw.port).request("GET", "/m")
+            assert r.status == 200 and json.loads(r.body)["path"] == "/m", r
 
 
 def test_a_target_that_never_finishes_the_handshake_fails_within_the_timeout():

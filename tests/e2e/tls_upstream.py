@@ -6,12 +6,13 @@ Answers every request 200 with JSON {"path", "port"} (`port` is the
 server's own, so a test can tell targets apart) and counts the requests
 per path; GET /__count (over TLS too) returns {"paths": {path: n}}.
 
+  --client-ca CA  require a client certificate signed by CA (mTLS)
   --silent  accept TCP connections and never answer: no byte of a TLS
             handshake is ever sent (a stuck TLS terminator). What the
             client sends is read and dropped; when a client closes, a line
             "closed SECONDS" (how long it was held) goes to stdout.
 
-Usage: tls_upstream.py --cert C --key K [--port P] [--silent]; prints
+Usage: tls_upstream.py --cert C --key K [--client-ca CA] [--port P] [--silent]; prints
 "ready PORT" on stdout once listening on 127.0.0.1.
 """
 
@@ -84,6 +85,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cert")
     ap.add_argument("--key")
+    ap.add_argument("--client-ca")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--silent", action="store_true")
     args = ap.parse_args()
@@ -92,6 +94,9 @@ def main():
         return
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(args.cert, args.key)
+    if args.client_ca:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(args.client_ca)
     httpd = Server(("127.0.0.1", args.port), Handler)
     httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
     print("ready %d" % httpd.server_address[1], flush=True)
