@@ -1338,10 +1338,6 @@ static void load_upstream_tls(ld_t *ld, mg_upstream_conf_t *u)
     }
     if (is_false && https)
         fail(ld, "tls", "is false, but the targets are https://");
-    if (want && u->health.enabled)
-        fail(ld, "health",
-             "active health checks over TLS are not supported yet (passive "
-             "checks are)");
     if (want && ld->nerrors == before) {
         char *paths[3] = {ca ? config_relative(ld, ca) : NULL,
                           cert ? config_relative(ld, cert) : NULL,

@@ -5,6 +5,14 @@
  * timeout) -> the verdict closes the handle, and its close callback arms
  * the next interval, so a handle is never reused before libuv is done
  * with it.
+ *
+ * An https target is probed over TLS with the upstream's own client
+ * context (a reference on its mg_tls_client_t: same CA, verification, SNI
+ * name and client certificate as the proxied traffic): after the TCP
+ * connect the handshake runs, then the request goes out encrypted and the
+ * status line is decrypted into the same buffer a plain probe reads into.
+ * The one timer bounds all of it. The session lives exactly as long as
+ * the probe's TCP handle (end_probe frees both).
  */
 #include "health.h"
 
@@ -14,6 +22,9 @@
 #include "generation.h"
 #include "log.h"
 #include "peers.h"
+#include "tls.h"
+
+#define TLS_IN_LEN 4096 /* ciphertext read size; any size works */
 
 typedef struct check_s check_t;
 
@@ -35,9 +46,14 @@ struct check_s {
     mg_status_set_t statuses;
     char buf[32]; /* the status line's start */
     size_t blen;
-    unsigned handles;     /* open libuv handles: free at 0 when stopping */
-    unsigned probing : 1; /* a probe's TCP handle is open */
+    mg_tls_client_t *tls_ctx; /* https: a reference; NULL: plain */
+    char *tls_name;           /* SNI / verified name */
+    char *tls_in;             /* ciphertext read buffer (https only) */
+    mg_tls_conn_t *tls;       /* the probe's session, while it runs */
+    unsigned handles;         /* open libuv handles: free at 0 when stopping */
+    unsigned probing : 1;     /* a probe's TCP handle is open */
     unsigned stopping : 1;
+    unsigned handshaken : 1; /* the probe's TLS handshake is done */
 };
 
 struct mg_health_s {
@@ -47,6 +63,10 @@ struct mg_health_s {
 
 static void free_check(check_t *c)
 {
+    mg_tls_conn_free(c->tls);
+    mg_tls_client_unref(c->tls_ctx);
+    free(c->tls_name);
+    free(c->tls_in);
     free(c->upstream);
     free(c->target);
     free(c->request);
@@ -69,6 +89,16 @@ static void on_tcp_closed(uv_handle_t *hd)
     if (!c->stopping)
         uv_timer_start(&c->timer, on_interval, c->interval_ms, 0);
     on_handle_closed(hd);
+}
+
+/* Closes the probe's TCP handle and drops its TLS session: every end of a
+ * probe (verdict, stop, reload) goes through here. Pending writes are
+ * cancelled by libuv and free their buffers in their callbacks. */
+static void end_probe(check_t *c, uv_close_cb cb)
+{
+    mg_tls_conn_free(c->tls);
+    c->tls = NULL;
+    uv_close((uv_handle_t *)&c->tcp, cb);
 }
 
 /* Records one result in the shared state and ends the probe. */
@@ -99,14 +129,16 @@ static void verdict(check_t *c, int ok, const char *why)
                         c->upstream, c->target, run, why);
         }
     }
-    uv_close((uv_handle_t *)&c->tcp, on_tcp_closed);
+    end_probe(c, on_tcp_closed);
 }
 
 static void on_check_timeout(uv_timer_t *t)
 {
     check_t *c = t->data;
     if (c->probing)
-        verdict(c, 0, "timeout");
+        verdict(c, 0,
+                c->tls && !c->handshaken ? "timeout in the TLS handshake"
+                                         : "timeout");
 }
 
 static void on_alloc(uv_handle_t *hd, size_t hint, uv_buf_t *b)
@@ -131,16 +163,9 @@ static int status_of(const char *b, size_t n)
     return st;
 }
 
-static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
+/* Decides once the status line is in buf (or cannot be). */
+static void judge(check_t *c)
 {
-    check_t *c = s->data;
-    if (c->stopping || nread == 0)
-        return;
-    if (nread < 0) {
-        verdict(c, 0, nread == UV_EOF ? "closed" : uv_strerror((int)nread));
-        return;
-    }
-    c->blen += (size_t)nread;
     int st = status_of(c->buf, c->blen);
     if (st == -1 && c->blen < sizeof(c->buf))
         return;
@@ -159,6 +184,126 @@ static void on_written(uv_write_t *req, int status)
     (void)status; /* a failed write shows as a read error or the timeout */
 }
 
+/* ---- TLS: small steps, each with one job ------------------------------ */
+
+typedef struct {
+    uv_write_t req;
+    /* the ciphertext follows */
+} tls_write_t;
+
+static void on_tls_written(uv_write_t *req, int status)
+{
+    (void)status; /* as on_written */
+    free(req);
+}
+
+/* Sends the ciphertext the session has produced (handshake records, the
+ * encrypted request, alerts). Its own copy: the write may outlive the
+ * session (end_probe frees it; the cancelled write frees its copy). */
+static void tls_flush(check_t *c)
+{
+    size_t n = mg_tls_conn_pending(c->tls);
+    if (n == 0)
+        return;
+    tls_write_t *tw = mg_malloc(sizeof(*tw) + n);
+    char *p = (char *)(tw + 1);
+    uv_buf_t b = uv_buf_init(p, (unsigned)mg_tls_conn_take(c->tls, p, n));
+    if (uv_write(&tw->req, (uv_stream_t *)&c->tcp, &b, 1, on_tls_written) < 0)
+        free(tw); /* shows as a read error or the timeout */
+}
+
+/* A fatal TLS error: a failed check whose reason is OpenSSL's. */
+static void tls_fail(check_t *c, const char *stage)
+{
+    char why[256];
+    snprintf(why, sizeof(why), "TLS %s: %s", stage, mg_tls_conn_error(c->tls));
+    verdict(c, 0, why);
+}
+
+/* Runs the handshake as far as the input allows; once done, sends the
+ * request. 1 done, 0 more input needed, -1 the check has failed. */
+static int tls_handshake(check_t *c)
+{
+    int rc = mg_tls_conn_handshake(c->tls);
+    tls_flush(c); /* the ClientHello, Finished, or an alert */
+    if (rc == 0)
+        return 0;
+    if (rc < 0) {
+        tls_fail(c, "handshake failed");
+        return -1;
+    }
+    c->handshaken = 1;
+    if (mg_tls_conn_write(c->tls, c->request, c->request_len) < 0) {
+        tls_fail(c, "write");
+        return -1;
+    }
+    tls_flush(c);
+    return 1;
+}
+
+/* Decrypts what has arrived into buf, then judges the status line. */
+static void tls_read_status(check_t *c)
+{
+    while (c->blen < sizeof(c->buf)) {
+        int n = mg_tls_conn_read(c->tls, c->buf + c->blen,
+                                 sizeof(c->buf) - c->blen);
+        tls_flush(c); /* e.g. a key update's answer */
+        if (n == 0)
+            break;
+        if (n == UV_EOF) {
+            verdict(c, 0, "closed");
+            return;
+        }
+        if (n < 0) {
+            tls_fail(c, "read");
+            return;
+        }
+        c->blen += (size_t)n;
+    }
+    judge(c);
+}
+
+/* Ciphertext from the socket: handshake first, then the response. */
+static void tls_on_data(check_t *c, const char *p, size_t n)
+{
+    mg_tls_conn_feed(c->tls, p, n);
+    if (!c->handshaken && tls_handshake(c) <= 0)
+        return;
+    tls_read_status(c);
+}
+
+static void on_tls_alloc(uv_handle_t *hd, size_t hint, uv_buf_t *b)
+{
+    check_t *c = hd->data;
+    (void)hint;
+    *b = uv_buf_init(c->tls_in, TLS_IN_LEN);
+}
+
+/* ---- the probe ------------------------------------------------------- */
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *b)
+{
+    check_t *c = s->data;
+    if (c->stopping || nread == 0)
+        return;
+    if (nread < 0) {
+        const char *why = nread == UV_EOF ? "closed" : uv_strerror((int)nread);
+        char buf[96];
+        if (c->tls && !c->handshaken) {
+            snprintf(buf, sizeof(buf), "%s in the TLS handshake", why);
+            why = buf;
+        }
+        verdict(c, 0, why);
+        return;
+    }
+    if (c->tls) {
+        tls_on_data(c, b->base, (size_t)nread);
+        return;
+    }
+    c->blen += (size_t)nread;
+    judge(c);
+}
+
 static void on_connected(uv_connect_t *req, int status)
 {
     check_t *c = req->data;
@@ -166,6 +311,13 @@ static void on_connected(uv_connect_t *req, int status)
         return;
     if (status < 0) {
         verdict(c, 0, uv_strerror(status));
+        return;
+    }
+    if (c->tls_ctx) {
+        c->tls = mg_tls_conn_new_client(c->tls_ctx, c->tls_name);
+        c->handshaken = 0;
+        uv_read_start((uv_stream_t *)&c->tcp, on_tls_alloc, on_read);
+        tls_handshake(c); /* sends the ClientHello; cannot finish yet */
         return;
     }
     uv_buf_t b = uv_buf_init(c->request, (unsigned)c->request_len);
@@ -210,7 +362,7 @@ static void stop_all(mg_health_t *h)
         uv_timer_stop(&c->timer);
         uv_close((uv_handle_t *)&c->timer, on_handle_closed);
         if (c->probing && !uv_is_closing((uv_handle_t *)&c->tcp))
-            uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
+            end_probe(c, on_handle_closed);
         c = next;
     }
 }
@@ -231,6 +383,14 @@ static void add_check(mg_health_t *h, const mg_upstream_t *u, size_t i)
     c->healthy = hc->healthy;
     c->unhealthy = hc->unhealthy;
     c->statuses = hc->statuses;
+    if (tc->tls) {
+        /* The upstream's context itself: probes verify and present
+         * exactly what proxied requests do. */
+        c->tls_ctx = tc->tls;
+        mg_tls_client_ref(c->tls_ctx);
+        c->tls_name = mg_strndup(tc->tls_name, strlen(tc->tls_name));
+        c->tls_in = mg_malloc(TLS_IN_LEN);
+    }
     size_t cap = strlen(hc->path) + strlen(tc->text) + 128;
     c->request = mg_malloc(cap);
     c->request_len = (size_t)snprintf(c->request, cap,

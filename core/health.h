@@ -16,7 +16,9 @@
  * A check: connect, send "GET <path> HTTP/1.1" with Connection: close, read
  * the status line, close. Healthy when the status is in `statuses`; a
  * connect error, a timeout (`timeout`, the whole check) or another status
- * is a failure.
+ * is a failure. A TLS upstream's target is checked over TLS with the
+ * upstream's client context (mg_target_conf_t.tls, referenced for as long
+ * as the check exists); a failed handshake or verification is a failure.
  */
 #ifndef MG_HEALTH_H
 #define MG_HEALTH_H

@@ -577,6 +577,10 @@ def test_check_reports_bad_upstream_tls_settings():
 
     rc, out = check(conf('{ targets = { "https://127.0.0.1:9" }, tls = { ca = "%s" } }' % ca))
     assert rc == 0, out
+    # Active health checks of a TLS upstream (probed over TLS).
+    rc, out = check(conf('{ targets = { "https://127.0.0.1:9" }, tls = { ca = "%s" },'
+                         ' health = { path = "/h" } }' % ca))
+    assert rc == 0, out
     cases = [
         ('{ targets = { "https://127.0.0.1:9", "127.0.0.1:10" } }',
          r"upstreams\.up: targets: mixes https:// and plain targets"),
@@ -590,8 +594,6 @@ def test_check_reports_bad_upstream_tls_settings():
          % (lc, certs["a"][1]), r'upstreams\.up: tls: key file ".*a\.key" does not match'),
         ('{ targets = { "127.0.0.1:9" }, tls = { bogus = 1 } }',
          r"upstreams\.up: tls\.bogus: unknown field"),
-        ('{ targets = { "127.0.0.1:9" }, tls = true, health = { path = "/h" } }',
-         r"upstreams\.up: health: active health checks over TLS are not supported yet"),
     ]
     for up, want in cases:
         rc, out = check(conf(up))
