@@ -209,3 +209,16 @@ describe("aggregate answers", function()
         assert.equal(J.null, doc.a)
     end)
 end)
+
+describe("aggregate bodies after the json_ops merge", function()
+    it("sends json_ops.EMPTY_ARRAY in a body as []", function()
+        local _, _, f = run({ parts = { a = { upstream = "u", method = "POST",
+            body = { tags = J.EMPTY_ARRAY, n = { J.EMPTY_ARRAY } } } } }, {})
+        assert.equal('{"n":[[]],"tags":[]}', f.reqs[1].body)
+    end)
+
+    it("says why a part's answer is not JSON once", function()
+        local _, doc = run({ parts = { a = { upstream = "u", optional = true } } }, { { 200, "{x" } })
+        assert.matches("^invalid JSON: expected a member name at byte 2$", doc.errors.a)
+    end)
+end)

@@ -474,3 +474,127 @@ describe("json_ops operations, strict dialect (request-transform)", function()
     end)
 end)
 
+
+describe("json_ops dialects: the same document, strict and spread", function()
+    local doc = '{"items":[{"id":1,"x":0},{"id":2}],"o":{"a":{"x":1},"b":{"x":2}},"*":{"x":3}}'
+
+    it("a name meeting an array is a no-op when strict, each element when spreading", function()
+        assert.are.equal(doc, run_strict(doc, { remove = { "items.x" } }))
+        assert.are.equal('{"items":[{"id":1},{"id":2}],"o":{"a":{"x":1},"b":{"x":2}},"*":{"x":3}}',
+            run(doc, { { op = "remove", path = "items.x" } }))
+    end)
+
+    it("[*] on an object is a no-op when strict, every member when spreading", function()
+        assert.are.equal(doc, run_strict(doc, { replace = { ["o[*].x"] = 0 } }))
+        assert.are.equal(
+            '{"items":[{"id":1,"x":0},{"id":2}],"o":{"a":{"x":0},"b":{"x":0}},"*":{"x":3}}',
+            run(doc, { { op = "replace", path = "o[*].x", value = 0 } }))
+    end)
+
+    it("a lone * is a field name when strict", function()
+        assert.are.same({ "*", "x" }, J.parse_path("*.x"))
+        assert.are.same({ J.STAR, "x" }, J.parse_path("*.x", true))
+        assert.are.equal('{"items":[{"id":1,"x":0},{"id":2}],"o":{"a":{"x":1},"b":{"x":2}},"*":{}}',
+            run_strict(doc, { remove = { "*.x" } }))
+    end)
+
+    it("keep: strict leaves an array [*] does not name whole, spread reaches into it", function()
+        assert.are.equal('{"items":[{"id":1,"x":0},{"id":2}]}',
+            run_strict(doc, { keep = { "items.id" } }))
+        assert.are.equal('{"items":[{"id":1},{"id":2}]}',
+            run(doc, { { op = "keep", paths = { "items.id" } } }))
+    end)
+
+    it("refuses a trailing [*] when strict; spreading, only for rename and add", function()
+        local _, err = compile_strict({ remove = { "items[*]" } })
+        assert.matches("^json%.remove%[1%]: a path must end with a field name", err)
+        assert.is_truthy(J.compile({ { op = "remove", path = "items[*]" } }))
+        _, err = J.compile({ { op = "add", path = "items[*]", value = 1 } })
+        assert.matches("cannot end in %[%*%]", err)
+    end)
+
+    it("refuses a leading dot, [*] followed by text and [*]. in both dialects", function()
+        for _, spread in ipairs({ false, true }) do
+            for _, bad in ipairs({ ".a", "[*]x", "[*].", "a.[*]", "a[*]x" }) do
+                assert.is_nil(J.parse_path(bad, spread), bad)
+            end
+        end
+    end)
+end)
+
+describe("json_ops choices where the two old modules differed", function()
+    it("keeps a whole subtree when a shorter path names it, in either order", function()
+        local text = '{"a":{"x":1,"y":2},"b":2}'
+        for _, paths in ipairs({ { "a", "a.x" }, { "a.x", "a" } }) do
+            assert.are.equal('{"a":{"x":1,"y":2}}', run(text, { { op = "keep", paths = paths } }))
+            assert.are.equal('{"a":{"x":1,"y":2}}', run_strict(text, { keep = paths }))
+        end
+    end)
+
+    it("does not create an object that only [*] would walk", function()
+        assert.are.equal("{}", run("{}", { { op = "add", path = "x[*].y", value = 1 } }))
+        assert.are.equal("{}", run_strict("{}", { add = { ["x[*].y"] = 1 } }))
+    end)
+
+    it("refuses a new name that looks like a path, in both dialects", function()
+        local _, err = J.compile({ { op = "rename", path = "a", to = "b.c" } })
+        assert.matches("the new name must be a field name", err)
+        _, err = compile_strict({ rename = { a = "x[*]" } })
+        assert.matches("the new name must be a field name", err)
+    end)
+
+    it("writes json_ops.EMPTY_ARRAY (transform.EMPTY_ARRAY too) as [], a copy each", function()
+        assert.are.equal(J.EMPTY_ARRAY, T.EMPTY_ARRAY)
+        local out = run_strict('{"items":[{},{}]}', { add = { ["items[*].tags"] = J.EMPTY_ARRAY } })
+        assert.are.equal('{"items":[{"tags":[]},{"tags":[]}]}', out)
+        local ops = assert(J.compile({ { op = "add", path = "t", value = J.EMPTY_ARRAY } }))
+        local a = J.apply(assert(J.decode("{}")), ops)
+        local b = J.apply(assert(J.decode("{}")), ops)
+        assert.are_not.equal(a.t, b.t)
+        assert.are_not.equal(J.EMPTY_ARRAY, a.t)
+        assert.are.equal(0, #J.EMPTY_ARRAY)
+    end)
+
+    it("treats config tables as the JSON they will be written as", function()
+        -- a Lua list added from a config is an array for the operations after it
+        assert.are.equal('{"m":{"tags":[{"k":1},{"k":2}]}}',
+            run('{"m":{}}', {
+                { op = "add", path = "m.tags", value = { { k = 1, z = 0 }, { k = 2 } } },
+                { op = "keep", paths = { "m.tags[*].k" } } }))
+    end)
+
+    it("inserts a copy of a table a strict one-reference template names", function()
+        local claims = { roles = { "a", "b" }, org = "acme" }
+        local out = run_strict("{}", { add = { who = "{consumer.claims}" } },
+            { consumer = { claims = claims } })
+        assert.are.equal('{"who":{"org":"acme","roles":["a","b"]}}', out)
+    end)
+
+    it("keeps member order and number spelling for the strict dialect too", function()
+        assert.are.equal('{"z":1.50,"id":12345678901234567890,"a":[]}',
+            run_strict('{"z":1.50,"userId":12345678901234567890,"a":[]}',
+                { rename = { userId = "id" } }))
+    end)
+end)
+
+describe("json_ops loose templates (response-transform)", function()
+    local function render(s, values)
+        return J.render(assert(J.compile_template(s, true)), function(ns, key)
+            return values and values[ns] and values[ns][key]
+        end)
+    end
+
+    it("gives a string, \"\" for unknown or missing references and tables", function()
+        local v = { consumer = { id = 7, t = {} }, header = { ["x-a"] = "A" } }
+        assert.are.equal("7", render("{consumer.id}", v))
+        assert.are.equal("A/", render("{header.X-A}/{nope.x}", v))
+        assert.are.equal("", render("{consumer.t}", v))
+        assert.are.equal("", render("{consumer.missing}", v))
+    end)
+
+    it("leaves other braces as written; {{ is a literal {", function()
+        assert.are.equal("{x} {a b.c} {", render("{x} {a b.c} {"))
+        assert.are.equal("{consumer.id}", render("{{consumer.id}"))
+        assert.are.equal("{a 7", render("{a {consumer.id}", { consumer = { id = 7 } }))
+    end)
+end)

@@ -131,3 +131,18 @@ describe("response-transform helpers", function()
         refused({ json = {} }, "unknown field")
     end)
 end)
+
+describe("response-transform after the json_ops merge", function()
+    it("names the config field of a bad path", function()
+        refused({ json_remove = { "a", "b[0]" } }, "json_remove%[2%]: only %[%*%]")
+        refused({ json_keep = { "a..b" } }, "json_keep%[1%]: empty field name")
+        refused({ json_rename = { a = "b.c" } }, "json_rename%.a: the new name must be a field name")
+    end)
+
+    it("decodes a route parameter for a template", function()
+        local fake_gw = { request = { get_param = function() return "a%2Fb" end } }
+        local c = conf({ json_add = { p = "{param.id}" } })
+        assert.are.equal('{"p":"a/b"}',
+            assert(P.transform_body(c, "{}", nil, T.request_lookup(fake_gw, {}))))
+    end)
+end)

@@ -123,3 +123,19 @@ describe("transform request_lookup", function()
         assert.equal("/x/a%2Fb", J.render(tpl, lookup, T.escape_path))
     end)
 end)
+
+describe("request-transform JSON bodies after the json_ops merge", function()
+    it("says where invalid JSON broke, once", function()
+        local c = assert(P.compile(conf({ json = { rename = { a = "b" } } })))
+        local none, why = P.transform_body(c.json, '{"a":', function() end)
+        assert.is_nil(none)
+        assert.equal("not valid JSON (unexpected end at byte 6)", why)
+    end)
+
+    it("keeps member order, number spelling and null", function()
+        local c = assert(P.compile(conf({ json = { rename = { userId = "id" } } })))
+        assert.equal('{"z":null,"id":12345678901234567890,"f":1.10,"e":{}}',
+            P.transform_body(c.json, '{"z":null,"userId":12345678901234567890,"f":1.10,"e":{}}',
+                function() end))
+    end)
+end)

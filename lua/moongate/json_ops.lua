@@ -36,6 +36,7 @@
 --   { op = "keep",    paths = { "id", "a.b" } }        -- everything else removed
 -- A string value is a template (see compile_template): `{consumer.id}`.
 local null = require("cjson.safe").null
+local strbuf = require("string.buffer")
 
 local type, pairs, ipairs, tostring, tonumber, setmetatable, getmetatable, error, pcall =
     type, pairs, ipairs, tostring, tonumber, setmetatable, getmetatable, error, pcall
@@ -296,14 +297,18 @@ local ESC_OUT = { ['"'] = '\\"', ["\\"] = "\\\\", ["\b"] = "\\b", ["\f"] = "\\f"
 
 local function escape_char(c) return ESC_OUT[c] or format("\\u%04x", byte(c)) end
 
-local function encode_string(s)
+-- Puts the JSON string of s between `open` and `close` (quotes included:
+-- '"' or ',"' and '"' or '":'): a string without anything to escape is
+-- copied into the buffer as it is, no new Lua string.
+local function put_string(buf, s, open, close)
     for j = 1, #s do
         local c = byte(s, j)
         if c < 32 or c == 34 or c == 92 or c == 127 then
-            return '"' .. gsub(s, '[%z\1-\31"\\\127]', escape_char) .. '"'
+            s = gsub(s, '[%z\1-\31"\\\127]', escape_char)
+            break
         end
     end
-    return '"' .. s .. '"'
+    buf:put(open, s, close)
 end
 
 local function encode_number(x)
@@ -356,60 +361,43 @@ local function is_sequence(t)
     return count == n
 end
 
-local function encode_object(v, buf, n, depth, keys)
+local function encode_object(v, buf, depth, keys)
     local first = true
     for i = 1, #keys do
         local k = keys[i]
         local x = v[k]
         if x ~= nil then
-            n = n + 1
-            buf[n] = first and "{" or ","
+            put_string(buf, k, first and '{"' or ',"', '":')
             first = false
-            n = n + 1
-            buf[n] = encode_string(k)
-            n = n + 1
-            buf[n] = ":"
-            n = encode_value(x, buf, n, depth + 1)
+            encode_value(x, buf, depth + 1)
         end
     end
-    n = n + 1
-    buf[n] = first and "{}" or "}"
-    return n
+    buf:put(first and "{}" or "}")
 end
 
--- Appends v's JSON to buf after index n; returns the new last index.
-encode_value = function(v, buf, n, depth)
+-- Puts v's JSON into buf (a string.buffer).
+encode_value = function(v, buf, depth)
     local t = type(v)
     if t == "string" then
-        n = n + 1
-        buf[n] = encode_string(v)
+        put_string(buf, v, '"', '"')
     elseif t == "number" then
-        n = n + 1
-        buf[n] = encode_number(v)
+        buf:put(encode_number(v))
     elseif t == "boolean" then
-        n = n + 1
-        buf[n] = v and "true" or "false"
+        buf:put(v and "true" or "false")
     elseif v == null or v == nil then
-        n = n + 1
-        buf[n] = "null"
+        buf:put("null")
     elseif t == "table" then
         if depth > _M.MAX_DEPTH then error({ json_error = "nested too deeply" }, 0) end
         local mt = getmetatable(v)
         if mt == NUMBER then
-            n = n + 1
-            buf[n] = v[1]
+            buf:put(v[1])
         elseif mt == ARRAY or (mt ~= OBJECT and is_sequence(v)) then
-            n = n + 1
-            buf[n] = "["
+            buf:put("[")
             for i = 1, #v do
-                if i > 1 then
-                    n = n + 1
-                    buf[n] = ","
-                end
-                n = encode_value(v[i], buf, n, depth + 1)
+                if i > 1 then buf:put(",") end
+                encode_value(v[i], buf, depth + 1)
             end
-            n = n + 1
-            buf[n] = "]"
+            buf:put("]")
         else
             -- Fast path: the decoded order lists every member once (the
             -- operations keep it so); otherwise the general members().
@@ -424,24 +412,30 @@ encode_value = function(v, buf, n, depth)
             else
                 keys = members(v)
             end
-            n = encode_object(v, buf, n, depth, keys)
+            encode_object(v, buf, depth, keys)
         end
     else
         error({ json_error = "cannot encode a " .. t }, 0)
     end
-    return n
 end
+
+-- One buffer per VM, reused: encode never yields. A very large document
+-- does not keep its memory once written.
+local out_buf = strbuf.new()
+local KEEP_BUF = 256 * 1024
 
 --- json_ops.encode(value) -> compact JSON text, or nil, err.
 function _M.encode(v)
-    local buf = {}
-    local ok, err = pcall(encode_value, v, buf, 0, 0)
+    out_buf:reset()
+    local ok, err = pcall(encode_value, v, out_buf, 0)
+    local text = ok and out_buf:tostring()
+    if #out_buf > KEEP_BUF or (text and #text > KEEP_BUF) then out_buf:free() end
+    out_buf:reset()
     if not ok then
         return nil, type(err) == "table" and err.json_error or tostring(err)
     end
-    return concat(buf)
+    return text
 end
-
 
 -- ------------------------------------------------------------ paths
 
@@ -627,7 +621,8 @@ _M.JSON_SCHEMA = {
         replace = { type = "map", values = { type = "any", description = "value or template" },
             description = "path -> new value, only where the field exists" },
         add = { type = "map", values = { type = "any", description = "value or template" },
-            description = "path -> value, only where the field is missing (objects on the way are created)" },
+            description = "path -> value, only where the field is missing "
+                .. "(objects on the way are created)" },
     },
 }
 
@@ -832,7 +827,8 @@ function _M.compile(list, opts)
                     return nil, where .. ": needs a new name in `to`"
                 end
                 if find(op.to, "[.%[%]]") then
-                    return nil, where .. ": the new name must be a field name (renames stay in the same object)"
+                    return nil, where .. ": the new name must be a field name "
+                        .. "(renames stay in the same object)"
                 end
                 c.to = op.to
             elseif kind == "replace" or kind == "add" then
@@ -870,7 +866,8 @@ function _M.compile_groups(groups, order_of_kinds, prefix, opts)
             list[#list + 1] = { op = "keep", paths = g, field = prefix .. "keep" }
         elseif kind == "remove" then
             for i, p in ipairs(g) do
-                list[#list + 1] = { op = "remove", path = p, field = prefix .. "remove[" .. i .. "]" }
+                list[#list + 1] = { op = "remove", path = p,
+                    field = prefix .. "remove[" .. i .. "]" }
             end
         else
             for _, p in ipairs(sorted_keys(g)) do
