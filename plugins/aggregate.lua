@@ -24,7 +24,7 @@ local J = require("moongate.json_ops")
 
 local type, pairs, ipairs, setmetatable, getmetatable, tostring = type, pairs, ipairs, setmetatable,
     getmetatable, tostring
-local find, sub, sort = string.find, string.sub, table.sort
+local find, sub = string.find, string.sub
 
 local TEMPLATES = { type = "map", values = { type = "string", description = "a template" },
     description = "name -> value (a template)" }
@@ -68,12 +68,7 @@ local function compile_body(v, field, cache)
     return true
 end
 
-local function sorted(t)
-    local out = {}
-    for k in pairs(t or {}) do out[#out + 1] = k end
-    sort(out)
-    return out
-end
+local sorted = J.sorted_keys
 
 -- conf -> { parts = { { name =, ... compiled } }, merge = } or nil, err
 local function compile(conf)

@@ -31,8 +31,8 @@ local brotli = require("moongate.brotli")
 
 local type, pairs, ipairs, tonumber, tostring, setmetatable, error = type, pairs, ipairs,
     tonumber, tostring, setmetatable, error
-local find, lower, match, gsub, sub, char, concat, sort = string.find, string.lower,
-    string.match, string.gsub, string.sub, string.char, table.concat, table.sort
+local find, lower, match, gsub, sub, concat = string.find, string.lower, string.match,
+    string.gsub, string.sub, table.concat
 
 local TOKEN = "^[!#$%%&'*+.^_`|~%w-]+$" -- an HTTP header name
 local STRINGS = { type = "array", items = { type = "string", min_len = 1 } }
@@ -93,12 +93,7 @@ P = {
     },
 }
 
-local function sorted_keys(t)
-    local keys = {}
-    for k in pairs(t) do keys[#keys + 1] = k end
-    sort(keys)
-    return keys
-end
+local sorted_keys = J.sorted_keys
 
 -- The documented order of the JSON operations; paths in json_ops' spread
 -- dialect (a name that meets an array applies to each element, `*` also

@@ -844,12 +844,15 @@ function _M.compile(list, opts)
     return out
 end
 
+--- json_ops.sorted_keys(map or nil) -> its keys in name order: the order
+-- a config map's entries apply in (the plugins use it for theirs too).
 local function sorted_keys(t)
     local keys = {}
-    for k in pairs(t) do keys[#keys + 1] = k end
+    for k in pairs(t or {}) do keys[#keys + 1] = k end
     sort(keys)
     return keys
 end
+_M.sorted_keys = sorted_keys
 
 --- json_ops.compile_groups(groups, order, prefix[, opts]) -> plan, or nil,
 -- "json.rename.a..b: why". groups = { keep = {paths}, remove = {paths},
