@@ -561,7 +561,7 @@ aggregate_scenario() {
     PROXY_PORT=$($TOOL port)
     cat >"$ag_d/moongate.lua" <<EOF
 local gw = require("moongate.gw")
-local T = require("moongate.transform")
+local J = require("moongate.json_ops")
 local Q = { delay = "$ag_delay" }
 local function sequential(ctx)
     local out = {}
@@ -569,9 +569,9 @@ local function sequential(ctx)
         local res, err = gw.http.request({ upstream = "slow", path = "/" .. name,
                                            query = Q, timeout = 5 })
         if not res or res.status ~= 200 then return 502, { error = tostring(err) } end
-        out[name] = T.decode(res.body)
+        out[name] = J.decode(res.body)
     end
-    return 200, T.encode(out), { ["Content-Type"] = "application/json" }
+    return 200, J.encode(out), { ["Content-Type"] = "application/json" }
 end
 local function part(name)
     return { upstream = "slow", path = "/" .. name, query = Q }

@@ -20,9 +20,11 @@
 -- docs/plugins/aggregate.md.
 local gw = require("moongate.gw")
 local T = require("moongate.transform")
+local J = require("moongate.json_ops")
 
-local type, pairs, ipairs, setmetatable, tostring = type, pairs, ipairs, setmetatable, tostring
-local find, sub, sort = string.find, string.sub, table.sort
+local type, pairs, ipairs, setmetatable, getmetatable, tostring = type, pairs, ipairs, setmetatable,
+    getmetatable, tostring
+local find, sub = string.find, string.sub
 
 local TEMPLATES = { type = "map", values = { type = "string", description = "a template" },
     description = "name -> value (a template)" }
@@ -52,7 +54,7 @@ local compiled = setmetatable({}, { __mode = "k" })
 local function compile_body(v, field, cache)
     if type(v) == "string" then
         if not cache[v] then
-            local tpl, err = T.compile_template(v)
+            local tpl, err = J.compile_template(v)
             if not tpl then return nil, field .. ": " .. err end
             cache[v] = tpl
         end
@@ -66,12 +68,7 @@ local function compile_body(v, field, cache)
     return true
 end
 
-local function sorted(t)
-    local out = {}
-    for k in pairs(t or {}) do out[#out + 1] = k end
-    sort(out)
-    return out
-end
+local sorted = J.sorted_keys
 
 -- conf -> { parts = { { name =, ... compiled } }, merge = } or nil, err
 local function compile(conf)
@@ -99,11 +96,11 @@ local function compile(conf)
             return nil, f .. ".path: must start with /"
         end
         if find(src, "[%s%z]") then return nil, sfield .. ": no spaces or control characters" end
-        local tpl, err = T.compile_template(src)
+        local tpl, err = J.compile_template(src)
         if not tpl then return nil, sfield .. ": " .. err end
         cp.target = tpl
         for _, q in ipairs(sorted(p.query)) do
-            local qt, qerr = T.compile_template(p.query[q])
+            local qt, qerr = J.compile_template(p.query[q])
             if not qt then return nil, f .. ".query." .. q .. ": " .. qerr end
             cp.query[#cp.query + 1] = { q, qt }
         end
@@ -113,7 +110,7 @@ local function compile(conf)
             if l == "content-length" or l == "transfer-encoding" or l == "connection" then
                 return nil, f .. ".headers." .. h .. ": set by the gateway"
             end
-            local ht, herr = T.compile_template(p.headers[h])
+            local ht, herr = J.compile_template(p.headers[h])
             if not ht then return nil, f .. ".headers." .. h .. ": " .. herr end
             cp.headers[#cp.headers + 1] = { h, ht }
         end
@@ -125,10 +122,10 @@ local function compile(conf)
             if not ok then return nil, berr end
         end
         if p.select then
-            local segs, serr = T.parse_path(p.select)
+            local segs, serr = J.parse_path(p.select)
             if not segs then return nil, f .. ".select: " .. serr end
             for _, s in ipairs(segs) do
-                if s == T.STAR then return nil, f .. ".select: [*] cannot be selected" end
+                if s == J.STAR then return nil, f .. ".select: [*] cannot be selected" end
             end
             cp.select = segs
         end
@@ -158,7 +155,7 @@ local P = {
 }
 
 local function render_body(v, tpls, lookup)
-    if type(v) == "string" then return T.render(tpls[v], lookup) end
+    if type(v) == "string" then return J.render(tpls[v], lookup) end
     if type(v) ~= "table" then return v end
     local out = {}
     for k, x in pairs(v) do
@@ -166,12 +163,12 @@ local function render_body(v, tpls, lookup)
         if r == nil then return nil, missing end
         out[k] = r
     end
-    return out
+    return setmetatable(out, getmetatable(v)) -- json_ops.EMPTY_ARRAY stays `[]`
 end
 
 -- The gw.http request of a part, or nil, why it cannot be made.
 local function build(cp, lookup, request_id)
-    local target, missing = T.render(cp.target, lookup, T.escape_path)
+    local target, missing = J.render(cp.target, lookup, T.escape_path)
     if not target then return nil, "no usable value for " .. missing end
     local req = { method = cp.method, timeout = cp.timeout, headers = {} }
     if cp.upstream then
@@ -182,7 +179,7 @@ local function build(cp, lookup, request_id)
     if #cp.query > 0 then
         local q = {}
         for _, e in ipairs(cp.query) do
-            local v, m = T.render(e[2], lookup)
+            local v, m = J.render(e[2], lookup)
             if v == nil then return nil, "no usable value for " .. m end
             q[#q + 1] = { e[1], tostring(v) }
         end
@@ -196,7 +193,7 @@ local function build(cp, lookup, request_id)
     end
     local has_id = false
     for _, e in ipairs(cp.headers) do
-        local v, m = T.render(e[2], lookup)
+        local v, m = J.render(e[2], lookup)
         if v == nil then return nil, "no usable value for " .. m end
         v = tostring(v)
         if find(v, "[\r\n%z]") then return nil, "header " .. e[1] .. ": value with CR, LF or NUL" end
@@ -208,7 +205,7 @@ local function build(cp, lookup, request_id)
         local b, m = render_body(cp.body, cp.body_tpls, lookup)
         if b == nil then return nil, "no usable value for " .. m end
         if type(b) == "table" then
-            local text, err = T.encode(b)
+            local text, err = J.encode(b)
             if not text then return nil, "body: " .. tostring(err) end
             b = text
             local has_type = false
@@ -224,12 +221,12 @@ end
 local function value_of(cp, res, err)
     if not res then return nil, tostring(err or "failed") end
     if res.status < 200 or res.status > 299 then return nil, "status " .. res.status end
-    if res.status == 204 or res.body == "" then return T.null end
-    local doc, derr = T.decode(res.body)
-    if doc == nil then return nil, "invalid JSON" .. (derr and (": " .. derr) or "") end
+    if res.status == 204 or res.body == "" then return J.null end
+    local doc, derr = J.decode(res.body)
+    if doc == nil then return nil, derr end -- "invalid JSON: why at byte N"
     if cp.select then
-        doc = T.select(doc, cp.select)
-        if doc == nil then doc = T.null end
+        doc = J.select(doc, cp.select)
+        if doc == nil then doc = J.null end
     end
     return doc
 end
@@ -268,7 +265,7 @@ function P.run(c, lookup, request_multi, request_id)
         end
         if v == nil then
             errors[cp.name], any_error = why, true
-            values[i] = T.null
+            values[i] = J.null
             if not cp.optional and not first_required then first_required = cp end
         else
             values[i] = v
@@ -277,21 +274,21 @@ function P.run(c, lookup, request_multi, request_id)
     local headers = { ["Content-Type"] = "application/json" }
     if first_required then
         local name = first_required.name
-        local body = T.encode({ error = "part " .. name .. " failed: " .. errors[name],
+        local body = J.encode({ error = "part " .. name .. " failed: " .. errors[name],
             part = name, reason = errors[name], errors = errors })
         return 502, body .. "\n", headers
     end
     local out = {}
     for i, cp in ipairs(c.parts) do
         local v = values[i]
-        if c.merge == "top" and T.is_object(v) then
+        if c.merge == "top" and J.is_object(v) then
             for k, x in pairs(v) do out[k] = x end
         else
             out[cp.name] = v
         end
     end
     if any_error then out.errors = errors end
-    local body, err = T.encode(out)
+    local body, err = J.encode(out)
     if not body then error("aggregate: cannot encode the answer: " .. tostring(err), 0) end
     return 200, body .. "\n", headers
 end

@@ -1,6 +1,7 @@
 -- request-transform: changes the request before it goes upstream: headers,
--- query parameters, the path, and JSON bodies (lua/moongate/transform.lua
--- does the JSON work; response-transform will share it). Runs in access,
+-- query parameters, the path, and JSON bodies (lua/moongate/json_ops.lua
+-- does the JSON work, strict dialect; lua/moongate/transform.lua reads the
+-- request for templates). Runs in access,
 -- after the authentication plugins, so templates can use {consumer.id}.
 --
 --   ["request-transform"] = {
@@ -16,9 +17,10 @@
 -- untouched, with a log line. docs/plugins/transform.md has the details.
 local gw = require("moongate.gw")
 local T = require("moongate.transform")
+local J = require("moongate.json_ops")
 
 local type, pairs, ipairs, setmetatable, tostring = type, pairs, ipairs, setmetatable, tostring
-local find, lower = string.find, string.lower
+local find, lower, gsub = string.find, string.lower, string.gsub
 
 local NAMES = { type = "array", items = { type = "string", min_len = 1, description = "a name" },
     description = "names to remove" }
@@ -41,6 +43,11 @@ end
 local TOKEN = "^[%w!#$%%&'*+.^_`|~-]+$"
 local GATEWAY_HEADERS = { ["content-length"] = true, ["transfer-encoding"] = true,
     connection = true }
+
+-- The documented order of the json operations, and their path dialect:
+-- a name applies to objects only, [*] to arrays only (json_ops "strict").
+local JSON_ORDER = { "keep", "remove", "rename", "replace", "add" }
+local JSON_OPTS = { spread = false }
 
 local compiled = setmetatable({}, { __mode = "k" })
 
@@ -76,7 +83,7 @@ local function compile(conf)
                     local field = kind .. "." .. op .. "." .. name
                     local ok, err = name_ok(name, field)
                     if not ok then return nil, err end
-                    local tpl, terr = T.compile_template(v)
+                    local tpl, terr = J.compile_template(v)
                     if not tpl then return nil, field .. ": " .. terr end
                     out[op][#out[op] + 1] = { name, tpl }
                 end
@@ -88,12 +95,12 @@ local function compile(conf)
     if conf.path then
         if conf.path:sub(1, 1) ~= "/" then return nil, "path: must start with /" end
         if find(conf.path, "[%s%z]") then return nil, "path: no spaces or control characters" end
-        local tpl, err = T.compile_template(conf.path)
+        local tpl, err = J.compile_template(conf.path)
         if not tpl then return nil, "path: " .. err end
         c.path = tpl
     end
     if conf.json then
-        local ops, err = T.compile(conf.json, "json")
+        local ops, err = J.compile_groups(conf.json, JSON_ORDER, "json.", JSON_OPTS)
         if not ops then return nil, err end
         c.json = ops
     end
@@ -118,7 +125,7 @@ local P = {
             query = group("query parameter"),
             path = { type = "string", min_len = 1,
                 description = "new upstream path, a template (\"/v2/users/{params.id}\")" },
-            json = T.JSON_SCHEMA,
+            json = J.JSON_SCHEMA,
             max_body = { type = "integer", default = 1048576, min = 0,
                 description = "bytes: a larger body is passed on untouched (logged)" },
         },
@@ -151,7 +158,7 @@ function P.transform_headers(c, get, set, lookup)
         for _, e in ipairs(c[op]) do
             local present = get(e[1]) ~= nil
             if present == (op == "replace") then
-                local v, missing = T.render(e[2], lookup)
+                local v, missing = J.render(e[2], lookup)
                 if v == nil then
                     gw.log("debug", "request-transform: headers.", op, ".", e[1], ": no value for ", missing)
                 else
@@ -192,7 +199,7 @@ function P.transform_query(c, query, lookup)
     end
     for _, e in ipairs(c.replace) do
         if has(e[1]) then
-            local v = T.render(e[2], lookup)
+            local v = J.render(e[2], lookup)
             if v ~= nil then
                 drop(e[1])
                 list[#list + 1] = { e[1], tostring(v) }
@@ -201,7 +208,7 @@ function P.transform_query(c, query, lookup)
     end
     for _, e in ipairs(c.add) do
         if not has(e[1]) then
-            local v = T.render(e[2], lookup)
+            local v = J.render(e[2], lookup)
             if v ~= nil then
                 list[#list + 1] = { e[1], tostring(v) }
                 changed = true
@@ -215,11 +222,13 @@ end
 --- P.transform_body(ops, body, lookup) -> new body, or nil, why it was
 -- left alone. Pure.
 function P.transform_body(ops, body, lookup)
-    local doc, err = T.decode(body)
-    if doc == nil then return nil, "not valid JSON (" .. tostring(err) .. ")" end
-    if type(doc) ~= "table" then return nil, "not a JSON object or array" end
-    T.apply(doc, ops, lookup)
-    local out, eerr = T.encode(doc)
+    local doc, err = J.decode(body)
+    if doc == nil then return nil, "not valid JSON (" .. gsub(err, "^invalid JSON: ", "") .. ")" end
+    if type(doc) ~= "table" or not (J.is_array(doc) or J.is_object(doc)) then
+        return nil, "not a JSON object or array"
+    end
+    J.apply(doc, ops, lookup)
+    local out, eerr = J.encode(doc)
     if not out then return nil, "cannot encode: " .. tostring(eerr) end
     return out
 end
@@ -261,7 +270,7 @@ function P.access(conf, ctx)
     -- The body first: its Content-Type is the client's, before any header op.
     if c.json then do_body(conf, c, ctx, lookup) end
     if c.path then
-        local path, missing = T.render(c.path, lookup, T.escape_path)
+        local path, missing = J.render(c.path, lookup, T.escape_path)
         if not path or not gw.request.set_path(ctx, path) then
             gw.log("info", "request-transform: cannot build the path: ",
                 missing and ("no usable value for " .. missing) or "invalid path")

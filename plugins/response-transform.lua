@@ -14,7 +14,7 @@
 -- meets an array applies to each element). String values may hold
 -- templates: {consumer.id}, {consumer.claims.sub}, {header.x-tenant} (the
 -- request's), {param.id} (a route parameter), {query.page}; an unknown one
--- is "".
+-- is "" (json_ops' loose templates, transform.request_lookup's values).
 --
 -- The JSON body is held back until it is complete (up to max_body_size),
 -- then transformed and sent with chunked framing. gzip and br bodies are
@@ -25,19 +25,20 @@
 -- invalid JSON or corrupt compressed data.
 local gw = require("moongate.gw")
 local J = require("moongate.json_ops")
+local T = require("moongate.transform")
 local zlib = require("moongate.zlib")
 local brotli = require("moongate.brotli")
 
 local type, pairs, ipairs, tonumber, tostring, setmetatable, error = type, pairs, ipairs,
     tonumber, tostring, setmetatable, error
-local find, lower, match, gsub, sub, char, concat, sort = string.find, string.lower,
-    string.match, string.gsub, string.sub, string.char, table.concat, table.sort
+local find, lower, match, gsub, sub, concat = string.find, string.lower, string.match,
+    string.gsub, string.sub, table.concat
 
 local TOKEN = "^[!#$%%&'*+.^_`|~%w-]+$" -- an HTTP header name
 local STRINGS = { type = "array", items = { type = "string", min_len = 1 } }
 local STRING_MAP = { type = "map", values = { type = "string" } }
 
-local P -- the schema's check uses P.json_ops
+local P, header_plan -- the schema's check uses P.json_ops and header_plan
 P = {
     name = "response-transform",
     -- Above compression (-1000): it transforms the body before anything
@@ -81,6 +82,7 @@ P = {
         check = function(conf)
             local ops, err = P.json_ops(conf)
             if not ops then return nil, err end
+            header_plan(conf) -- loose templates cannot fail
             for name, to in pairs(conf.header_rename) do
                 if not find(name, TOKEN) or not find(to, TOKEN) then
                     return nil, "header_rename: not a header name: " .. name .. " -> " .. to
@@ -91,84 +93,46 @@ P = {
     },
 }
 
-local function sorted_keys(t)
-    local keys = {}
-    for k in pairs(t) do keys[#keys + 1] = k end
-    sort(keys)
-    return keys
-end
+local sorted_keys = J.sorted_keys
 
---- P.json_ops(conf) -> the compiled json_ops list for a config (remove,
--- rename, replace, add, keep; maps in name order), or nil, err. Cached per
--- config.
+-- The documented order of the JSON operations; paths in json_ops' spread
+-- dialect (a name that meets an array applies to each element, `*` also
+-- walks an object's members), templates loose ({header.x}, {param.id};
+-- a missing value is "").
+local JSON_ORDER = { "remove", "rename", "replace", "add", "keep" }
+local JSON_OPTS = { spread = true, loose = true }
+
 local compiled = setmetatable({}, { __mode = "k" })
 
+--- P.json_ops(conf) -> the compiled json_ops plan for a config, or nil,
+-- err naming the field (json_rename.a..b: ...). Cached per config.
 function P.json_ops(conf)
     local c = compiled[conf]
     if c then return c end
-    local list = {}
-    for _, path in ipairs(conf.json_remove or {}) do
-        list[#list + 1] = { op = "remove", path = path }
-    end
-    for _, path in ipairs(sorted_keys(conf.json_rename or {})) do
-        list[#list + 1] = { op = "rename", path = path, to = conf.json_rename[path] }
-    end
-    for _, path in ipairs(sorted_keys(conf.json_replace or {})) do
-        list[#list + 1] = { op = "replace", path = path, value = conf.json_replace[path] }
-    end
-    for _, path in ipairs(sorted_keys(conf.json_add or {})) do
-        list[#list + 1] = { op = "add", path = path, value = conf.json_add[path] }
-    end
-    if conf.json_keep then list[#list + 1] = { op = "keep", paths = conf.json_keep } end
-    local ops, err = J.compile(list)
+    local ops, err = J.compile_groups({ remove = conf.json_remove, rename = conf.json_rename,
+        replace = conf.json_replace, add = conf.json_add, keep = conf.json_keep },
+        JSON_ORDER, "json_", JSON_OPTS)
     if not ops then return nil, err end
     compiled[conf] = ops
     return ops
 end
 
--- ------------------------------------------------------------ templates
+-- The header templates of a config, compiled once: { name, template }
+-- lists in name order.
+local header_plans = setmetatable({}, { __mode = "k" })
 
-local function unescape(s)
-    s = gsub(s, "+", " ")
-    return (gsub(s, "%%(%x%x)", function(h) return char(tonumber(h, 16)) end))
-end
-
---- P.lookup(ctx) -> a template lookup function(namespace, key) for this request.
-function P.lookup(ctx)
-    local query
-    return function(ns, key)
-        if ns == "consumer" then
-            local v = ctx.consumer
-            for part in (key .. "."):gmatch("([^.]+)%.") do
-                if type(v) ~= "table" then return nil end
-                v = v[part]
-            end
-            if type(v) == "table" then return nil end
-            return v
-        elseif ns == "header" then
-            return gw.request.get_header(ctx, key)
-        elseif ns == "param" then
-            return gw.request.get_param(ctx, key)
-        elseif ns == "query" then
-            if not query then
-                query = {}
-                for k, v in gw.request.get_query(ctx):gmatch("([^&=]+)=?([^&]*)") do
-                    k = unescape(k)
-                    if query[k] == nil then query[k] = unescape(v) end
-                end
-            end
-            return query[key]
+function header_plan(conf)
+    local h = header_plans[conf]
+    if h then return h end
+    h = { rename = sorted_keys(conf.header_rename), replace = {}, add = {} }
+    for _, kind in ipairs({ "replace", "add" }) do
+        local map = conf["header_" .. kind]
+        for _, name in ipairs(sorted_keys(map)) do
+            h[kind][#h[kind] + 1] = { name, assert(J.compile_template(map[name], true)) }
         end
     end
-end
-
-local function render(value, lookup)
-    if not find(value, "{", 1, true) then return value end
-    return (gsub(value, "{([%a_][%w_]*)%.([^{}]+)}", function(ns, key)
-        local v = lookup(ns, key)
-        if v == nil then return "" end
-        return tostring(v)
-    end))
+    header_plans[conf] = h
+    return h
 end
 
 -- ------------------------------------------------------------ matching
@@ -213,8 +177,8 @@ local CODINGS = { gzip = "gzip", ["x-gzip"] = "gzip", br = "br" }
 -- A header value from a template: the request's own bytes (a query
 -- parameter decodes to anything) must not smuggle CR, LF or NUL into the
 -- response head, and must not turn into a 500 either: they are dropped.
-local function header_value(value, lookup)
-    return (gsub(render(value, lookup), "[%z\r\n]", ""))
+local function header_value(tpl, lookup)
+    return (gsub(J.render(tpl, lookup), "[%z\r\n]", ""))
 end
 
 local function note(level, ctx, what)
@@ -226,9 +190,10 @@ end
 
 local function header_ops(conf, ctx)
     local R = gw.response
+    local plan = header_plan(conf)
     for _, name in ipairs(conf.header_remove) do R.clear_header(ctx, name) end
     local lookup
-    for _, old in ipairs(sorted_keys(conf.header_rename)) do
+    for _, old in ipairs(plan.rename) do
         local v = R.get_headers(ctx)[lower(old)]
         if v ~= nil then
             R.clear_header(ctx, old)
@@ -239,16 +204,16 @@ local function header_ops(conf, ctx)
             end
         end
     end
-    for _, name in ipairs(sorted_keys(conf.header_replace)) do
-        if R.get_header(ctx, name) ~= nil then
-            lookup = lookup or P.lookup(ctx)
-            R.set_header(ctx, name, header_value(conf.header_replace[name], lookup))
+    for _, e in ipairs(plan.replace) do
+        if R.get_header(ctx, e[1]) ~= nil then
+            lookup = lookup or T.request_lookup(gw, ctx)
+            R.set_header(ctx, e[1], header_value(e[2], lookup))
         end
     end
-    for _, name in ipairs(sorted_keys(conf.header_add)) do
-        if R.get_header(ctx, name) == nil then
-            lookup = lookup or P.lookup(ctx)
-            R.set_header(ctx, name, header_value(conf.header_add[name], lookup))
+    for _, e in ipairs(plan.add) do
+        if R.get_header(ctx, e[1]) == nil then
+            lookup = lookup or T.request_lookup(gw, ctx)
+            R.set_header(ctx, e[1], header_value(e[2], lookup))
         end
     end
 end
@@ -343,7 +308,7 @@ function P.body_filter(conf, ctx, chunk, eof)
     local body = concat(st.parts, "", 1, st.n)
     ctx.var.response_transform = nil
     if body == "" then return "" end
-    local out, why = P.transform_body(conf, body, st.coding, P.lookup(ctx))
+    local out, why = P.transform_body(conf, body, st.coding, T.request_lookup(gw, ctx))
     if not out then
         note("warn", ctx, why)
         return body

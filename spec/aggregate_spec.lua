@@ -6,7 +6,7 @@
 -- parallel calls to real upstreams are in tests/e2e/test_aggregate.py.
 
 local P = dofile("plugins/aggregate.lua")
-local T = require("moongate.transform")
+local J = require("moongate.json_ops")
 local conf, refused = require("spec.helpers.plugin_conf")(P)
 
 local DASHBOARD = {
@@ -47,7 +47,7 @@ end
 local function run(c, answers, values)
     local f = fake(answers)
     local status, body, headers = P.run(P.compile(conf(c)), lookup(values or {}), f.multi, "rid-1")
-    return status, body and T.decode(body), f, body, headers
+    return status, body and J.decode(body), f, body, headers
 end
 
 describe("aggregate config", function()
@@ -120,7 +120,7 @@ describe("aggregate requests", function()
         assert.equal("POST", r.method)
         assert.equal("t1", r.headers["X-Tenant"])
         assert.equal("application/json", r.headers["Content-Type"])
-        assert.same({ id = "42", n = 1, tags = { "x" } }, T.decode(r.body))
+        assert.same({ id = "42", n = 1, tags = { "x" } }, J.decode(r.body))
     end)
 
     it("fails a part whose template has no value without calling it", function()
@@ -130,7 +130,7 @@ describe("aggregate requests", function()
         assert.equal(200, status)
         assert.equal(1, #f.reqs)
         assert.equal("/b", f.reqs[1].path)
-        assert.equal(T.null, doc.a)
+        assert.equal(J.null, doc.a)
         assert.same({ a = "no usable value for {consumer.id}" }, doc.errors)
     end)
 
@@ -173,7 +173,7 @@ describe("aggregate answers", function()
             b = { upstream = "u", select = "data.nope" } } },
             { { 200, '{"data":{"items":[1,2],"total":2}}' }, { 200, '{"data":{}}' } })
         assert.same({ 1, 2 }, doc.a)
-        assert.equal(T.null, doc.b)
+        assert.equal(J.null, doc.b)
     end)
 
     it("turns each kind of failure of an optional part into null and an errors entry", function()
@@ -182,8 +182,8 @@ describe("aggregate answers", function()
             { { false, "timeout" }, { false, "connection refused" }, { 503, "{}" }, { 200, "<html>" },
               { 200, '{"ok":true}' } })
         assert.equal(200, status)
-        assert.equal(T.null, doc.a)
-        assert.equal(T.null, doc.d)
+        assert.equal(J.null, doc.a)
+        assert.equal(J.null, doc.d)
         assert.same({ ok = true }, doc.e)
         assert.equal("timeout", doc.errors.a)
         assert.equal("connection refused", doc.errors.b)
@@ -206,6 +206,19 @@ describe("aggregate answers", function()
     it("takes an empty 2xx answer as null", function()
         local status, doc = run({ parts = { a = { upstream = "u" } } }, { { 204, "" } })
         assert.equal(200, status)
-        assert.equal(T.null, doc.a)
+        assert.equal(J.null, doc.a)
+    end)
+end)
+
+describe("aggregate bodies after the json_ops merge", function()
+    it("sends json_ops.EMPTY_ARRAY in a body as []", function()
+        local _, _, f = run({ parts = { a = { upstream = "u", method = "POST",
+            body = { tags = J.EMPTY_ARRAY, n = { J.EMPTY_ARRAY } } } } }, {})
+        assert.equal('{"n":[[]],"tags":[]}', f.reqs[1].body)
+    end)
+
+    it("says why a part's answer is not JSON once", function()
+        local _, doc = run({ parts = { a = { upstream = "u", optional = true } } }, { { 200, "{x" } })
+        assert.matches("^invalid JSON: expected a member name at byte 2$", doc.errors.a)
     end)
 end)

@@ -1,15 +1,41 @@
--- lua/moongate/json_ops.lua: the JSON codec that gives back what it was
--- given (arrays, member order, number spelling), path parsing, and every
+-- lua/moongate/json_ops.lua, the one JSON module of request-transform,
+-- response-transform and aggregate: the codec that gives back what it was
+-- given (arrays, member order, number spelling, long numbers, null), path
+-- parsing in both dialects, templates (strict and loose), and every
 -- operation (rename, remove, replace, add, keep) on top-level, nested and
 -- array paths, with missing fields, templates and invalid JSON.
 
 local J = require("moongate.json_ops")
+local T = require("moongate.transform")
 
--- decode, apply, encode: the way the transform plugin uses the module.
+-- decode, apply, encode: the way response-transform uses the module
+-- (spread dialect, loose templates: compile's defaults).
 local function run(text, ops, lookup)
     local doc = assert(J.decode(text))
     doc = assert(J.apply(doc, ops, lookup))
     return assert(J.encode(doc))
+end
+
+-- request-transform's shape: a `json` table, strict dialect, its order.
+local STRICT_ORDER = { "keep", "remove", "rename", "replace", "add" }
+local function compile_strict(spec)
+    return J.compile_groups(spec, STRICT_ORDER, "json.", { spread = false })
+end
+
+-- Decodes `text`, applies the operations of a request-transform `json`
+-- table, returns the JSON text.
+local function run_strict(text, spec, values)
+    local ops = assert(compile_strict(spec))
+    local doc = assert(J.decode(text))
+    J.apply(doc, ops, function(source, name)
+        return values and values[source] and values[source][name]
+    end)
+    return assert(J.encode(doc))
+end
+
+-- Compares JSON texts by value.
+local function same(expected, got)
+    assert.same(assert(J.decode(expected)), assert(J.decode(got)))
 end
 
 describe("json_ops codec", function()
@@ -106,12 +132,12 @@ describe("json_ops member order under operations", function()
     end)
 end)
 
-describe("json_ops paths", function()
+describe("json_ops paths, spread dialect", function()
     it("parse dots, [*] and *", function()
         assert.are.same({ "a", "b", "c" }, J.parse_path("a.b.c"))
-        assert.are.same({ "items", "*", "id" }, J.parse_path("items[*].id"))
-        assert.are.same({ "items", "*", "id" }, J.parse_path("items.*.id"))
-        assert.are.same({ "*", "id" }, J.parse_path("[*].id"))
+        assert.are.same({ "items", J.STAR, "id" }, J.parse_path("items[*].id", true))
+        assert.are.same({ "items", J.STAR, "id" }, J.parse_path("items.*.id", true))
+        assert.are.same({ J.STAR, "id" }, J.parse_path("[*].id", true))
     end)
 
     it("refuse empty segments and other brackets", function()
@@ -121,7 +147,7 @@ describe("json_ops paths", function()
         assert.is_nil(J.parse_path("a[0].b"))
         local ops, err = J.compile({ { op = "rename", path = "a..b", to = "x" } })
         assert.is_nil(ops)
-        assert.matches("operation 1 %(rename%): empty segment", err)
+        assert.matches("operation 1 %(rename%): empty field name", err)
         assert.is_nil(J.compile({ { op = "frobnicate", path = "a" } }))
         assert.is_nil(J.compile({ { op = "rename", path = "a" } }))
         assert.is_nil(J.compile({ { op = "add", path = "a" } }))
@@ -251,5 +277,324 @@ describe("json_ops keep", function()
         assert.are.equal('{"id":1}', run('{"userId":1,"other":2}', {
             { op = "rename", path = "userId", to = "id" },
             { op = "keep", paths = { "id" } } }))
+    end)
+end)
+
+describe("json_ops codec: empty arrays, long numbers, null", function()
+    it("keeps empty arrays as arrays and empty objects as objects", function()
+        local out = J.encode(assert(J.decode('{"a":[],"b":{},"c":[ ],"d":[[],{}]}')))
+        assert.matches('"a":%[%]', out)
+        assert.matches('"b":{}', out)
+        assert.matches('"c":%[%]', out)
+        assert.matches('"d":%[%[%],{}%]', out)
+        assert.equal("[]", J.encode(J.decode("[]")))
+    end)
+
+    it("keeps numbers longer than 14 digits exactly as they were written", function()
+        local out = J.encode(assert(J.decode('{"id":12345678901234567890,"f":-1234567.890123456e-3,"n":42}')))
+        assert.matches('"id":12345678901234567890', out)
+        assert.matches('"f":%-1234567.890123456e%-3', out)
+        assert.matches('"n":42', out)
+    end)
+
+    it("leaves strings that look like arrays or numbers alone", function()
+        local out = J.encode(assert(J.decode('{"s":"[]","t":"12345678901234567890","u":"a\\"[]"}')))
+        same('{"s":"[]","t":"12345678901234567890","u":"a\\"[]"}', out)
+        assert.matches('"s":"%[%]"', out)
+    end)
+
+    it("refuses invalid JSON next to long numbers, [] and strings", function()
+        assert.is_nil(J.decode("{bad"))
+        assert.is_nil(J.decode('{"a":123456789012345678-1}'))
+        assert.is_nil(J.decode('{"a":0123456789012345678}'))
+        assert.is_nil(J.decode('{"a":"unterminated [] '))
+        assert.is_nil(J.decode(""))
+    end)
+
+    it("writes back a string holding NUL and [] as it came", function()
+        local text = '{"a":"\\u0000mg0000[]"}'
+        local out = J.encode(assert(J.decode(text)))
+        assert.equal(text, out)
+    end)
+
+    it("writes JSON null for J.null", function()
+        assert.equal('{"a":null}', J.encode({ a = J.null }))
+        same('{"a":null,"b":[1,null]}', J.encode(J.decode('{"a":null,"b":[1,null]}')))
+    end)
+end)
+
+describe("json_ops paths, strict dialect", function()
+    it("parses fields, nested fields and [*]", function()
+        assert.same({ "a" }, J.parse_path("a"))
+        assert.same({ "a", "b", "c" }, J.parse_path("a.b.c"))
+        assert.same({ "items", J.STAR, "id" }, J.parse_path("items[*].id"))
+        assert.same({ "m", J.STAR, J.STAR, "v" }, J.parse_path("m[*][*].v"))
+        assert.same({ J.STAR, "id" }, J.parse_path("[*].id"))
+    end)
+
+    it("refuses empty names, other brackets and a trailing [*]", function()
+        for _, bad in ipairs({ "", "a..b", ".a", "a.", "a[0].b", "a[*]", "[*]", "a[*]x.b", "[*]x" }) do
+            local segs, err = J.parse_path(bad)
+            assert.is_nil(segs, bad)
+            assert.is_string(err)
+        end
+    end)
+end)
+
+describe("json_ops templates, strict", function()
+    local values = { params = { id = "4 2" }, query = { q = "x/y" },
+        headers = { ["x-foo"] = "bar" }, consumer = { id = 7, ["claims.tenant"] = "acme" } }
+    local function lookup(s, n) return values[s][n] end
+
+    it("renders references from params, query, headers and consumer", function()
+        local tpl = assert(J.compile_template("/u/{params.id}?q={query.q}&h={headers.X-Foo}&c={consumer.id}"))
+        assert.equal("/u/4 2?q=x/y&h=bar&c=7", J.render(tpl, lookup))
+        assert.equal("/u/4%202?q=x%2Fy&h=bar&c=7", J.render(tpl, lookup, T.escape))
+    end)
+
+    it("keeps the type of a value when the template is one reference", function()
+        assert.equal(7, J.render(assert(J.compile_template("{consumer.id}")), lookup))
+        assert.equal("7", J.render(assert(J.compile_template("{consumer.id}")), lookup, T.escape))
+        assert.equal("id 7", J.render(assert(J.compile_template("id {consumer.id}")), lookup))
+    end)
+
+    it("says which reference has no value", function()
+        local v, missing = J.render(assert(J.compile_template("/x/{params.nope}")), lookup)
+        assert.is_nil(v)
+        assert.equal("{params.nope}", missing)
+    end)
+
+    it("treats {{ as a literal brace and text without references as text", function()
+        assert.equal("{a} }", J.render(assert(J.compile_template("{{a} }")), lookup))
+        assert.equal("plain", J.render(assert(J.compile_template("plain")), lookup))
+        assert.equal("", J.render(assert(J.compile_template("")), lookup))
+    end)
+
+    it("refuses unknown sources, bad references and unclosed braces", function()
+        local _, err = J.compile_template("/x/{user.id}")
+        assert.matches('unknown template source "user"', err)
+        _, err = J.compile_template("/x/{id}")
+        assert.matches("bad reference {id}", err)
+        _, err = J.compile_template("/x/{params.id")
+        assert.matches("unclosed {", err)
+    end)
+
+    it("refuses dot segments as path values", function()
+        local tpl = assert(J.compile_template("/a/{params.id}"))
+        for _, v in ipairs({ ".", "..", "" }) do
+            assert.is_nil(J.render(tpl, function() return v end, T.escape_path))
+        end
+        assert.equal("/a/..x", J.render(tpl, function() return "..x" end, T.escape_path))
+    end)
+
+end)
+
+describe("json_ops operations, strict dialect (request-transform)", function()
+    it("renames top-level fields (the legacy user)", function()
+        same('{"id":1,"name":"Ada","email":"a@x"}',
+            run_strict('{"userId":1,"userName":"Ada","userEmail":"a@x"}',
+                { rename = { userId = "id", userName = "name", userEmail = "email" } }))
+    end)
+
+    it("renames nested fields and fields of every array element", function()
+        same('{"a":{"b":{"z":1}},"items":[{"code":1},{"code":2,"x":0},{"other":3}]}',
+            run_strict('{"a":{"b":{"c":1}},"items":[{"id":1},{"id":2,"x":0},{"other":3}]}',
+                { rename = { ["a.b.c"] = "z", ["items[*].id"] = "code" } }))
+    end)
+
+    it("removes fields, nested and in arrays of arrays", function()
+        same('{"u":{"name":"a"},"m":[[{"v":1}],[{"v":2}]]}',
+            run_strict('{"u":{"name":"a","password":"p"},"secret":1,"m":[[{"v":1,"w":0}],[{"v":2,"w":0}]]}',
+                { remove = { "u.password", "secret", "m[*][*].w" } }))
+    end)
+
+    it("adds fields only where missing, creating objects on the way, with templates", function()
+        same('{"a":1,"meta":{"by":7,"src":"gw:x"},"items":[{"t":"n"},{"t":"keep"}]}',
+            run_strict('{"a":1,"items":[{},{"t":"keep"}]}',
+                { add = { a = 2, ["meta.by"] = "{consumer.id}", ["meta.src"] = "gw:{headers.h}",
+                          ["items[*].t"] = "n" } },
+                { consumer = { id = 7 }, headers = { h = "x" } }))
+    end)
+
+    it("adds literal tables and booleans as JSON values, a copy each time", function()
+        local out = run_strict('{"items":[{},{}]}', { add = { ["items[*].tags"] = { "a" }, ["flag"] = false } })
+        same('{"items":[{"tags":["a"]},{"tags":["a"]}],"flag":false}', out)
+    end)
+
+    it("replaces only fields that exist, including ones that are null", function()
+        same('{"a":"X","n":"X","items":[{"s":"X"},{}]}',
+            run_strict('{"a":1,"n":null,"items":[{"s":0},{}]}',
+                { replace = { a = "X", n = "X", b = "X", ["items[*].s"] = "X" } }))
+    end)
+
+    it("skips an add or replace whose template has no value", function()
+        same('{"a":1}', run_strict('{"a":1}', { add = { b = "{consumer.id}" }, replace = { a = "{query.q}" } }))
+    end)
+
+    it("keeps only the listed paths, whole subtrees under a kept field", function()
+        same('{"id":1,"user":{"name":"a","addr":{"city":"c","zip":"z"}},"items":[{"id":1},{"id":2}]}',
+            run_strict('{"id":1,"x":2,"user":{"name":"a","pw":"p","addr":{"city":"c","zip":"z"}},'
+                .. '"items":[{"id":1,"price":3},{"id":2,"price":4}]}',
+                { keep = { "id", "user.name", "user.addr", "items[*].id" } }))
+    end)
+
+    it("applies to every element of a top-level array", function()
+        same('[{"id":1},{"id":2}]', run_strict('[{"userId":1,"x":0},{"userId":2}]',
+            { rename = { ["[*].userId"] = "id" }, remove = { "[*].x" } }))
+    end)
+
+    it("runs keep, remove, rename, replace, add in that order", function()
+        -- keep sees the original names; add runs after the rename
+        same('{"id":1,"name":"n","userId":"no"}', run_strict('{"userId":1,"other":2}',
+            { keep = { "userId" }, rename = { userId = "id" }, add = { name = "n", userId = "no" },
+              remove = { "other" } }))
+    end)
+
+    it("treats missing fields and values of the wrong kind as no-ops", function()
+        local text = '{"a":"str","b":[1,2],"c":null,"e":[],"o":{}}'
+        same(text, run_strict(text, {
+            rename = { ["a.x"] = "y", ["b[*].id"] = "k", ["c.d"] = "z", ["nope"] = "n", ["e[*].id"] = "q" },
+            remove = { "a.x.y", "b.id", "nope.deeper", "o[*].x" },
+            replace = { ["c.d"] = "v", ["o.x"] = "v" },
+            add = { ["a.x"] = "v", ["b.x"] = "v", ["c.x"] = "v", ["e[*].x"] = "v" },
+        }))
+        -- and the empty array stays an array
+        assert.matches('"e":%[%]', run_strict(text, { remove = { "nope" } }))
+    end)
+
+    it("names the field of a bad path or template", function()
+        local _, err = compile_strict({ rename = { ["a..b"] = "c" } })
+        assert.matches("^json%.rename%.a%.%.b: empty field name", err)
+        _, err = compile_strict({ rename = { a = "b.c" } })
+        assert.matches("^json%.rename%.a: the new name must be a field name", err)
+        _, err = compile_strict({ add = { x = "{secret.key}" } })
+        assert.matches('^json%.add%.x: unknown template source "secret"', err)
+        _, err = compile_strict({ keep = { "a", "b[*]" } })
+        assert.matches("^json%.keep%[2%]: a path must end with a field name", err)
+    end)
+end)
+
+
+describe("json_ops dialects: the same document, strict and spread", function()
+    local doc = '{"items":[{"id":1,"x":0},{"id":2}],"o":{"a":{"x":1},"b":{"x":2}},"*":{"x":3}}'
+
+    it("a name meeting an array is a no-op when strict, each element when spreading", function()
+        assert.are.equal(doc, run_strict(doc, { remove = { "items.x" } }))
+        assert.are.equal('{"items":[{"id":1},{"id":2}],"o":{"a":{"x":1},"b":{"x":2}},"*":{"x":3}}',
+            run(doc, { { op = "remove", path = "items.x" } }))
+    end)
+
+    it("[*] on an object is a no-op when strict, every member when spreading", function()
+        assert.are.equal(doc, run_strict(doc, { replace = { ["o[*].x"] = 0 } }))
+        assert.are.equal(
+            '{"items":[{"id":1,"x":0},{"id":2}],"o":{"a":{"x":0},"b":{"x":0}},"*":{"x":3}}',
+            run(doc, { { op = "replace", path = "o[*].x", value = 0 } }))
+    end)
+
+    it("a lone * is a field name when strict", function()
+        assert.are.same({ "*", "x" }, J.parse_path("*.x"))
+        assert.are.same({ J.STAR, "x" }, J.parse_path("*.x", true))
+        assert.are.equal('{"items":[{"id":1,"x":0},{"id":2}],"o":{"a":{"x":1},"b":{"x":2}},"*":{}}',
+            run_strict(doc, { remove = { "*.x" } }))
+    end)
+
+    it("keep: strict leaves an array [*] does not name whole, spread reaches into it", function()
+        assert.are.equal('{"items":[{"id":1,"x":0},{"id":2}]}',
+            run_strict(doc, { keep = { "items.id" } }))
+        assert.are.equal('{"items":[{"id":1},{"id":2}]}',
+            run(doc, { { op = "keep", paths = { "items.id" } } }))
+    end)
+
+    it("refuses a trailing [*] when strict; spreading, only for rename and add", function()
+        local _, err = compile_strict({ remove = { "items[*]" } })
+        assert.matches("^json%.remove%[1%]: a path must end with a field name", err)
+        assert.is_truthy(J.compile({ { op = "remove", path = "items[*]" } }))
+        _, err = J.compile({ { op = "add", path = "items[*]", value = 1 } })
+        assert.matches("cannot end in %[%*%]", err)
+    end)
+
+    it("refuses a leading dot, [*] followed by text and [*]. in both dialects", function()
+        for _, spread in ipairs({ false, true }) do
+            for _, bad in ipairs({ ".a", "[*]x", "[*].", "a.[*]", "a[*]x" }) do
+                assert.is_nil(J.parse_path(bad, spread), bad)
+            end
+        end
+    end)
+end)
+
+describe("json_ops choices where the two old modules differed", function()
+    it("keeps a whole subtree when a shorter path names it, in either order", function()
+        local text = '{"a":{"x":1,"y":2},"b":2}'
+        for _, paths in ipairs({ { "a", "a.x" }, { "a.x", "a" } }) do
+            assert.are.equal('{"a":{"x":1,"y":2}}', run(text, { { op = "keep", paths = paths } }))
+            assert.are.equal('{"a":{"x":1,"y":2}}', run_strict(text, { keep = paths }))
+        end
+    end)
+
+    it("does not create an object that only [*] would walk", function()
+        assert.are.equal("{}", run("{}", { { op = "add", path = "x[*].y", value = 1 } }))
+        assert.are.equal("{}", run_strict("{}", { add = { ["x[*].y"] = 1 } }))
+    end)
+
+    it("refuses a new name that looks like a path, in both dialects", function()
+        local _, err = J.compile({ { op = "rename", path = "a", to = "b.c" } })
+        assert.matches("the new name must be a field name", err)
+        _, err = compile_strict({ rename = { a = "x[*]" } })
+        assert.matches("the new name must be a field name", err)
+    end)
+
+    it("writes json_ops.EMPTY_ARRAY (transform.EMPTY_ARRAY too) as [], a copy each", function()
+        assert.are.equal(J.EMPTY_ARRAY, T.EMPTY_ARRAY)
+        local out = run_strict('{"items":[{},{}]}', { add = { ["items[*].tags"] = J.EMPTY_ARRAY } })
+        assert.are.equal('{"items":[{"tags":[]},{"tags":[]}]}', out)
+        local ops = assert(J.compile({ { op = "add", path = "t", value = J.EMPTY_ARRAY } }))
+        local a = J.apply(assert(J.decode("{}")), ops)
+        local b = J.apply(assert(J.decode("{}")), ops)
+        assert.are_not.equal(a.t, b.t)
+        assert.are_not.equal(J.EMPTY_ARRAY, a.t)
+        assert.are.equal(0, #J.EMPTY_ARRAY)
+    end)
+
+    it("treats config tables as the JSON they will be written as", function()
+        -- a Lua list added from a config is an array for the operations after it
+        assert.are.equal('{"m":{"tags":[{"k":1},{"k":2}]}}',
+            run('{"m":{}}', {
+                { op = "add", path = "m.tags", value = { { k = 1, z = 0 }, { k = 2 } } },
+                { op = "keep", paths = { "m.tags[*].k" } } }))
+    end)
+
+    it("inserts a copy of a table a strict one-reference template names", function()
+        local claims = { roles = { "a", "b" }, org = "acme" }
+        local out = run_strict("{}", { add = { who = "{consumer.claims}" } },
+            { consumer = { claims = claims } })
+        assert.are.equal('{"who":{"org":"acme","roles":["a","b"]}}', out)
+    end)
+
+    it("keeps member order and number spelling for the strict dialect too", function()
+        assert.are.equal('{"z":1.50,"id":12345678901234567890,"a":[]}',
+            run_strict('{"z":1.50,"userId":12345678901234567890,"a":[]}',
+                { rename = { userId = "id" } }))
+    end)
+end)
+
+describe("json_ops loose templates (response-transform)", function()
+    local function render(s, values)
+        return J.render(assert(J.compile_template(s, true)), function(ns, key)
+            return values and values[ns] and values[ns][key]
+        end)
+    end
+
+    it("gives a string, \"\" for unknown or missing references and tables", function()
+        local v = { consumer = { id = 7, t = {} }, header = { ["x-a"] = "A" } }
+        assert.are.equal("7", render("{consumer.id}", v))
+        assert.are.equal("A/", render("{header.X-A}/{nope.x}", v))
+        assert.are.equal("", render("{consumer.t}", v))
+        assert.are.equal("", render("{consumer.missing}", v))
+    end)
+
+    it("leaves other braces as written; {{ is a literal {", function()
+        assert.are.equal("{x} {a b.c} {", render("{x} {a b.c} {"))
+        assert.are.equal("{consumer.id}", render("{{consumer.id}"))
+        assert.are.equal("{a 7", render("{a {consumer.id}", { consumer = { id = 7 } }))
     end)
 end)

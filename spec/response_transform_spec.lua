@@ -5,6 +5,8 @@
 -- phases on the wire are in tests/e2e/test_response_transform.py.
 
 local P = dofile("plugins/response-transform.lua")
+local J = require("moongate.json_ops")
+local T = require("moongate.transform")
 local zlib = require("moongate.zlib")
 local brotli = require("moongate.brotli")
 
@@ -89,14 +91,17 @@ describe("response-transform helpers", function()
     end)
 
     it("looks templates up in the consumer, nested claims included", function()
+        -- the plugin's lookup is transform.request_lookup; its templates are loose
         local consumer = { id = "u1", claims = { sub = "s9", org = { id = 3 } } }
-        local lookup = P.lookup({ consumer = consumer })
-        assert.are.equal("u1", lookup("consumer", "id"))
-        assert.are.equal("s9", lookup("consumer", "claims.sub"))
-        assert.are.equal(3, lookup("consumer", "claims.org.id"))
-        assert.is_nil(lookup("consumer", "claims.org")) -- a table is not a value
-        assert.is_nil(lookup("consumer", "nope.deeper"))
-        assert.is_nil(P.lookup({})("consumer", "id"))
+        local lookup = T.request_lookup({}, { consumer = consumer })
+        local function render(s) return J.render(assert(J.compile_template(s, true)), lookup) end
+        assert.are.equal("u1", render("{consumer.id}"))
+        assert.are.equal("s9", render("{consumer.claims.sub}"))
+        assert.are.equal("3", render("{consumer.claims.org.id}")) -- always a string
+        assert.are.equal("", render("{consumer.claims.org}")) -- a table is not a value
+        assert.are.equal("", render("{consumer.nope.deeper}"))
+        assert.are.equal("", J.render(assert(J.compile_template("{consumer.id}", true)),
+            T.request_lookup({}, {})))
     end)
 
     it("compiles the config's maps in name order, once", function()
@@ -117,12 +122,27 @@ describe("response-transform helpers", function()
     end)
 
     it("refuses bad paths, header names and sizes", function()
-        refused({ json_rename = { ["a..b"] = "c" } }, "empty segment")
+        refused({ json_rename = { ["a..b"] = "c" } }, "json_rename%.a%.%.b: empty field name")
         refused({ json_rename = { ["a.*"] = "c" } }, "cannot end in")
         refused({ json_remove = { "a[0]" } }, "only %[%*%]")
         refused({ header_rename = { ["X-A"] = "bad name" } }, "not a header name")
         refused({ max_body_size = 0 }, "max_body_size")
         refused({ json_rename = { a = 5 } }, "expected string")
         refused({ json = {} }, "unknown field")
+    end)
+end)
+
+describe("response-transform after the json_ops merge", function()
+    it("names the config field of a bad path", function()
+        refused({ json_remove = { "a", "b[0]" } }, "json_remove%[2%]: only %[%*%]")
+        refused({ json_keep = { "a..b" } }, "json_keep%[1%]: empty field name")
+        refused({ json_rename = { a = "b.c" } }, "json_rename%.a: the new name must be a field name")
+    end)
+
+    it("decodes a route parameter for a template", function()
+        local fake_gw = { request = { get_param = function() return "a%2Fb" end } }
+        local c = conf({ json_add = { p = "{param.id}" } })
+        assert.are.equal('{"p":"a/b"}',
+            assert(P.transform_body(c, "{}", nil, T.request_lookup(fake_gw, {}))))
     end)
 end)
