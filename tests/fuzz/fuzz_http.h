@@ -27,7 +27,8 @@
  * Checks, besides ASan/UBSan inside the worker: the exchange ends within
  * FH_DEADLINE_MS (a hang is a finding; the config's timeouts are far
  * shorter), and whatever the client receives starts with "HTTP/1.1 " or
- * "HTTP/1.0 " (or is nothing). Leaks show up under LSan at exit, since
+ * "HTTP/1.0 " (or is nothing) -- or, for bytes that begin with the
+ * HTTP/2 preface (h2c with prior knowledge), with a SETTINGS frame. Leaks show up under LSan at exit, since
  * the worker's state stays reachable only while it is live.
  *
  * The worker thread is started once per process and never stopped; the
@@ -339,10 +340,19 @@ static const char *fuzz_http_one(const uint8_t *req, size_t req_len,
             }
         }
     }
-    if (!bad && received > 0
-        && (nfirst < 9
-            || (memcmp(first, "HTTP/1.1 ", 9) != 0
-                && memcmp(first, "HTTP/1.0 ", 9) != 0))) {
+    /* Bytes that begin with the HTTP/2 client preface make an h2c
+     * session (nghttp2 parses the rest): the answer is frames, the
+     * gateway's SETTINGS first (a 9-byte frame header of type 4). */
+    int h2c = req_len >= 24
+              && memcmp(req, "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 24) == 0;
+    if (!bad && received > 0 && h2c && (nfirst < 9 || first[3] != 0x4)) {
+        snprintf(fuzz_http.msg, sizeof(fuzz_http.msg),
+                 "an h2c connection's first frame is not SETTINGS");
+        bad = fuzz_http.msg;
+    } else if (!bad && received > 0 && !h2c
+               && (nfirst < 9
+                   || (memcmp(first, "HTTP/1.1 ", 9) != 0
+                       && memcmp(first, "HTTP/1.0 ", 9) != 0))) {
         snprintf(fuzz_http.msg, sizeof(fuzz_http.msg),
                  "the client received something that is not an HTTP/1.x "
                  "response: \"%.*s\"",
