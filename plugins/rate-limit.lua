@@ -352,8 +352,9 @@ end
 -- Run with gw.redis.eval_batched: the checks of every request of the
 -- worker in one turn of its loop arrive together (ARGV[1] calls; ARGV[2i],
 -- ARGV[2i+1] call i's number of keys and args; then the args). A call's
--- KEYS are one per limit; its args: algorithm, then limit, window (ms),
--- burst per limit. Calls are decided in order, against state read once
+-- KEYS are one per limit; its one arg "algorithm limit window burst ..."
+-- (window in ms; a triple per limit, one string so that Redis makes one
+-- Lua string per call, parsed once per batch). Calls are decided in order, against state read once
 -- per key and written back once at the end, so a batch costs one read
 -- and one write per distinct key. Within a call every limit is checked
 -- before any is counted, so a request refused by one limit costs the
@@ -464,25 +465,31 @@ local function count(s, algorithm, limit, window)
   end
 end
 
--- The calls of a batch mostly carry the same numbers: convert each once.
-local numbers = {}
-local function num(v)
-  local n = numbers[v]
-  if not n then n = tonumber(v) numbers[v] = n end
-  return n
+-- A call's one arg, "algorithm limit window burst ..." (window in ms, a
+-- triple per limit), parsed once per batch: its calls mostly share it.
+local specs = {}
+local function spec_of(text)
+  local sp = specs[text]
+  if not sp then
+    sp = {}
+    for word in string.gmatch(text, '%S+') do sp[#sp + 1] = tonumber(word) or word end
+    specs[text] = sp
+  end
+  return sp
 end
 
 local ncalls = tonumber(ARGV[1])
 local results, ki, ai, ri = {}, 0, 1 + 2 * ncalls, 0
 for call = 1, ncalls do
-  local nkeys, nargs = num(ARGV[2 * call]), num(ARGV[2 * call + 1])
-  local algorithm = ARGV[ai + 1]
+  local nkeys, nargs = tonumber(ARGV[2 * call]), tonumber(ARGV[2 * call + 1])
+  local sp = spec_of(ARGV[ai + 1])
+  local algorithm = sp[1]
   -- The deciding limit: the first that refuses, else the tightest.
   local allowed, decider, d_remaining, d_reset, d_retry = 1, 0, 0, 0, 0
   for i = 1, nkeys do
     local s = load(KEYS[ki + i], algorithm)
     local remaining, reset, retry, denied = check(s, algorithm,
-      num(ARGV[ai + 3 * i - 1]), num(ARGV[ai + 3 * i]), num(ARGV[ai + 3 * i + 1]))
+      sp[3 * i - 1], sp[3 * i], sp[3 * i + 1])
     if allowed == 1 and (denied or decider == 0 or remaining < d_remaining) then
       decider, d_remaining, d_reset, d_retry = i, remaining, reset, retry
     end
@@ -490,7 +497,7 @@ for call = 1, ncalls do
   end
   if allowed == 1 then
     for i = 1, nkeys do
-      count(state[KEYS[ki + i]], algorithm, num(ARGV[ai + 3 * i - 1]), num(ARGV[ai + 3 * i]))
+      count(state[KEYS[ki + i]], algorithm, sp[3 * i - 1], sp[3 * i])
     end
   end
   -- Five flat elements per call (cheaper for Redis to send than a list).
@@ -528,13 +535,15 @@ local function check_redis(conf, c, id)
     local args = c.redis_args
     if not args then
         -- The same for every request of this config: built once, as text.
-        args, c.redis_suffixes = { conf.algorithm }, {}
+        local spec = { conf.algorithm }
+        c.redis_suffixes = {}
         for i, l in ipairs(c.limits) do
-            args[#args + 1] = int_str(l.limit)
-            args[#args + 1] = int_str(floor(l.window * 1000 + 0.5))
-            args[#args + 1] = int_str(l.burst)
+            spec[#spec + 1] = int_str(l.limit)
+            spec[#spec + 1] = int_str(floor(l.window * 1000 + 0.5))
+            spec[#spec + 1] = int_str(l.burst)
             c.redis_suffixes[i] = algo.redis_key_suffix(conf.algorithm, l.window)
         end
+        args = { table.concat(spec, " ") }
         c.redis_args = args
     end
     local keys, suffixes = {}, c.redis_suffixes
