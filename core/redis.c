@@ -10,8 +10,9 @@
  * hiredis, records the call (cmd_t) in the client's pending list and
  * returns MG_AGAIN; the Lua side yields. hiredis calls on_reply once per
  * command; when the last reply is in, the record moves to the ready list
- * and a 0 ms timer (the "kick") wakes the task with the replies converted
- * to Lua values. Deliveries always happen from the kick, never inside a
+ * and the end of the loop turn (a uv_check handle; a 0 ms timer, the
+ * "kick", for what becomes ready later) wakes the task with the replies
+ * converted to Lua values. Deliveries always happen from there, never inside a
  * hiredis callback or an FFI call: Lua never runs inside hiredis, and an
  * FFI call never resumes a coroutine.
  *
@@ -53,6 +54,7 @@
 
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
+#include <hiredis/sds.h>
 #include <lua.h>
 #include <openssl/evp.h>
 #include <stdio.h>
@@ -359,11 +361,10 @@ static void deliver(cmd_t *r)
     maybe_free(r);
 }
 
-static void on_kick(uv_timer_t *h)
+static void deliver_ready(client_t *c)
 {
-    client_t *c = h->data;
     /* Detach the batch: what the woken coroutines finish meanwhile goes
-     * to the next kick. */
+     * to the next delivery. */
     list_t batch = c->ready;
     c->ready.head = c->ready.tail = NULL;
     while (batch.head) {
@@ -373,6 +374,20 @@ static void on_kick(uv_timer_t *h)
     }
 }
 
+static void on_kick(uv_timer_t *h)
+{
+    deliver_ready(h->data);
+}
+
+static void on_check(uv_check_t *h);
+
+/* The client has work for the end of this loop turn (on_check). */
+static void check_start(client_t *c)
+{
+    if (!uv_is_active((uv_handle_t *)&c->check))
+        uv_check_start(&c->check, on_check);
+}
+
 /* The outcome of r is known (its replies, or err): deliver it soon. */
 static void make_ready(client_t *c, cmd_t *r, const char *err)
 {
@@ -380,8 +395,11 @@ static void make_ready(client_t *c, cmd_t *r, const char *err)
         r->err = err;
     r->state = QUEUED;
     list_push(&c->ready, r);
+    /* Delivered at the end of this loop turn, or by the kick (a 0 ms
+     * timer: the next turn does not wait in poll) if made ready then. */
     if (!uv_is_active((uv_handle_t *)&c->kick))
         uv_timer_start(&c->kick, on_kick, 0, 0);
+    check_start(c);
 }
 
 static void unpend(client_t *c, cmd_t *r, const char *err)
@@ -815,11 +833,25 @@ static void batch_free(batch_t *b)
     free(b);
 }
 
+/*
+ * The end of a loop turn, after its I/O callbacks: replies read in this
+ * turn reach their requests now, the batches this turn opened go out, and
+ * what was formatted is written at once -- each a loop turn sooner than a
+ * timer or a poll for writability would. Deliveries run here, outside any
+ * hiredis or FFI call, as from the kick.
+ */
 static void on_check(uv_check_t *h)
 {
     client_t *c = h->data;
-    if (c->state != RESOLVING) /* then connect_ip sends them */
+    deliver_ready(c);
+    if (!c->ready.head)
+        uv_timer_stop(&c->kick);
+    if (c->open && c->state != RESOLVING) /* then connect_ip sends them */
         batches_send(c);
+    if (c->state == READY && c->ac && sdslen(c->ac->c.obuf) > 0)
+        redisAsyncHandleWrite(c->ac); /* on failure: lost(), via hiredis */
+    if (!c->open && !c->ready.head)
+        uv_check_stop(&c->check);
 }
 
 /* The open batch of this script, a new one when there is none. */
@@ -833,8 +865,7 @@ static batch_t *batch_for(client_t *c, const char *sha)
     memcpy(b->sha, sha, 40);
     b->next = c->open;
     c->open = b;
-    if (!uv_is_active((uv_handle_t *)&c->check))
-        uv_check_start(&c->check, on_check);
+    check_start(c);
     return b;
 }
 
@@ -984,7 +1015,6 @@ static void batches_send(client_t *c)
 {
     batch_t *b = c->open;
     c->open = NULL;
-    uv_check_stop(&c->check);
     while (b) {
         batch_t *next = b->next;
         b->next = NULL;
@@ -999,7 +1029,6 @@ static void batches_discard(client_t *c)
 {
     batch_t *b = c->open;
     c->open = NULL;
-    uv_check_stop(&c->check);
     while (b) {
         batch_t *next = b->next;
         batch_free(b);
@@ -1347,7 +1376,8 @@ int mg_ffi_redis_send(mg_lua_task_t *t, int serial, int kind, int n,
         keep_or_free(r, cmd, len);
     }
     if (!ok)
-        unpend(c, r, "closed"); /* delivered by the kick */
+        unpend(c, r, "closed"); /* delivered at the end of the turn */
+    check_start(c);             /* written then, with the turn's others */
     arm_deadline(c, r->deadline);
     mg_lua_task_set_cancel(t, on_task_gone, r);
     return MG_AGAIN;
