@@ -220,6 +220,17 @@ int mg_http_header_dropped(const mg_config_t *cfg, mg_str_t name);
  * X-Request-Id): mg_conn_respond ignores them in a plugin's list. */
 int mg_http_gateway_owned(mg_str_t name);
 
+/*
+ * A gateway-made response head in r's arena: status line, the headers
+ * (minus the gateway-owned ones), X-Request-Id, Content-Length: body_len,
+ * then `connection` (a whole "Connection: ...\r\n" line, or "") and the
+ * empty line; `room` more bytes are left after it for the caller (a body).
+ * Sets *len to the head's length.
+ */
+char *mg_http_format_head(mg_req_t *r, int status, const mg_header_t *headers,
+                          size_t n, size_t body_len, const char *connection,
+                          size_t room, size_t *len);
+
 /* True for the methods the gateway proxies (llhttp numbering). */
 int mg_http_method_allowed(unsigned method);
 

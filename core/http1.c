@@ -347,6 +347,33 @@ int mg_http_gateway_owned(mg_str_t name)
     return 0;
 }
 
+char *mg_http_format_head(mg_req_t *r, int status, const mg_header_t *headers,
+                          size_t n, size_t body_len, const char *connection,
+                          size_t room, size_t *len)
+{
+    size_t cap = 160 + r->request_id.len + room;
+    for (size_t i = 0; i < n; i++)
+        cap += headers[i].name.len + headers[i].value.len + 4;
+    char *out = mg_arena_alloc(r->arena, cap), *w = out;
+    w += sprintf(w, "HTTP/1.%d %d %s\r\n", r->http_minor == 0 ? 0 : 1, status,
+                 mg_http_reason(status));
+    for (size_t i = 0; i < n; i++) {
+        /* Framing and hop-by-hop headers are the gateway's: a plugin's
+         * Content-Length could smuggle, its X-Request-Id would lie. */
+        if (mg_http_gateway_owned(headers[i].name))
+            continue;
+        w += sprintf(w, "%.*s: %.*s\r\n", (int)headers[i].name.len,
+                     headers[i].name.p, (int)headers[i].value.len,
+                     headers[i].value.p);
+    }
+    if (r->request_id.len)
+        w += sprintf(w, "X-Request-Id: %.*s\r\n", (int)r->request_id.len,
+                     r->request_id.p);
+    w += sprintf(w, "Content-Length: %zu\r\n%s\r\n", body_len, connection);
+    *len = (size_t)(w - out);
+    return out;
+}
+
 void mg_conn_respond(mg_req_t *r, int status, const mg_header_t *headers,
                      size_t n, mg_str_t body, int close)
 {
@@ -365,27 +392,13 @@ void mg_conn_respond(mg_req_t *r, int status, const mg_header_t *headers,
         c->close_after = 1;
     int keep = !mg_conn_should_close(r);
     int head = r->method == HTTP_HEAD && r->method_name.len;
-    size_t cap = 160 + r->request_id.len + body.len;
-    for (size_t i = 0; i < n; i++)
-        cap += headers[i].name.len + headers[i].value.len + 4;
-    char *out = mg_arena_alloc(r->arena, cap), *w = out;
-    w += sprintf(w, "HTTP/1.%d %d %s\r\n", r->http_minor == 0 ? 0 : 1, status,
-                 mg_http_reason(status));
-    for (size_t i = 0; i < n; i++) {
-        /* Framing and hop-by-hop headers are the gateway's: a plugin's
-         * Content-Length could smuggle, its X-Request-Id would lie. */
-        if (mg_http_gateway_owned(headers[i].name))
-            continue;
-        w += sprintf(w, "%.*s: %.*s\r\n", (int)headers[i].name.len,
-                     headers[i].name.p, (int)headers[i].value.len,
-                     headers[i].value.p);
-    }
-    if (r->request_id.len)
-        w += sprintf(w, "X-Request-Id: %.*s\r\n", (int)r->request_id.len,
-                     r->request_id.p);
-    w += sprintf(w, "Content-Length: %zu\r\n%s\r\n", body.len,
-                 keep ? (r->http_minor == 0 ? "Connection: keep-alive\r\n" : "")
-                      : "Connection: close\r\n");
+    size_t len;
+    char *out = mg_http_format_head(
+        r, status, headers, n, body.len,
+        keep ? (r->http_minor == 0 ? "Connection: keep-alive\r\n" : "")
+             : "Connection: close\r\n",
+        body.len, &len);
+    char *w = out + len;
     if (!head && body.len) {
         memcpy(w, body.p, body.len);
         w += body.len;

@@ -623,25 +623,12 @@ void mg_h2_respond(mg_req_t *r, int status, const mg_header_t *headers,
     }
     /* The same head HTTP/1 would write, minus Connection: one path turns
      * heads into fields. */
-    size_t cap = 160 + r->request_id.len;
-    for (size_t i = 0; i < n; i++)
-        cap += headers[i].name.len + headers[i].value.len + 4;
-    char *out = mg_arena_alloc(r->arena, cap), *w = out;
-    w += sprintf(w, "HTTP/1.1 %d %s\r\n", status, mg_http_reason(status));
-    for (size_t i = 0; i < n; i++) {
-        if (mg_http_gateway_owned(headers[i].name))
-            continue;
-        w += sprintf(w, "%.*s: %.*s\r\n", (int)headers[i].name.len,
-                     headers[i].name.p, (int)headers[i].value.len,
-                     headers[i].value.p);
-    }
-    if (r->request_id.len)
-        w += sprintf(w, "X-Request-Id: %.*s\r\n", (int)r->request_id.len,
-                     r->request_id.p);
-    w += sprintf(w, "Content-Length: %zu\r\n\r\n", body.len);
+    size_t len;
+    char *out =
+        mg_http_format_head(r, status, headers, n, body.len, "", 0, &len);
     r->resp_status = status;
     r->response_started = 1;
-    uv_buf_t b[2] = {uv_buf_init(out, (unsigned)(w - out)),
+    uv_buf_t b[2] = {uv_buf_init(out, (unsigned)len),
                      uv_buf_init((char *)body.p, (unsigned)body.len)};
     /* The body may live on the caller's stack: copy it. */
     if (body.len) {
