@@ -808,6 +808,11 @@ def test_request_getters_see_the_normalized_request():
                 r = c.request("DELETE", "/users/7")
                 got = json.loads(hdr_values(upstream_saw(r), "x-got")[0])
                 assert got["method"] == "DELETE" and got["id"] == "7" and got["query"] == "", got
+                # A parameter is the segment of the normalized path: unreserved
+                # characters decoded (%7E -> ~), every other escape kept.
+                r = c.request("GET", "/users/%7Ejo%20caf%C3%A9")
+                got = json.loads(hdr_values(upstream_saw(r), "x-got")[0])
+                assert got["id"] == "~jo%20caf%C3%A9", got
 
 
 def test_client_ip_of_an_untrusted_peer_ignores_its_x_forwarded_for():
