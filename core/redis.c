@@ -661,6 +661,17 @@ static char *put_uint(char *w, size_t n)
     return w;
 }
 
+/* A RESP header, "*<n>" (array) or "$<n>" (bulk string) and CRLF, at w;
+ * returns the end. */
+static char *put_resp_head(char *w, char type, size_t n)
+{
+    *w++ = type;
+    w = put_uint(w, n);
+    *w++ = '\r';
+    *w++ = '\n';
+    return w;
+}
+
 /*
  * Formats a command as a RESP array of bulk strings into a malloc'd buffer
  * (freed with free()); returns its length. Not hiredis's
@@ -673,16 +684,9 @@ static size_t resp_format(char **out, int argc, const char **argv,
     size_t cap = 16;
     for (int i = 0; i < argc; i++)
         cap += lens[i] + 26; /* "$" + digits + CRLF + CRLF */
-    char *buf = mg_malloc(cap), *w = buf;
-    *w++ = '*';
-    w = put_uint(w, (size_t)argc);
-    *w++ = '\r';
-    *w++ = '\n';
+    char *buf = mg_malloc(cap), *w = put_resp_head(buf, '*', (size_t)argc);
     for (int i = 0; i < argc; i++) {
-        *w++ = '$';
-        w = put_uint(w, lens[i]);
-        *w++ = '\r';
-        *w++ = '\n';
+        w = put_resp_head(w, '$', lens[i]);
         memcpy(w, argv[i], lens[i]);
         w += lens[i];
         *w++ = '\r';
@@ -783,10 +787,8 @@ static char *eval_of(client_t *c, const char *evalsha, size_t len,
     char *out = mg_malloc(len + s->len + 64), *w = out;
     memcpy(w, evalsha, head);
     w += head;
-    memcpy(w, "$4\r\nEVAL\r\n$", 11);
-    w = put_uint(w + 11, s->len);
-    *w++ = '\r';
-    *w++ = '\n';
+    memcpy(w, "$4\r\nEVAL\r\n", 10);
+    w = put_resp_head(w + 10, '$', s->len);
     memcpy(w, s->text, s->len);
     w += s->len;
     *w++ = '\r';
@@ -802,11 +804,8 @@ static char *eval_of(client_t *c, const char *evalsha, size_t len,
 
 static void put_bulk(mg_strbuf_t *b, const char *s, size_t n)
 {
-    char head[32], *w = head;
-    *w++ = '$';
-    w = put_uint(w, n);
-    *w++ = '\r';
-    *w++ = '\n';
+    char head[32];
+    char *w = put_resp_head(head, '$', n);
     mg_strbuf_add(b, head, (size_t)(w - head));
     mg_strbuf_add(b, s, n);
     mg_strbuf_add(b, "\r\n", 2);
@@ -980,12 +979,9 @@ static void on_batch_reply(redisAsyncContext *ac, void *reply, void *priv)
 static void batch_send(client_t *c, batch_t *b)
 {
     mg_strbuf_t cmd = {0};
-    char head[32], *w = head;
+    char head[32];
     size_t argc = 3 + b->nkeys + 1 + 2 * (size_t)b->ncalls + b->nargs;
-    *w++ = '*';
-    w = put_uint(w, argc);
-    *w++ = '\r';
-    *w++ = '\n';
+    char *w = put_resp_head(head, '*', argc);
     mg_strbuf_reserve(&cmd, b->keys.len + b->counts.len + b->args.len + 128);
     mg_strbuf_add(&cmd, head, (size_t)(w - head));
     put_bulk(&cmd, "EVALSHA", 7);
